@@ -343,7 +343,7 @@ class Transformer(nn.Module):
         args = self.current_args()
         tensors = dict(self.hf_state())
         first = next(iter(tensors.values()))
-        args = dataclasses.replace(args, dtype=_dtype_name(first.dtype))
+        args = dataclasses.replace(args, dtype=dtype_name(first.dtype))
         with CheckpointWriter(path, max_shard_size=max_shard_size, overwrite=overwrite) as writer:
             for key, tensor in tensors.items():
                 writer.add(key, tensor)
@@ -358,7 +358,7 @@ def from_hf_key(key: str) -> str:
     return key if key.startswith("lm_head.") else key.removeprefix("model.")
 
 
-def _dtype_name(dtype: torch.dtype) -> str:
+def dtype_name(dtype: torch.dtype) -> str:
     return str(dtype).removeprefix("torch.")
 
 

@@ -1,0 +1,544 @@
+"""Depth up-scaling of a LLaMA model: OpT-DeUS and the baselines it is compared with.
+
+A grown model keeps every base layer and inserts new ones. Methods, by how a new layer is made:
+  opt        OpT-DeUS (Cao, Aletras, Wang 2025, arXiv 2508.08011, Algorithm 1): the two base layers
+             around the gap, A (below) and B (above), are aligned with optimal transport and averaged;
+  avg        Avg-DeUS: the element-wise average of A and B, with no alignment;
+  llama-pro  LLaMA Pro block expansion (Wu et al. 2024): a copy of A;
+  solar      SOLAR depth up-scaling (Kim et al. 2023): two copies of the stack joined with the
+             seam's overlapping layers dropped, i.e. a run of copied middle layers.
+Zero-initialising a new layer's o_proj and down_proj makes it the identity map (see model.Block),
+so the grown model computes exactly the base model's function; that is the default for opt and
+llama-pro and a flag for every method.
+
+Two alignments for `opt`:
+  paper       Algorithm 1 as the public code implements it: a Sinkhorn plan over the rows of each of
+              q, k, v, o independently (cost = Euclidean distance between rows, epsilon = 0.06
+              absolute), T_in = (T_o + I)/2 for the post-attention norm, gate and up aligned on their
+              input side by T_o and then on rows, down on rows. The public code never renormalises
+              the plan, so T^T A is A shrunk by 1/n; we apply the OT-fusion normalisation n*T
+              (T diag(1/b)) by default and keep the raw plan behind --no-normalize-plan.
+  structured  (default) Only what the network's symmetries allow moves. The residual stream is
+              shared by both layers and is never permuted; attention is aligned per key/value group
+              with its query heads (whole heads move, so RoPE's rotation pairs stay intact); within
+              a matched pair of groups, query heads (q rows with their o_proj columns) and value
+              dimensions (v rows with the o_proj columns that read them) are aligned; MLP neurons
+              move as units (gate row, up row and down column share one plan). Epsilon is relative
+              to the mean of each cost matrix, so one value suits any weight scale.
+Epsilon 0 means exact (hard) assignment instead of Sinkhorn (O(n^3) on the CPU: small models only).
+
+The command line streams: base tensors are read one block at a time and the grown model is written
+shard by shard, so peak memory is about two blocks plus a cost matrix.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import dataclasses
+import json
+import math
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from model import (BLOCK_KEYS, CheckpointError, CheckpointReader, CheckpointWriter, ModelArgs,
+                   Transformer, dtype_name)
+from sinkhorn import SinkhornError, hard_assignment, normalize_plan, plan_sharpness, sinkhorn
+
+METHODS = ("opt", "avg", "llama-pro", "solar")
+ALIGNMENTS = ("structured", "paper")
+POSITIONS = ("top", "bottom", "middle", "top-bottom", "uniform")
+# Paper: the public code's absolute 0.06. Structured: relative to each cost matrix's mean. On
+# SmolLM2's adjacent layers, relative 0.06 blurs an MLP plan to a sharpness of 0.003 (a near-uniform
+# mix, aligned weights at 3% of their norm); 0.005 gives 0.38 and half the norm (docs/ALIGNMENT.md).
+DEFAULT_EPSILON = {"paper": 0.06, "structured": 0.005}
+ZERO_INIT_DEFAULT = {"opt": True, "avg": False, "llama-pro": True, "solar": False}
+OUTPUT_PROJECTIONS = ("self_attn.o_proj.weight", "mlp.down_proj.weight")
+
+
+class GrowthError(ValueError):
+    """A growth request we cannot carry out; the message says what and where."""
+
+
+@dataclass
+class GrowthOptions:
+    method: str = "opt"
+    align: str = "structured"
+    epsilon: float | None = None  # None: DEFAULT_EPSILON of the alignment
+    zero_init: bool | None = None  # None: the method's default (ZERO_INIT_DEFAULT)
+    normalize_plan: bool = True  # False reproduces the public code's unnormalised plan
+    max_iter: int = 2000
+    strict: bool = False  # a Sinkhorn problem that did not converge raises instead of warning
+
+    def __post_init__(self):
+        if self.method not in METHODS:
+            raise GrowthError(f"unknown method {self.method!r} (choose from {', '.join(METHODS)})")
+        if self.align not in ALIGNMENTS:
+            raise GrowthError(f"unknown alignment {self.align!r} (choose from {', '.join(ALIGNMENTS)})")
+        if self.epsilon is None:
+            self.epsilon = DEFAULT_EPSILON[self.align]
+        if not (self.epsilon >= 0 and math.isfinite(self.epsilon)):
+            raise GrowthError(f"epsilon must be a finite number >= 0, got {self.epsilon}")
+        if self.zero_init is None:
+            self.zero_init = ZERO_INIT_DEFAULT[self.method]
+
+
+# ----------------------------------------------------------------------------------------------
+# Where new layers go (pure functions of the layer counts)
+
+
+def insert_after_for(position: str, num_base_layers: int, num_new: int) -> list[int]:
+    """Base-layer indices i, one per new layer, each new layer going between base i and i + 1.
+
+    There are L - 1 gaps. `top` takes the highest num_new gaps: the paper's default of one new
+    layer in every gap of the top half (Llama-3.2-1B 16 -> 24, SmolLM2 30 -> 45) is top with
+    num_new = L/2. With more new layers than gaps, gaps take a second one in the same order.
+    """
+    gaps = num_base_layers - 1
+    if gaps < 1:
+        raise GrowthError(f"a base model of {num_base_layers} layer(s) has no gap between layers to grow into")
+    if num_new <= 0:
+        raise GrowthError(f"the number of new layers must be positive, got {num_new}")
+    if position not in POSITIONS:
+        raise GrowthError(f"unknown position {position!r} (choose from {', '.join(POSITIONS)})")
+
+    def pick(k: int) -> list[int]:  # k <= gaps distinct gaps
+        if position == "top":
+            return list(range(gaps - k, gaps))
+        if position == "bottom":
+            return list(range(k))
+        if position == "middle":
+            start = (gaps - k) // 2
+            return list(range(start, start + k))
+        if position == "top-bottom":
+            return sorted(set(range(k - k // 2)) | set(range(gaps - k // 2, gaps)))
+        # uniform: k gaps spread evenly, centred within equal-sized segments
+        return [int((j + 0.5) * gaps / k) for j in range(k)]
+
+    full, rest = divmod(num_new, gaps)
+    return sorted(list(range(gaps)) * full + pick(rest))
+
+
+@dataclass(frozen=True)
+class Slot:
+    """One layer of the grown model: a base layer kept as it is, or a new layer made from `sources`."""
+    sources: tuple[int, ...]
+    new: bool
+
+
+def plan_layout(method: str, num_base_layers: int, insert_after: list[int] | None = None,
+                num_new: int | None = None) -> list[Slot]:
+    if method == "solar":
+        # SOLAR: layers [0, L-m) of one copy, then [m, L) of another; the second copy's layers
+        # m .. L-m-1 are the repeated ones, which we call new (they can be zero-initialised and
+        # trained). K = L - 2m new layers, so L - K must be even and K <= L.
+        L = num_base_layers
+        if num_new is None or num_new <= 0:
+            raise GrowthError(f"the number of new layers must be positive, got {num_new}")
+        if insert_after is not None:
+            raise GrowthError("solar places its repeated layers itself; --insert-after does not apply")
+        if num_new > L - 2 or (L - num_new) % 2:
+            raise GrowthError(f"solar needs L - K even and K <= L - 2 (L={L}, K={num_new})")
+        m = (L - num_new) // 2
+        return ([Slot((i,), False) for i in range(L - m)] + [Slot((i,), True) for i in range(m, L - m)]
+                + [Slot((i,), False) for i in range(L - m, L)])
+    if insert_after is None or len(insert_after) == 0:
+        raise GrowthError("no positions for the new layers")
+    for i in insert_after:
+        if not 0 <= i < num_base_layers - 1:
+            raise GrowthError(f"--insert-after {i} is out of range: a new layer goes between base layers i and i+1, "
+                              f"0 <= i <= {num_base_layers - 2}")
+    layout = []
+    for i in range(num_base_layers):
+        layout.append(Slot((i,), False))
+        for _ in range(insert_after.count(i)):
+            # llama-pro copies the layer below; opt and avg fuse the two neighbours.
+            layout.append(Slot((i,) if method == "llama-pro" else (i, i + 1), True))
+    return layout
+
+
+def new_layer_indices(layout: list[Slot]) -> list[int]:
+    return [index for index, slot in enumerate(layout) if slot.new]
+
+
+# ----------------------------------------------------------------------------------------------
+# Transport plans
+
+
+def transport(cost: torch.Tensor, options: GrowthOptions, relative: bool) -> tuple[torch.Tensor, dict]:
+    # cost (..., n, n) -> coupling M (..., n, n) such that M^T @ A puts A's rows in B's order, and
+    # solver statistics. With the normalisation M = T diag(1/b) = n T, a permutation plan gives a
+    # 0/1 permutation matrix; without it (the public code), M = T and aligned rows shrink by 1/n.
+    n = cost.shape[-1]
+    if options.epsilon == 0:
+        perm = hard_assignment(cost)
+        plan = F.one_hot(perm, n).to(cost.dtype) / n
+        stats = {"iterations": 0, "marginal_error": 0.0, "converged": True}
+    else:
+        scale = cost.mean(dim=(-2, -1), keepdim=True).clamp_min(1e-30) if relative else 1.0
+        try:
+            result = sinkhorn(cost / scale, epsilon=options.epsilon, max_iter=options.max_iter,
+                              strict=options.strict)
+        except SinkhornError as e:
+            raise GrowthError(f"alignment of a {tuple(cost.shape)} cost: {e}") from None
+        plan = result.plan.to(cost.dtype)
+        stats = {"iterations": result.iterations, "marginal_error": result.marginal_error,
+                 "converged": result.converged}
+    stats["sharpness"] = plan_sharpness(plan).mean().item()
+    return (normalize_plan(plan) if options.normalize_plan else plan), stats
+
+
+def _norm_ratio(aligned: torch.Tensor, original: torch.Tensor) -> float:
+    return (aligned.norm() / original.norm().clamp_min(1e-30)).item()
+
+
+# ----------------------------------------------------------------------------------------------
+# Algorithm 1 as published (rows of every matrix aligned on their own)
+
+
+def paper_fuse(A: dict, B: dict, options: GrowthOptions) -> tuple[dict, dict]:
+    fused, report = {}, {}
+
+    def align_rows(name: str, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+        # a, b (n, d): rows are the output neurons. M^T a is a in b's row order.
+        coupling, stats = transport(torch.cdist(a, b), options, relative=False)
+        aligned = coupling.mT @ a
+        report[name] = {**stats, "norm_ratio": _norm_ratio(aligned, a)}
+        fused[name] = (aligned + b) / 2
+        return coupling
+
+    fused["input_layernorm.weight"] = (A["input_layernorm.weight"] + B["input_layernorm.weight"]) / 2
+    for proj in ("q_proj", "k_proj", "v_proj"):
+        key = f"self_attn.{proj}.weight"
+        align_rows(key, A[key], B[key])
+    coupling_o = align_rows("self_attn.o_proj.weight", A["self_attn.o_proj.weight"], B["self_attn.o_proj.weight"])
+
+    # The residual stream "aligned" by o_proj's plan: T_in = (T_o + I) / 2 on the norm's gain and on
+    # the input side of gate and up (Algorithm 1; both layers in fact share this basis).
+    t_in = (coupling_o + torch.eye(coupling_o.shape[0], device=coupling_o.device)) / 2
+    key = "post_attention_layernorm.weight"
+    aligned_norm = A[key] @ t_in
+    report[key] = {"norm_ratio": _norm_ratio(aligned_norm, A[key])}
+    fused[key] = (aligned_norm + B[key]) / 2
+    for proj in ("gate_proj", "up_proj"):
+        key = f"mlp.{proj}.weight"
+        align_rows(key, A[key] @ coupling_o, B[key])
+    align_rows("mlp.down_proj.weight", A["mlp.down_proj.weight"], B["mlp.down_proj.weight"])
+    return fused, report
+
+
+# ----------------------------------------------------------------------------------------------
+# Structured alignment: only the block's real symmetries move
+
+
+def structured_fuse(A: dict, B: dict, args: ModelArgs, options: GrowthOptions) -> tuple[dict, dict]:
+    fused, report = {}, {}
+    for key in ("input_layernorm.weight", "post_attention_layernorm.weight"):
+        fused[key] = (A[key] + B[key]) / 2  # the residual stream is shared: nothing to align
+
+    # Attention in head form. G kv groups of r query heads of d dims over a hidden size h; query head
+    # g*r + j reads kv head g (HF's GQA layout). o_proj's columns for a head are turned into rows so
+    # that a head is one (d, h) slice of q and one of o.
+    G, d, h = args.num_key_value_heads, args.head_dim, args.hidden_size
+    r = args.num_attention_heads // G
+
+    def heads(block):
+        q = block["self_attn.q_proj.weight"].view(G, r, d, h)
+        k = block["self_attn.k_proj.weight"].view(G, d, h)
+        v = block["self_attn.v_proj.weight"].view(G, d, h)
+        o = block["self_attn.o_proj.weight"].view(h, G, r, d).permute(1, 2, 3, 0)  # (G, r, d, h)
+        return q, k, v, o
+
+    qa, ka, va, oa = heads(A)
+    qb, kb, vb, ob = heads(B)
+
+    # 1. Query heads, for every pair (group a of A, group b of B): (G, G, r, r) problems at once.
+    # Cost from q alone: keys are shared by the group, and o's columns depend on the value
+    # dimensions aligned next.
+    cost_q = torch.cdist(qa.flatten(2)[:, None], qb.flatten(2)[None, :])
+    coupling_q, stats_q = transport(cost_q, options, relative=True)
+    qa_b = torch.einsum("abij,aidh->abjdh", coupling_q, qa)  # A's group a in B-group b's head order
+    oa_b = torch.einsum("abij,aidh->abjdh", coupling_q, oa)
+
+    # 2. Value dimensions within each pair of groups: value dim t is v's row t together with the o
+    # columns of all r query heads that read it. (G, G, d, d) problems.
+    feat_a = torch.cat([va[:, None].expand(G, G, d, h), oa_b.transpose(2, 3).reshape(G, G, d, r * h)], -1)
+    feat_b = torch.cat([vb, ob.transpose(1, 2).reshape(G, d, r * h)], -1)
+    coupling_v, stats_v = transport(torch.cdist(feat_a, feat_b[None].expand(G, G, d, -1)), options, relative=True)
+    va_b = torch.einsum("abst,asx->abtx", coupling_v, va)
+    oa_b = torch.einsum("abst,abjsx->abjtx", coupling_v, oa_b)
+
+    # 3. Groups: the cost of matching a to b is the distance left after the alignment inside them.
+    # (G, G) problem; keys and values move only with their group.
+    cost_g = ((qa_b - qb[None]).pow(2).sum((2, 3, 4)) + (ka[:, None] - kb[None]).pow(2).sum((2, 3))
+              + (va_b - vb[None]).pow(2).sum((2, 3)) + (oa_b - ob[None]).pow(2).sum((2, 3, 4))).sqrt()
+    coupling_g, stats_g = transport(cost_g, options, relative=True)
+    aligned = {
+        "self_attn.q_proj.weight": torch.einsum("ab,abjdh->bjdh", coupling_g, qa_b).reshape(G * r * d, h),
+        "self_attn.k_proj.weight": torch.einsum("ab,adh->bdh", coupling_g, ka).reshape(G * d, h),
+        "self_attn.v_proj.weight": torch.einsum("ab,abdh->bdh", coupling_g, va_b).reshape(G * d, h),
+        "self_attn.o_proj.weight": torch.einsum("ab,abjdh->bjdh", coupling_g, oa_b).permute(3, 0, 1, 2).reshape(h, G * r * d),
+    }
+    report["attention.query_heads"] = stats_q
+    report["attention.value_dims"] = stats_v
+    report["attention.kv_groups"] = stats_g
+
+    # 4. MLP neurons as units: neuron t is gate row t, up row t and down column t.
+    gate, up, down = "mlp.gate_proj.weight", "mlp.up_proj.weight", "mlp.down_proj.weight"
+    feat_a = torch.cat([A[gate], A[up], A[down].T], -1)
+    feat_b = torch.cat([B[gate], B[up], B[down].T], -1)
+    coupling_n, report["mlp.neurons"] = transport(torch.cdist(feat_a, feat_b), options, relative=True)
+    aligned[gate] = coupling_n.T @ A[gate]
+    aligned[up] = coupling_n.T @ A[up]
+    aligned[down] = A[down] @ coupling_n
+
+    for key, value in aligned.items():
+        report.setdefault(key, {})["norm_ratio"] = _norm_ratio(value, A[key])
+        fused[key] = (value + B[key]) / 2
+    return fused, report
+
+
+# ----------------------------------------------------------------------------------------------
+# One new layer
+
+
+def make_new_block(sources: list[dict], args: ModelArgs, options: GrowthOptions) -> tuple[dict, dict]:
+    """A new block's tensors (float32, keyed as Block.state_dict()) from its source blocks, and a report."""
+    if options.method in ("llama-pro", "solar"):
+        block, report = {k: v.clone() for k, v in sources[0].items()}, {}
+    elif options.method == "avg":
+        block, report = {k: (sources[0][k] + sources[1][k]) / 2 for k in BLOCK_KEYS}, {}
+    elif options.align == "paper":
+        block, report = paper_fuse(sources[0], sources[1], options)
+    else:
+        block, report = structured_fuse(sources[0], sources[1], args, options)
+    if options.zero_init:
+        for key in OUTPUT_PROJECTIONS:
+            block[key] = torch.zeros_like(block[key])
+    return block, report
+
+
+def growth_record(options: GrowthOptions, layout: list[Slot], num_base_layers: int, position, insert_after) -> dict:
+    # What config.json keeps under "opt_deus": enough to know how the model was made and which
+    # layers train.py should train by default.
+    return {
+        "method": options.method, "align": options.align if options.method == "opt" else None,
+        "epsilon": options.epsilon if options.method == "opt" else None,
+        "normalize_plan": options.normalize_plan if options.method == "opt" else None,
+        "zero_init": options.zero_init, "position": position, "insert_after": insert_after,
+        "base_num_layers": num_base_layers, "new_layers": new_layer_indices(layout),
+        "sources": [list(slot.sources) for slot in layout],
+    }
+
+
+def resolve_positions(method: str, num_base_layers: int, num_new: int | None, position: str | None,
+                      insert_after: list[int] | None) -> tuple[list[Slot], list[int] | None]:
+    if method == "solar":
+        return plan_layout(method, num_base_layers, insert_after, num_new), None
+    if insert_after is None:
+        if num_new is None:
+            raise GrowthError("give the number of new layers or --insert-after")
+        insert_after = insert_after_for(position or "top", num_base_layers, num_new)
+    elif num_new is not None and num_new != len(insert_after):
+        raise GrowthError(f"--new-layers {num_new} disagrees with {len(insert_after)} --insert-after positions")
+    return plan_layout(method, num_base_layers, insert_after), insert_after
+
+
+class _Progress:
+    def __init__(self, total: int, log):
+        self.total, self.log, self.start, self.done = total, log, time.perf_counter(), 0
+
+    def step(self, what: str):
+        self.done += 1
+        elapsed = time.perf_counter() - self.start
+        eta = elapsed / self.done * (self.total - self.done)
+        self.log(f"[{self.done}/{self.total}] {what}  elapsed {elapsed:.1f}s  ETA {eta:.1f}s")
+
+
+def _quiet(_message: str):
+    pass
+
+
+# ----------------------------------------------------------------------------------------------
+# Python API: grow a model in memory
+
+
+def grow(model: Transformer, num_new: int | None = None, *, position: str | None = "top",
+         insert_after: list[int] | None = None, options: GrowthOptions | None = None,
+         log=_quiet) -> tuple[Transformer, dict]:
+    """A new, deeper Transformer (the base model is not modified) and the growth report."""
+    options = options or GrowthOptions()
+    args = model.current_args()
+    layout, insert_after = resolve_positions(options.method, args.num_hidden_layers, num_new, position, insert_after)
+    base_blocks = [{k: v.detach().float() for k, v in block.state_dict().items()} for block in model.layers]
+    for i, block in enumerate(base_blocks):
+        _check_finite(block, f"layer {i}")
+
+    record = growth_record(options, layout, args.num_hidden_layers, position, insert_after)
+    grown = copy.deepcopy(model)
+    grown.args = dataclasses.replace(args, num_hidden_layers=len(layout),
+                                     extra={**args.extra, "opt_deus": record})
+    layers, report_layers = [], []
+    progress = _Progress(len(record["new_layers"]), log)
+    dtype = next(model.parameters()).dtype
+    for index, slot in enumerate(layout):
+        if not slot.new:
+            layers.append(grown.layers[slot.sources[0]])
+            continue
+        start = time.perf_counter()
+        tensors, report = make_new_block([base_blocks[i] for i in slot.sources], args, options)
+        block = copy.deepcopy(model.layers[slot.sources[0]])
+        block.load_state_dict({k: v.to(dtype) for k, v in tensors.items()})
+        layers.append(block)
+        report_layers.append({"index": index, "sources": list(slot.sources),
+                              "seconds": time.perf_counter() - start, "matrices": report})
+        progress.step(f"new layer {index} from base {list(slot.sources)}")
+    grown.layers = torch.nn.ModuleList(layers)
+    return grown, {**record, "layers": report_layers}
+
+
+def _check_finite(block: dict, where: str):
+    for key, tensor in block.items():
+        if not torch.isfinite(tensor).all():
+            raise GrowthError(f"base {where}: {key} contains NaN or inf")
+
+
+# ----------------------------------------------------------------------------------------------
+# Streaming: Hugging Face folder in, Hugging Face folder out
+
+
+def grow_checkpoint(base: str | Path, out: str | Path, num_new: int | None = None, *, position: str | None = "top",
+                    insert_after: list[int] | None = None, options: GrowthOptions | None = None,
+                    device: str = "cpu", dtype: torch.dtype | None = None, overwrite: bool = False,
+                    max_shard_size: str | int = "5GB", log=print) -> dict:
+    options = options or GrowthOptions()
+    reader = CheckpointReader(base)
+    args = reader.args
+    layout, insert_after = resolve_positions(options.method, args.num_hidden_layers, num_new, position, insert_after)
+    out = Path(out)
+    if out.exists() and not overwrite and (not out.is_dir() or any(out.iterdir())):
+        raise GrowthError(f"{out}: already exists and is not empty (pass --overwrite)")
+    if out.resolve() == Path(base).resolve():
+        raise GrowthError(f"{out}: the output folder must differ from the base folder")
+    out_dtype = dtype or reader.tensor("model.embed_tokens.weight").dtype
+
+    record = growth_record(options, layout, args.num_hidden_layers, position, insert_after)
+    log(f"growing {base} ({args.num_hidden_layers} layers) -> {out} ({len(layout)} layers): method {options.method}"
+        + (f", {options.align} alignment, epsilon {options.epsilon}" if options.method == "opt" else "")
+        + f", new layers at {record['new_layers']}, zero-init {options.zero_init}, {device}")
+
+    cache: dict[int, dict] = {}
+
+    def base_block(i: int) -> dict:
+        # The two most recent base blocks stay in memory: each is written once and fused with its
+        # neighbour, so a block is normally read once.
+        if i not in cache:
+            block = reader.block(i, dtype=torch.float32, device=device)
+            _check_finite(block, f"layer {i} ({base})")
+            cache[i] = block
+            for old in sorted(cache)[:-2]:
+                del cache[old]
+        return cache[i]
+
+    def checked(key: str) -> torch.Tensor:
+        tensor = reader.tensor(key)
+        if not torch.isfinite(tensor).all():
+            raise GrowthError(f"base {base}: {key} contains NaN or inf")
+        return tensor.to(out_dtype)
+
+    report_layers = []
+    progress = _Progress(len(record["new_layers"]), log)
+    grown_args = dataclasses.replace(args, num_hidden_layers=len(layout), dtype=dtype_name(out_dtype),
+                                     extra={**args.extra, "opt_deus": record})
+    with CheckpointWriter(out, max_shard_size=max_shard_size, overwrite=overwrite) as writer:
+        writer.add("model.embed_tokens.weight", checked("model.embed_tokens.weight"))
+        for index, slot in enumerate(layout):
+            if slot.new:
+                start = time.perf_counter()
+                tensors, report = make_new_block([base_block(i) for i in slot.sources], args, options)
+                report_layers.append({"index": index, "sources": list(slot.sources),
+                                      "seconds": time.perf_counter() - start, "matrices": report})
+                progress.step(f"new layer {index} from base {list(slot.sources)}")
+            else:
+                tensors = base_block(slot.sources[0])
+            for key in BLOCK_KEYS:
+                writer.add(f"model.layers.{index}.{key}", tensors[key].to(out_dtype))
+        writer.add("model.norm.weight", checked("model.norm.weight"))
+        if not args.tie_word_embeddings:
+            writer.add("lm_head.weight", checked("lm_head.weight"))
+        if "lm_head.weight" in reader.files and args.tie_word_embeddings:
+            reader.tensor("lm_head.weight")  # a redundant tied head: checked, not copied
+        reader.check_all_read()
+        growth_report = {**record, "options": dataclasses.asdict(options), "base": str(base), "layers": report_layers}
+        writer.finish(grown_args.to_hf(), copy_files_from=base,
+                      extra_files={"growth_report.json": json.dumps(growth_report, indent=2) + "\n"})
+    log(f"wrote {out} ({len(layout)} layers, new {record['new_layers']}) in {time.perf_counter() - progress.start:.1f}s")
+    return growth_report
+
+
+# ----------------------------------------------------------------------------------------------
+# Command line
+
+
+def _int_list(text: str) -> list[int]:
+    try:
+        return [int(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="opt-deus", description="Grow a LLaMA checkpoint by inserting new layers "
+                                "(OpT-DeUS and baselines). Hugging Face folder in, Hugging Face folder out.",
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--base", required=True, help="base model: a Hugging Face LLaMA folder")
+    p.add_argument("--out", required=True, help="output folder for the grown model")
+    p.add_argument("--method", choices=METHODS, default="opt")
+    p.add_argument("--new-layers", type=int, default=None, help="how many layers to add (K)")
+    p.add_argument("--position", choices=POSITIONS, default="top", help="where the K new layers go")
+    p.add_argument("--insert-after", type=_int_list, default=None,
+                   help="explicit base-layer indices i (a new layer between i and i+1), e.g. 7,9,11")
+    p.add_argument("--align", choices=ALIGNMENTS, default="structured", help="alignment for --method opt")
+    p.add_argument("--epsilon", type=float, default=None,
+                   help="Sinkhorn regularisation; 0 = exact assignment (small problems only). Default: "
+                        "paper 0.06 (absolute, as published), structured 0.005 (relative to the mean cost)")
+    p.add_argument("--normalize-plan", action=argparse.BooleanOptionalAction, default=True,
+                   help="rescale the plan to n*T (OT fusion); --no-normalize-plan reproduces the public code")
+    p.add_argument("--zero-init", action=argparse.BooleanOptionalAction, default=None,
+                   help="zero o_proj and down_proj of new layers (default: on for opt and llama-pro, off otherwise)")
+    p.add_argument("--max-iter", type=int, default=2000, help="Sinkhorn iterations at most, per problem")
+    p.add_argument("--strict", action="store_true", help="fail if a Sinkhorn problem does not converge")
+    p.add_argument("--device", default="cpu", help="where the alignment is computed (cpu, cuda, cuda:1, ...)")
+    p.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), default=None,
+                   help="dtype of the written weights (default: the base checkpoint's)")
+    p.add_argument("--max-shard-size", default="5GB")
+    p.add_argument("--overwrite", action="store_true", help="replace a non-empty --out")
+    return p
+
+
+def main(argv=None) -> int:
+    parsed = build_parser().parse_args(argv)
+    try:
+        if parsed.device.startswith("cuda") and not torch.cuda.is_available():
+            raise GrowthError(f"--device {parsed.device}: CUDA is not available")
+        options = GrowthOptions(method=parsed.method, align=parsed.align, epsilon=parsed.epsilon,
+                                zero_init=parsed.zero_init, normalize_plan=parsed.normalize_plan,
+                                max_iter=parsed.max_iter, strict=parsed.strict)
+        grow_checkpoint(parsed.base, parsed.out, parsed.new_layers, position=parsed.position,
+                        insert_after=parsed.insert_after, options=options, device=parsed.device,
+                        dtype=getattr(torch, parsed.dtype) if parsed.dtype else None,
+                        overwrite=parsed.overwrite, max_shard_size=parsed.max_shard_size,
+                        log=lambda message: print(message, file=sys.stderr, flush=True))
+    except (GrowthError, CheckpointError) as e:
+        print(f"opt-deus: error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

