@@ -26,7 +26,6 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from safetensors import SafetensorError, safe_open
-from safetensors.torch import save_file
 
 
 class CheckpointError(ValueError):
@@ -476,6 +475,16 @@ class CheckpointReader:
         """The tensors of one base block, keyed as in `Block.state_dict()`."""
         return {k: self.tensor(f"model.layers.{layer}.{k}", dtype, device) for k in BLOCK_KEYS}
 
+    def release(self):
+        # Closes the memory maps. Pages of a map that were read count towards the process's
+        # resident memory until it is closed, so a streaming pass over a large checkpoint calls
+        # this between blocks; files reopen on the next read.
+        self._handles.clear()
+
+    def dtype(self, key: str) -> torch.dtype:
+        name = self._open(self.files[key]).get_slice(key).get_dtype()
+        return {v: k for k, v in _SAFETENSORS_DTYPES.items()}[name]
+
     def check_all_read(self):
         # Strict loading: every tensor of the checkpoint was used. A tied checkpoint's redundant
         # head is "used" by checking it is what tying implies.
@@ -498,17 +507,25 @@ def parse_size(size: int | str) -> int:
     return int(text)
 
 
+_SAFETENSORS_DTYPES = {torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16", torch.float64: "F64",
+                       torch.int64: "I64", torch.int32: "I32", torch.uint8: "U8", torch.bool: "BOOL"}
+
 # Files a user expects to travel with the weights: tokenizer, chat template, generation defaults.
 SIDE_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model",
               "generation_config.json", "chat_template.jinja", "chat_template.json")
 
 
 class CheckpointWriter:
-    """Writes a Hugging Face folder shard by shard, atomically.
+    """Writes a Hugging Face folder shard by shard, atomically, holding one tensor at a time.
 
     Everything goes into a hidden temporary folder beside the target; `finish` writes config and
     index and renames it into place. Leaving the `with` block without `finish` (an error, Ctrl-C)
     deletes the temporary folder, so a target is never left half-written.
+
+    A safetensors file starts with a header giving every tensor's offset, so it cannot be written
+    front to back as tensors arrive. Each tensor's bytes go straight to a scratch data file; when a
+    shard is full its header is written and the data copied behind it in chunks. Memory stays at one
+    tensor whatever the model's size, at the price of writing the weights twice.
     """
 
     def __init__(self, path, max_shard_size: int | str = "5GB", overwrite: bool = False):
@@ -517,11 +534,11 @@ class CheckpointWriter:
             raise CheckpointError(f"{self.path}: already exists and is not empty (pass overwrite)")
         self.max_shard_size = parse_size(max_shard_size)
         self.tmp = self.path.parent / f".{self.path.name}.tmp-{os.getpid()}"
-        self.shards: list[dict[str, torch.Tensor]] = []
-        self.pending: dict[str, torch.Tensor] = {}
-        self.pending_bytes = 0
-        self.shard_names: list[str] = []
+        self.shard_files: list[str] = []
         self.key_to_shard: dict[str, int] = {}
+        self.header: dict[str, dict] = {}  # the open shard's entries
+        self.data = None  # the open shard's scratch data file
+        self.offset = 0
         self.total_bytes = 0
         self.finished = False
 
@@ -532,35 +549,54 @@ class CheckpointWriter:
         return self
 
     def __exit__(self, exc_type, exc, tb):
+        if self.data is not None:
+            self.data.close()
         if not self.finished:
             shutil.rmtree(self.tmp, ignore_errors=True)
         return False
 
     def add(self, key: str, tensor: torch.Tensor):
-        if key in self.key_to_shard or key in self.pending:
+        if key in self.key_to_shard or key in self.header:
             raise ValueError(f"tensor {key} written twice")
+        if tensor.dtype not in _SAFETENSORS_DTYPES:
+            raise ValueError(f"tensor {key}: dtype {tensor.dtype} cannot be saved")
         nbytes = tensor.numel() * tensor.element_size()
-        if self.pending and self.pending_bytes + nbytes > self.max_shard_size:
-            self._flush()
-        # A detached contiguous CPU copy: safetensors refuses views and shared storage.
-        self.pending[key] = tensor.detach().to("cpu").contiguous().clone()
-        self.pending_bytes += nbytes
+        if self.header and self.offset + nbytes > self.max_shard_size:
+            self._close_shard()
+        if self.data is None:
+            self.data = open(self.tmp / "shard.data", "wb")
+        # Raw little-endian bytes, as safetensors stores them (bf16 goes through a uint8 view,
+        # numpy having no bfloat16).
+        raw = tensor.detach().to("cpu").contiguous().reshape(-1).view(torch.uint8).numpy()
+        self.data.write(raw.data)
+        self.header[key] = {"dtype": _SAFETENSORS_DTYPES[tensor.dtype], "shape": list(tensor.shape),
+                            "data_offsets": [self.offset, self.offset + nbytes]}
+        self.offset += nbytes
         self.total_bytes += nbytes
 
-    def _flush(self):
-        index = len(self.shard_names)
+    def _close_shard(self):
+        index = len(self.shard_files)
         name = f"shard-{index:05d}.tmp"
-        save_file(self.pending, str(self.tmp / name), metadata={"format": "pt"})
-        self.shard_names.append(name)
-        self.key_to_shard.update({key: index for key in self.pending})
-        self.pending, self.pending_bytes = {}, 0
+        header = json.dumps({"__metadata__": {"format": "pt"}, **self.header}, separators=(",", ":")).encode()
+        header += b" " * (-len(header) % 8)  # the data that follows starts 8-byte aligned
+        if self.data is None:
+            self.data = open(self.tmp / "shard.data", "wb")
+        self.data.close()
+        with open(self.tmp / name, "wb") as shard, open(self.tmp / "shard.data", "rb") as data:
+            shard.write(len(header).to_bytes(8, "little"))
+            shard.write(header)
+            shutil.copyfileobj(data, shard, 16 * 2**20)
+        os.remove(self.tmp / "shard.data")
+        self.shard_files.append(name)
+        self.key_to_shard.update({key: index for key in self.header})
+        self.header, self.data, self.offset = {}, None, 0
 
     def finish(self, config: dict, copy_files_from=None, extra_files: dict[str, str] | None = None):
-        if self.pending or not self.shard_names:
-            self._flush()
-        n = len(self.shard_names)
+        if self.header or not self.shard_files:
+            self._close_shard()
+        n = len(self.shard_files)
         final = ["model.safetensors"] if n == 1 else [f"model-{i + 1:05d}-of-{n:05d}.safetensors" for i in range(n)]
-        for tmp_name, name in zip(self.shard_names, final):
+        for tmp_name, name in zip(self.shard_files, final):
             os.replace(self.tmp / tmp_name, self.tmp / name)
         if n > 1:
             index = {"metadata": {"total_size": self.total_bytes},

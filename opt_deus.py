@@ -72,7 +72,7 @@ class GrowthOptions:
     epsilon: float | None = None  # None: DEFAULT_EPSILON of the alignment
     zero_init: bool | None = None  # None: the method's default (ZERO_INIT_DEFAULT)
     normalize_plan: bool = True  # False reproduces the public code's unnormalised plan
-    max_iter: int = 2000
+    max_iter: int = 10000  # the public code's numItermax; ε-scaling needs far fewer on real weights
     strict: bool = False  # a Sinkhorn problem that did not converge raises instead of warning
 
     def __post_init__(self):
@@ -425,7 +425,7 @@ def grow_checkpoint(base: str | Path, out: str | Path, num_new: int | None = Non
         raise GrowthError(f"{out}: already exists and is not empty (pass --overwrite)")
     if out.resolve() == Path(base).resolve():
         raise GrowthError(f"{out}: the output folder must differ from the base folder")
-    out_dtype = dtype or reader.tensor("model.embed_tokens.weight").dtype
+    out_dtype = dtype or reader.dtype("model.embed_tokens.weight")
 
     record = growth_record(options, layout, args.num_hidden_layers, position, insert_after)
     log(f"growing {base} ({args.num_hidden_layers} layers) -> {out} ({len(layout)} layers): method {options.method}"
@@ -468,6 +468,7 @@ def grow_checkpoint(base: str | Path, out: str | Path, num_new: int | None = Non
                 tensors = base_block(slot.sources[0])
             for key in BLOCK_KEYS:
                 writer.add(f"model.layers.{index}.{key}", tensors[key].to(out_dtype))
+            reader.release()
         writer.add("model.norm.weight", checked("model.norm.weight"))
         if not args.tie_word_embeddings:
             writer.add("lm_head.weight", checked("lm_head.weight"))
@@ -511,7 +512,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="rescale the plan to n*T (OT fusion); --no-normalize-plan reproduces the public code")
     p.add_argument("--zero-init", action=argparse.BooleanOptionalAction, default=None,
                    help="zero o_proj and down_proj of new layers (default: on for opt and llama-pro, off otherwise)")
-    p.add_argument("--max-iter", type=int, default=2000, help="Sinkhorn iterations at most, per problem")
+    p.add_argument("--max-iter", type=int, default=10000, help="Sinkhorn iterations at most, per problem")
     p.add_argument("--strict", action="store_true", help="fail if a Sinkhorn problem does not converge")
     p.add_argument("--device", default="cpu", help="where the alignment is computed (cpu, cuda, cuda:1, ...)")
     p.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), default=None,

@@ -1,0 +1,113 @@
+"""Time and peak memory of streaming growth (the opt-deus command line), one child process per run.
+
+CPU (the issue's target): SmolLM2-135M, 30 -> 45 layers (a new layer in every gap of the top half),
+`opt` with both alignments, in under 3 minutes with peak RSS under 1.5x the base's float32 size:
+    python benchmarks/bench_grow.py --base ~/.cache/opt-deus/smollm2-135m-instruct-hf --new-layers 15
+GPU: a random Llama-3.1-8B-shaped bf16 checkpoint, 32 -> 48 layers, under 2 minutes, host RSS < 4 GB:
+    python benchmarks/bench_grow.py --make-random llama-8b --new-layers 16 --device cuda
+"""
+
+import argparse
+import json
+import os
+import platform
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from model import CheckpointWriter, ModelArgs, expected_shapes  # noqa: E402
+
+PRESETS = {
+    "llama-8b": dict(vocab_size=128256, hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
+                     num_attention_heads=32, num_key_value_heads=8, head_dim=128, rope_theta=500000.0,
+                     rope_scaling={"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
+                                   "high_freq_factor": 4.0, "original_max_position_embeddings": 8192},
+                     max_position_embeddings=131072, rms_norm_eps=1e-5, tie_word_embeddings=False),
+    "tiny": dict(vocab_size=512, hidden_size=256, intermediate_size=768, num_hidden_layers=8,
+                 num_attention_heads=8, num_key_value_heads=2, head_dim=32, tie_word_embeddings=True),
+}
+
+
+def make_random_checkpoint(preset: str, path: Path, dtype=torch.bfloat16):
+    # Streams random N(0, 0.02^2) weights (ones for norms) straight to disk: no model in memory.
+    args = ModelArgs(**PRESETS[preset], dtype=str(dtype).removeprefix("torch."))
+    generator = torch.Generator().manual_seed(0)
+    with CheckpointWriter(path, overwrite=True) as writer:
+        for key, shape in expected_shapes(args).items():
+            tensor = torch.ones(shape) if key.endswith("norm.weight") else torch.randn(shape, generator=generator) * 0.02
+            writer.add(key, tensor.to(dtype))
+        writer.finish(args.to_hf())
+    return path
+
+
+def checkpoint_bytes_float32(path: Path) -> int:
+    config = json.loads((path / "config.json").read_text())
+    args = ModelArgs.from_hf(config)
+    return sum(4 * torch.Size(s).numel() for s in expected_shapes(args).values())
+
+
+def run_growth(base: Path, out: Path, extra: list[str]) -> dict:
+    command = [sys.executable, str(ROOT / "opt_deus.py"), "--base", str(base), "--out", str(out), "--overwrite", *extra]
+    start = time.perf_counter()
+    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    output = process.stdout.read()
+    # wait4 reaps this child alone and gives its own peak resident memory (KiB on Linux).
+    _, status, usage = os.wait4(process.pid, 0)
+    seconds = time.perf_counter() - start
+    return {"command": " ".join(command[1:]), "returncode": os.waitstatus_to_exitcode(status),
+            "seconds": seconds, "peak_rss_bytes": usage.ru_maxrss * 1024,
+            "output_tail": output.strip().splitlines()[-3:]}
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--base", type=Path, default=None, help="a Hugging Face LLaMA folder to grow")
+    p.add_argument("--make-random", choices=sorted(PRESETS), default=None,
+                   help="grow a random checkpoint of this shape instead of --base (written to --workdir)")
+    p.add_argument("--new-layers", type=int, default=15)
+    p.add_argument("--aligns", default="structured,paper", help="comma list of opt alignments to run")
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--workdir", type=Path, default=None, help="scratch folder (default: a temporary one)")
+    p.add_argument("--json", type=Path, default=None, help="also write the results here")
+    parsed = p.parse_args()
+
+    workdir = parsed.workdir or Path(tempfile.mkdtemp(prefix="bench-grow-"))
+    base = parsed.base
+    if parsed.make_random:
+        start = time.perf_counter()
+        base = make_random_checkpoint(parsed.make_random, workdir / f"random-{parsed.make_random}")
+        print(f"made random {parsed.make_random} checkpoint in {time.perf_counter() - start:.1f}s", flush=True)
+    if base is None:
+        p.error("give --base or --make-random")
+
+    results = {"hardware": {"cpu": platform.processor() or platform.machine(), "cores": os.cpu_count(),
+                            "gpu": torch.cuda.get_device_name() if torch.cuda.is_available() else None,
+                            "torch": torch.__version__},
+               "base": str(base), "base_float32_bytes": checkpoint_bytes_float32(base), "runs": []}
+    for align in parsed.aligns.split(","):
+        run = run_growth(base, workdir / f"grown-{align}", ["--method", "opt", "--align", align,
+                                                            "--new-layers", str(parsed.new_layers),
+                                                            "--device", parsed.device])
+        run["align"] = align
+        results["runs"].append(run)
+        print(json.dumps(run), flush=True)
+
+    base_mb = results["base_float32_bytes"] / 2**20
+    print(f"\nbase float32 size {base_mb:.0f} MiB ({results['hardware']})")
+    print(f"{'alignment':<12}{'seconds':>10}{'peak RSS MiB':>14}{'RSS / base':>12}  exit")
+    for run in results["runs"]:
+        rss_mb = run["peak_rss_bytes"] / 2**20
+        print(f"{run['align']:<12}{run['seconds']:10.1f}{rss_mb:14.0f}{rss_mb / base_mb:12.2f}  {run['returncode']}")
+    if parsed.json:
+        parsed.json.write_text(json.dumps(results, indent=2) + "\n")
+
+
+if __name__ == "__main__":
+    main()
