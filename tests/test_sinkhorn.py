@@ -1,0 +1,377 @@
+"""Properties of sinkhorn.py. Small problems, CPU, a few seconds in all."""
+
+from __future__ import annotations
+
+import itertools
+import math
+import warnings
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from sinkhorn import (
+    SinkhornError,
+    SinkhornWarning,
+    hard_assignment,
+    normalize_plan,
+    plan_sharpness,
+    plan_to_permutation,
+    sinkhorn,
+)
+
+FAST = settings(deadline=None, max_examples=25)
+seeds = st.integers(0, 2**31 - 1)
+
+
+def _gen(seed: int) -> torch.Generator:
+    return torch.Generator().manual_seed(seed)
+
+
+def _marginal(n: int, g: torch.Generator, dtype=torch.float64) -> torch.Tensor:
+    w = torch.rand(n, generator=g, dtype=dtype) + 0.1  # bounded away from 0
+    return w / w.sum()
+
+
+def _l1(x: torch.Tensor, target: torch.Tensor) -> float:
+    return float((x.double() - target.double()).abs().sum() / target.double().sum())
+
+
+def _inv(perm: torch.Tensor) -> torch.Tensor:
+    return torch.argsort(perm)
+
+
+# ----------------------------------------------------------------------------------------------
+# Marginals
+
+
+@FAST
+@given(seed=seeds, n=st.integers(1, 12), m=st.integers(1, 12), eps=st.floats(0.05, 1.0),
+       dtype=st.sampled_from([torch.float32, torch.float64]))
+def test_marginals_met_random_cost_and_marginals(seed, n, m, eps, dtype):
+    g = _gen(seed)
+    C = torch.rand(n, m, generator=g, dtype=torch.float64).to(dtype)
+    a, b = _marginal(n, g).to(dtype), _marginal(m, g).to(dtype)
+    r = sinkhorn(C, a, b, epsilon=eps)
+    assert r.converged and r.marginal_error <= r.tol
+    assert r.plan.shape == (n, m) and r.plan.dtype == dtype and r.dtype == dtype
+    assert (r.plan >= 0).all()
+    assert _l1(r.plan.sum(-1), a) <= r.tol
+    assert _l1(r.plan.sum(-2), b) <= r.tol
+    # the potentials describe the plan: P = a b^T exp((f + g - C) / eps)
+    P = a[:, None] * b[None, :] * torch.exp((r.f[:, None] + r.g[None, :] - C) / eps)
+    torch.testing.assert_close(P, r.plan, rtol=1e-4 if dtype == torch.float32 else 1e-9, atol=0)
+
+
+def test_default_marginals_are_uniform_and_tol_depends_on_dtype():
+    C = torch.rand(7, 5, generator=_gen(0), dtype=torch.float64)
+    r64 = sinkhorn(C, epsilon=0.5)
+    r32 = sinkhorn(C.float(), epsilon=0.5)
+    assert _l1(r64.plan.sum(-1), torch.full((7,), 1 / 7, dtype=torch.float64)) <= r64.tol
+    assert _l1(r64.plan.sum(-2), torch.full((5,), 1 / 5, dtype=torch.float64)) <= r64.tol
+    assert r64.tol == 1e-10 and r32.tol == 1e-6  # well-conditioned: the dtype limits apply
+    # half / bf16 costs are computed in float32
+    r16 = sinkhorn(C.to(torch.bfloat16), epsilon=0.5)
+    assert r16.dtype == torch.float32 and r16.plan.dtype == torch.float32 and r16.converged
+
+
+# ----------------------------------------------------------------------------------------------
+# Exact assignment
+
+
+def _planted(seed: int, n: int):
+    # Columns are a shuffled, slightly perturbed copy of the rows: the optimum matches row i to
+    # the column holding its copy, i.e. assignment = inverse of the shuffle.
+    g = _gen(seed)
+    x = torch.randn(n, 8, generator=g, dtype=torch.float64)
+    shuffle = torch.randperm(n, generator=g)
+    y = x[shuffle] + 1e-3 * torch.randn(n, 8, generator=g, dtype=torch.float64)
+    return torch.cdist(x, y) ** 2, _inv(shuffle)
+
+
+@FAST
+@given(seed=seeds, n=st.integers(1, 24))
+def test_planted_permutation_recovered(seed, n):
+    C, expected = _planted(seed, n)
+    assert torch.equal(hard_assignment(C), expected)
+    assert torch.equal(hard_assignment(C.float()), expected)
+    # small-eps plan, rounded: eps far below the gap between matched (~1e-5) and other pairs (~16)
+    r = sinkhorn(C.float(), epsilon=0.05)
+    assert torch.equal(plan_to_permutation(r.plan), expected)
+    assert float(plan_sharpness(r.plan)) > 0.99
+
+
+@settings(deadline=None, max_examples=60)
+@given(seed=seeds, n=st.integers(1, 6), integer=st.booleans())
+def test_hard_assignment_matches_brute_force(seed, n, integer):
+    g = _gen(seed)
+    C = torch.rand(n, n, generator=g, dtype=torch.float64)
+    if integer:  # many ties: compare optimal values, not the argmin
+        C = torch.randint(0, 4, (n, n), generator=g).double()
+    perm = hard_assignment(C)
+    assert perm.dtype == torch.long and sorted(perm.tolist()) == list(range(n))
+    rows = torch.arange(n)
+    best = min(float(C[rows, list(p)].sum()) for p in itertools.permutations(range(n)))
+    assert float(C[rows, perm].sum()) == pytest.approx(best, abs=1e-12)
+
+
+def test_hard_assignment_rectangular_and_batched():
+    g = _gen(1)
+    C = torch.rand(3, 4, 7, generator=g, dtype=torch.float64)  # 3 problems, 4 rows -> 7 columns
+    perm = hard_assignment(C)
+    assert perm.shape == (3, 4)
+    for k in range(3):
+        assert len(set(perm[k].tolist())) == 4
+        best = min(float(C[k, torch.arange(4), list(p)].sum()) for p in itertools.permutations(range(7), 4))
+        assert float(C[k, torch.arange(4), perm[k]].sum()) == pytest.approx(best, abs=1e-12)
+    plans = torch.stack([torch.eye(5)[torch.randperm(5, generator=g)] / 5 for _ in range(2)])
+    assert torch.equal(plan_to_permutation(plans), plans.argmax(-1))
+    with pytest.raises(ValueError, match="NaN or inf"):
+        hard_assignment(torch.tensor([[0.0, float("nan")], [1.0, 0.0]]))
+    with pytest.raises(ValueError, match="n <= m"):
+        hard_assignment(torch.rand(3, 2))
+
+
+# ----------------------------------------------------------------------------------------------
+# Invariances (float64 with a tight tolerance, so "equal" means equal to ~1e-9)
+
+
+@FAST
+@given(seed=seeds, n=st.integers(1, 10), m=st.integers(1, 10))
+def test_plan_unchanged_by_row_and_column_constants(seed, n, m):
+    g = _gen(seed)
+    C = torch.rand(n, m, generator=g, dtype=torch.float64)
+    a, b = _marginal(n, g), _marginal(m, g)
+    r = torch.randn(n, generator=g, dtype=torch.float64) * 3
+    c = torch.randn(m, generator=g, dtype=torch.float64) * 3
+    p0 = sinkhorn(C, a, b, epsilon=0.2).plan
+    p1 = sinkhorn(C + r[:, None] + c[None, :], a, b, epsilon=0.2).plan
+    torch.testing.assert_close(p1, p0, rtol=1e-7, atol=1e-12)
+
+
+@FAST
+@given(seed=seeds, n=st.integers(1, 10), m=st.integers(1, 10))
+def test_transpose_symmetry(seed, n, m):
+    g = _gen(seed)
+    C = torch.rand(n, m, generator=g, dtype=torch.float64)
+    a, b = _marginal(n, g), _marginal(m, g)
+    p = sinkhorn(C, a, b, epsilon=0.1).plan
+    pt = sinkhorn(C.T, b, a, epsilon=0.1).plan
+    torch.testing.assert_close(pt, p.T, rtol=1e-7, atol=1e-12)
+
+
+@FAST
+@given(seed=seeds, n=st.integers(1, 10), scale=st.floats(1e-3, 1e3))
+def test_scaling_cost_and_epsilon_together(seed, n, scale):
+    C = torch.rand(n, n + 1, generator=_gen(seed), dtype=torch.float64)
+    p = sinkhorn(C, epsilon=0.1).plan
+    ps = sinkhorn(C * scale, epsilon=0.1 * scale).plan
+    torch.testing.assert_close(ps, p, rtol=1e-7, atol=1e-12)
+
+
+@FAST
+@given(seed=seeds, n=st.integers(2, 32), eps=st.floats(0.2, 0.5))
+def test_float32_agrees_with_float64(seed, n, eps):
+    # eps >= 0.2 max C: smaller eps on tiny random problems can need 1e4+ iterations (plans close to
+    # a permutation contract slowly; POT needs as many), which is not what this test is about
+    C = torch.rand(n, n, generator=_gen(seed), dtype=torch.float64)
+    r64 = sinkhorn(C, epsilon=eps)
+    r32 = sinkhorn(C.float(), epsilon=eps)
+    assert r64.converged and r32.converged
+    # entries carry ~u * |C|/eps relative rounding (u = 6e-8); allow 100x that, and 10x tol
+    rel = 100 * 6e-8 * 0.5 / eps + 10 * r32.tol
+    err = (r32.plan.double() - r64.plan).abs().max() / r64.plan.max()
+    assert err <= rel
+
+
+# ----------------------------------------------------------------------------------------------
+# Robustness
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_tiny_epsilon_no_nan(dtype):
+    # cost/eps ~ 1e4: the kernel exp(-C/eps) is 0 in every float format, the log domain is fine
+    C = (0.5 + 0.5 * torch.rand(16, 16, generator=_gen(3), dtype=torch.float64)).to(dtype)
+    assert torch.exp(-C / 1e-4).max() == 0
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        r = sinkhorn(C, epsilon=1e-4, max_iter=3000)
+    for x in (r.plan, r.f, r.g):
+        assert torch.isfinite(x).all()
+    assert math.isfinite(r.marginal_error)
+    ours = [w for w in caught if issubclass(w.category, SinkhornWarning)]
+    if r.converged:
+        assert not ours and r.marginal_error <= r.tol
+    else:
+        assert len(ours) == 1 and "did not converge" in str(ours[0].message)
+        assert r.marginal_error > r.tol
+    # whatever the verdict, the plan is a near-permutation close to the exact assignment
+    assert torch.equal(plan_to_permutation(r.plan), hard_assignment(C))
+
+
+def test_batched_equals_per_problem():
+    g = _gen(4)
+    n, m = 5, 7
+    C = torch.rand(3, 2, n, m, generator=g, dtype=torch.float64) * torch.tensor([1.0, 3.0])[:, None, None]
+    a = _marginal(n, g)  # (n,) broadcast over the batch
+    b = torch.stack([torch.stack([_marginal(m, g) for _ in range(2)]) for _ in range(3)])  # (3, 2, m)
+    r = sinkhorn(C, a, b, epsilon=0.3)
+    assert r.plan.shape == (3, 2, n, m) and r.f.shape == (3, 2, n) and r.g.shape == (3, 2, m)
+    assert r.converged
+    errors = []
+    for i in range(3):
+        for j in range(2):
+            ri = sinkhorn(C[i, j], a, b[i, j], epsilon=0.3)
+            torch.testing.assert_close(r.plan[i, j], ri.plan, rtol=1e-7, atol=1e-12)
+            torch.testing.assert_close(r.f[i, j], ri.f, rtol=1e-7, atol=1e-9)
+            torch.testing.assert_close(r.g[i, j], ri.g, rtol=1e-7, atol=1e-9)
+            errors.append(ri.marginal_error)
+    assert r.marginal_error >= max(errors) * 0.1  # batch reports the max, not a mean
+
+
+def test_batched_converged_only_if_all_converged():
+    g = _gen(5)
+    C = torch.stack([torch.rand(6, 6, generator=g) * 1e-3, torch.rand(6, 6, generator=g)])
+    with pytest.warns(SinkhornWarning):
+        r = sinkhorn(C, epsilon=0.05, max_iter=3, eps_scaling=None)
+    assert not r.converged
+    alone = sinkhorn(C[0], epsilon=0.05, max_iter=3, eps_scaling=None)  # easy one converges alone
+    assert alone.converged and r.marginal_error > r.tol
+
+
+def test_non_convergence_warns_or_raises():
+    C = torch.rand(20, 20, generator=_gen(6))
+    with pytest.warns(SinkhornWarning, match="did not converge"):
+        r = sinkhorn(C, epsilon=1e-3, max_iter=2)
+    assert r.converged is False and r.iterations == 2 and r.marginal_error > r.tol
+    with pytest.raises(SinkhornError, match="did not converge"):
+        sinkhorn(C, epsilon=1e-3, max_iter=2, strict=True)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        r = sinkhorn(C, epsilon=1e-3, max_iter=2, warn=False)  # opt-out: no warning
+    assert not r.converged
+    assert issubclass(SinkhornWarning, RuntimeWarning)
+
+
+def test_tol_below_float32_floor_is_reported_not_hidden():
+    C = torch.rand(64, 64, generator=_gen(7))
+    with pytest.warns(SinkhornWarning, match="rounding floor"):
+        r = sinkhorn(C, epsilon=1 / 280, tol=1e-9, max_iter=500)
+    assert not r.converged and r.marginal_error > 1e-9
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), -float("inf")])
+def test_non_finite_cost_raises(bad):
+    C = torch.rand(4, 4)
+    C[1, 2] = bad
+    with pytest.raises(ValueError, match="NaN or inf"):
+        sinkhorn(C, epsilon=0.1)
+
+
+def test_input_validation():
+    C = torch.rand(4, 5)
+    cases = [
+        (dict(cost=torch.rand(4), epsilon=0.1), "shape"),
+        (dict(cost=C, epsilon=0.0), "epsilon"),
+        (dict(cost=C, epsilon=-1.0), "epsilon"),
+        (dict(cost=C, epsilon=float("nan")), "epsilon"),
+        (dict(cost=C, a=torch.ones(3) / 3, epsilon=0.1), "shape"),
+        (dict(cost=C, a=torch.tensor([0.5, 0.5, 0.0, 0.0]), epsilon=0.1), "positive"),
+        (dict(cost=C, a=torch.tensor([0.5, 0.5, -0.5, 0.5]), epsilon=0.1), "positive"),
+        (dict(cost=C, a=torch.ones(4), epsilon=0.1), "equal total mass"),
+        (dict(cost=torch.rand(3, 4, 5), a=torch.ones(2, 4) / 4, epsilon=0.1), "broadcast"),
+        (dict(cost=C, epsilon=0.1, tol=0.0), "tol"),
+        (dict(cost=C, epsilon=0.1, max_iter=0), "max_iter"),
+        (dict(cost=C, epsilon=0.1, eps_scaling=2.0), "eps_scaling"),
+        (dict(cost=C, epsilon=0.1, cost_dtype=torch.float64), "wider"),
+    ]
+    for kwargs, match in cases:
+        with pytest.raises(ValueError, match=match):
+            sinkhorn(**kwargs)
+    # unnormalised but equal masses are fine, and the potentials are those of the caller's problem
+    a, b = torch.ones(4) * 5, torch.ones(5) * 4
+    r = sinkhorn(C, a, b, epsilon=0.1)
+    assert r.converged and _l1(r.plan.sum(-1), a) <= r.tol and _l1(r.plan.sum(-2), b) <= r.tol
+    P = a[:, None] * b[None, :] * torch.exp((r.f[:, None] + r.g[None, :] - C) / 0.1)
+    torch.testing.assert_close(P, r.plan, rtol=1e-4, atol=0)
+
+
+def test_bf16_cost_storage():
+    C = torch.rand(24, 24, generator=_gen(8))
+    r = sinkhorn(C, epsilon=0.1, cost_dtype=torch.bfloat16)
+    ref = sinkhorn(C, epsilon=0.1)
+    assert r.converged and r.dtype == torch.float32 and r.plan.dtype == torch.float32
+    # the bf16 cost is off by <= 2^-9 |C - centre|, i.e. exponents by <= 0.5 * 2^-9 / eps
+    assert ((r.plan - ref.plan).abs() / ref.plan).max() < 2 * 0.5 * 2**-9 / 0.1 + 1e-3
+
+
+def test_tf32_enabled_by_caller_changes_nothing_and_stays_set():
+    C = torch.rand(32, 48, generator=_gen(9))
+    base = sinkhorn(C, epsilon=0.05)
+    flags = lambda: (  # noqa: E731
+        torch.backends.cuda.matmul.allow_tf32,
+        torch.backends.cudnn.allow_tf32,
+        torch.get_float32_matmul_precision(),
+        torch.get_default_dtype(),
+        torch.is_grad_enabled(),
+    )
+    before = flags()
+    saved = before[:3]
+    try:
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+        torch.set_float32_matmul_precision("medium")
+        enabled = flags()
+        r = sinkhorn(C, epsilon=0.05)
+        assert flags() == enabled  # the solver did not reset the caller's choice
+    finally:
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = saved[:2]
+        torch.set_float32_matmul_precision(saved[2])
+    assert torch.equal(r.plan, base.plan) and torch.equal(r.f, base.f)
+    sinkhorn(C, epsilon=0.05)
+    assert flags() == before
+
+
+# ----------------------------------------------------------------------------------------------
+# Plan post-processing
+
+
+@FAST
+@given(seed=seeds, n=st.integers(1, 16))
+def test_normalize_plan_of_permutation_and_sharpness(seed, n):
+    g = _gen(seed)
+    perm = torch.randperm(n, generator=g)
+    P = torch.eye(n)[perm]  # P[i, perm[i]] = 1
+    T = P / n  # the OT plan of a permutation with uniform marginals
+    assert torch.equal(normalize_plan(T), P)
+    assert torch.equal(normalize_plan(T, torch.full((n,), 1.0 / n)), P)
+    W = torch.randn(n, 5, generator=g)
+    aligned = normalize_plan(T) @ W
+    assert torch.equal(aligned, W[perm])
+    assert torch.linalg.norm(aligned) == pytest.approx(float(torch.linalg.norm(W)), rel=1e-6)
+    assert float(plan_sharpness(T)) == pytest.approx(1.0)
+    uniform = torch.full((n, n), 1.0 / (n * n))
+    assert float(plan_sharpness(uniform)) == pytest.approx(1.0 / n)
+    batch = torch.stack([T, uniform])
+    torch.testing.assert_close(plan_sharpness(batch), torch.tensor([1.0, 1.0 / n]))
+
+
+def test_sharpness_grows_as_epsilon_shrinks():
+    C, _ = _planted(10, 12)
+    eps = [e * float(C.mean()) for e in (10.0, 1.0, 0.3, 0.1)]
+    s = [float(plan_sharpness(sinkhorn(C, epsilon=e, max_iter=10000).plan)) for e in eps]
+    assert s == sorted(s) and s[0] < 0.2 and s[-1] > 0.9
+
+
+# ----------------------------------------------------------------------------------------------
+# Compiled iteration: ~20 s of inductor compilation on CPU, so outside the default suite
+
+
+@pytest.mark.slow
+def test_compiled_iteration_matches_eager():
+    C = torch.rand(64, 64, generator=_gen(11))
+    eager = sinkhorn(C, epsilon=0.05, check_every=5)
+    comp = sinkhorn(C, epsilon=0.05, check_every=5, compile=True)
+    assert comp.converged and comp.iterations == eager.iterations
+    torch.testing.assert_close(comp.plan, eager.plan, rtol=1e-4, atol=1e-9)
