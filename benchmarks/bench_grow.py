@@ -53,10 +53,13 @@ def checkpoint_bytes_float32(path: Path) -> int:
     return sum(4 * torch.Size(s).numel() for s in expected_shapes(args).values())
 
 
-def run_growth(base: Path, out: Path, extra: list[str]) -> dict:
+def run_growth(base: Path, out: Path, extra: list[str], threads: int | None = None) -> dict:
     command = [sys.executable, str(ROOT / "opt_deus.py"), "--base", str(base), "--out", str(out), "--overwrite", *extra]
+    # On a small shared CPU, OpenMP threads spinning against other processes can slow a solve
+    # 100-fold; --threads 1 gives numbers that do not depend on what else the machine runs.
+    env = {**os.environ, **({"OMP_NUM_THREADS": str(threads)} if threads else {})}
     start = time.perf_counter()
-    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
     output = process.stdout.read()
     # wait4 reaps this child alone and gives its own peak resident memory (KiB on Linux).
     _, status, usage = os.wait4(process.pid, 0)
@@ -74,6 +77,7 @@ def main():
     p.add_argument("--new-layers", type=int, default=15)
     p.add_argument("--aligns", default="structured,paper", help="comma list of opt alignments to run")
     p.add_argument("--device", default="cpu")
+    p.add_argument("--threads", type=int, default=None, help="OMP_NUM_THREADS for the growth process (default: torch's)")
     p.add_argument("--workdir", type=Path, default=None, help="scratch folder (default: a temporary one)")
     p.add_argument("--json", type=Path, default=None, help="also write the results here")
     parsed = p.parse_args()
@@ -89,12 +93,12 @@ def main():
 
     results = {"hardware": {"cpu": platform.processor() or platform.machine(), "cores": os.cpu_count(),
                             "gpu": torch.cuda.get_device_name() if torch.cuda.is_available() else None,
-                            "torch": torch.__version__},
+                            "torch": torch.__version__, "threads": parsed.threads},
                "base": str(base), "base_float32_bytes": checkpoint_bytes_float32(base), "runs": []}
     for align in parsed.aligns.split(","):
         run = run_growth(base, workdir / f"grown-{align}", ["--method", "opt", "--align", align,
                                                             "--new-layers", str(parsed.new_layers),
-                                                            "--device", parsed.device])
+                                                            "--device", parsed.device], parsed.threads)
         run["align"] = align
         results["runs"].append(run)
         print(json.dumps(run), flush=True)

@@ -93,7 +93,9 @@ def growth_cases(draw):
     else:
         insert_after = draw(st.lists(st.integers(0, L - 2), min_size=1, max_size=4))
         new = len(insert_after)
-    epsilon = draw(st.sampled_from([None, 0.0, 0.3]))
+    # exact, sharp and blurred plans (the default relative 0.005 needs thousands of iterations on
+    # random weights, whose rows are all about equally far apart; it is exercised on SmolLM2 below)
+    epsilon = draw(st.sampled_from([0.0, 0.05, 0.3]))
     return args, method, align, new, insert_after, epsilon, draw(st.integers(0, 1000))
 
 
@@ -257,10 +259,11 @@ def test_normalised_plan_keeps_the_norm_of_a_permuted_weight():
     torch.manual_seed(0)
     weight = torch.randn(12, 7)
     permuted = weight[torch.randperm(12)]
-    for epsilon in (0.0, 0.01):
+    for epsilon, tolerance in ((0.0, 1e-6), (0.01, 1e-3)):
         coupling, stats = transport(torch.cdist(permuted, weight), GrowthOptions(align="paper", epsilon=epsilon), relative=False)
         aligned = coupling.mT @ permuted
-        assert torch.allclose(aligned.norm(), weight.norm(), rtol=1e-4) and torch.allclose(aligned, weight, atol=1e-4)
+        assert torch.allclose(aligned.norm(), weight.norm(), rtol=1e-4)
+        assert torch.allclose(aligned, weight, atol=tolerance)
         assert stats["sharpness"] > 0.999
     # The public code's raw plan shrinks the aligned weight by 1/n
     raw, _ = transport(torch.cdist(permuted, weight), GrowthOptions(align="paper", epsilon=0.0, normalize_plan=False), relative=False)
