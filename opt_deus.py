@@ -499,25 +499,25 @@ def build_parser() -> argparse.ArgumentParser:
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--base", required=True, help="base model: a Hugging Face LLaMA folder")
     p.add_argument("--out", required=True, help="output folder for the grown model")
-    p.add_argument("--method", choices=METHODS, default="opt")
+    p.add_argument("--method", choices=METHODS, default="opt", help="how new layers are made")
     p.add_argument("--new-layers", type=int, default=None, help="how many layers to add (K)")
     p.add_argument("--position", choices=POSITIONS, default="top", help="where the K new layers go")
     p.add_argument("--insert-after", type=_int_list, default=None,
                    help="explicit base-layer indices i (a new layer between i and i+1), e.g. 7,9,11")
     p.add_argument("--align", choices=ALIGNMENTS, default="structured", help="alignment for --method opt")
     p.add_argument("--epsilon", type=float, default=None,
-                   help="Sinkhorn regularisation; 0 = exact assignment (small problems only). Default: "
+                   help="Sinkhorn regularisation; 0 = exact assignment (small problems only); None: "
                         "paper 0.06 (absolute, as published), structured 0.005 (relative to the mean cost)")
     p.add_argument("--normalize-plan", action=argparse.BooleanOptionalAction, default=True,
                    help="rescale the plan to n*T (OT fusion); --no-normalize-plan reproduces the public code")
     p.add_argument("--zero-init", action=argparse.BooleanOptionalAction, default=None,
-                   help="zero o_proj and down_proj of new layers (default: on for opt and llama-pro, off otherwise)")
+                   help="zero o_proj and down_proj of new layers; None: on for opt and llama-pro, off otherwise")
     p.add_argument("--max-iter", type=int, default=10000, help="Sinkhorn iterations at most, per problem")
     p.add_argument("--strict", action="store_true", help="fail if a Sinkhorn problem does not converge")
     p.add_argument("--device", default="cpu", help="where the alignment is computed (cpu, cuda, cuda:1, ...)")
     p.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), default=None,
-                   help="dtype of the written weights (default: the base checkpoint's)")
-    p.add_argument("--max-shard-size", default="5GB")
+                   help="dtype of the written weights; None keeps the base checkpoint's")
+    p.add_argument("--max-shard-size", default="5GB", help="safetensors shard size of the output")
     p.add_argument("--overwrite", action="store_true", help="replace a non-empty --out")
     return p
 
