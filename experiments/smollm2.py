@@ -1,0 +1,426 @@
+"""The real-checkpoint experiment: grow SmolLM2-135M from 30 to 45 layers, continue pre-training.
+
+    python experiments/smollm2.py --preset cpu     # ~20-30 minutes on 2 CPU cores, a reduced run
+    python experiments/smollm2.py --preset gpu     # sized for one ~10-minute call on one H100
+
+Every method (OpT-DeUS structured and paper alignment, Avg-DeUS with and without zero-init,
+LLaMA Pro, SOLAR) grows the base to the same depth with a new layer in each of the top 15 gaps
+(the paper's SmolLM2 setting; SOLAR places its repeated layers itself), and OpT-DeUS (structured)
+also grows into the middle and bottom gaps. Each grown model continues pre-training with only the
+new layers trainable, on Jane Austen's novels (tokenised with the checkpoint's tokenizer.json) with
+one novel held out for perplexity, once per seed. Growth is deterministic, so the after-growth
+perplexity is measured once per grown model; seeds change the training data order.
+
+Outputs under --out: runs/<method>@<position>-seed<k>.jsonl (training metrics), summary.md,
+summary.json, loss_curves.png and step_time_by_position.png (with matplotlib).
+
+--base is a Hugging Face LLaMA folder with tokenizer.json (default: the SmolLM2 folder that
+tests/smollm2.py converts and caches); --data is text files or folders (.txt, .txt.gz), by
+default ../shared/data/austen when it exists.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import dataclasses
+import hashlib
+import math
+import os
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))  # so `python experiments/smollm2.py` works without `pip install -e .`
+
+from experiments.common import (METHODS, ExperimentError, ema, environment, fmt, fmt_pm, grow_by_name,  # noqa: E402
+                                markdown_table, mean_std, new_figure, output_folder, parse_list, save_figure,
+                                write_json)
+from model import CheckpointError, Transformer  # noqa: E402
+from opt_deus import POSITIONS, GrowthError  # noqa: E402
+from train import (HFTokenizer, TrainConfig, TrainError, evaluate, iter_documents, list_data_files,  # noqa: E402
+                   load_tokenizer, resolve_device, train)
+
+# Settings that differ between the presets; every other option has one default. Each is a flag too.
+PRESETS = {
+    # One H100, bf16 autocast: 8 configurations x 3 seeds x 100 steps of 8 x 2048 tokens, the whole
+    # held-out novel evaluated every 25 steps. Sized to fit a 10-minute call; not run yet.
+    "gpu": dict(device="cuda", block_size=2048, batch_size=8, micro_batch_size=8, steps=100, lr=3e-4,
+                seeds=(0, 1, 2), eval_tokens=None, evals=4),
+    # 2 CPU cores: a handful of short steps per run, a few thousand held-out tokens. Enough to see
+    # function preservation, early trends and step time by position, not converged numbers.
+    "cpu": dict(device="cpu", block_size=256, batch_size=2, micro_batch_size=2, steps=8, lr=3e-4,
+                seeds=(0, 1), eval_tokens=2048, evals=0),
+}
+
+
+def default_base() -> str | None:
+    # Where tests/smollm2.py caches the converted checkpoint (same rule as its _cache_root).
+    root = os.environ.get("OPT_DEUS_CACHE")
+    if root:
+        cache = Path(root).expanduser()
+    else:
+        xdg = os.environ.get("XDG_CACHE_HOME")
+        cache = (Path(xdg).expanduser() if xdg else Path.home() / ".cache") / "opt-deus"
+    path = cache / "smollm2-135m-instruct-hf"
+    return str(path) if (path / "config.json").is_file() else None
+
+
+def default_data() -> list[str] | None:
+    path = ROOT.parent / "shared" / "data" / "austen"
+    return [str(path)] if path.is_dir() else None
+
+
+@dataclass
+class SmolConfig:
+    base: str                                   # Hugging Face LLaMA folder with tokenizer.json
+    data: list[str]                             # text files/folders; one file is held out
+    held_out: str = "emma"                      # the held-out file: its name up to the first dot
+    new_layers: int = 15
+    methods: tuple[str, ...] = tuple(METHODS)   # all at `top` positions (solar: its own)
+    positions: tuple[str, ...] = ("top", "middle", "bottom")  # for opt-structured
+    seeds: tuple[int, ...] = (0, 1)
+    steps: int = 8
+    lr: float = 3e-4
+    block_size: int = 256
+    batch_size: int = 2                          # sequences per step
+    micro_batch_size: int = 2
+    eval_tokens: int | None = 2048               # held-out tokens evaluated (None: the whole file)
+    evals: int = 0                               # held-out evaluations during training (0: only the end)
+    device: str = "cpu"
+
+    def validate(self):
+        if min(self.new_layers, self.steps, self.block_size, self.batch_size, self.micro_batch_size) < 1:
+            raise ExperimentError("new layers, steps, block size and batch sizes must be >= 1")
+        if self.batch_size % self.micro_batch_size:
+            raise ExperimentError(f"--batch-size {self.batch_size} is not a multiple of --micro-batch-size "
+                                  f"{self.micro_batch_size}")
+        if self.eval_tokens is not None and self.eval_tokens < self.block_size:
+            raise ExperimentError(f"--eval-tokens {self.eval_tokens} is less than one block ({self.block_size})")
+        for name in self.methods:
+            if name not in METHODS:
+                raise ExperimentError(f"unknown method {name!r} (choose from {', '.join(METHODS)})")
+        for position in self.positions:
+            if position not in POSITIONS:
+                raise ExperimentError(f"unknown position {position!r} (choose from {', '.join(POSITIONS)})")
+        if not self.seeds:
+            raise ExperimentError("no seeds")
+
+
+def runs_of(config: SmolConfig) -> list[tuple[str, str]]:
+    """(method, position) pairs: every method at top, then opt-structured at the other positions."""
+    runs = [(name, "top") for name in config.methods]
+    runs += [("opt-structured", p) for p in config.positions if ("opt-structured", p) not in runs]
+    return runs
+
+
+def solar_new_layers(num_layers: int, num_new: int) -> int:
+    """SOLAR keeps [0, L-m) of one copy and [m, L) of another, adding K = L - 2m layers: K must have
+    L's parity. 30 -> 45 (K = 15) is impossible, so SOLAR gets the nearest smaller feasible K (14: one
+    layer fewer than the others; reported)."""
+    k = num_new if (num_layers - num_new) % 2 == 0 else num_new - 1
+    if not 1 <= k <= num_layers - 2:
+        raise ExperimentError(f"solar cannot grow {num_layers} layers by about {num_new} (K <= L - 2, L - K even); "
+                              f"drop it from --methods")
+    return k
+
+
+def run_name(method: str, position: str) -> str:
+    return f"{method}@{'own' if method == 'solar' else position}"
+
+
+# ----------------------------------------------------------------------------------------------
+# Data
+
+
+def load_tokens(config: SmolConfig, tokenizer) -> tuple[np.ndarray, np.ndarray, dict]:
+    """(training tokens, held-out tokens, description): each document followed by EOS; the held-out
+    file alone in the second array, cut to whole blocks (to eval_tokens when given)."""
+    files = list_data_files(config.data)
+    held = [f for f in files if f.name.split(".")[0] == config.held_out]
+    if len(held) != 1:
+        raise ExperimentError(f"--held-out {config.held_out!r}: expected one file named {config.held_out}.* in "
+                              f"{', '.join(config.data)}, found {len(held)}")
+    rest = [f for f in files if f not in held]
+    if not rest:
+        raise ExperimentError("no training files besides the held-out one")
+
+    def tokens_of(paths):
+        ids = []
+        for text in iter_documents(paths):
+            ids += tokenizer.encode(text) + [tokenizer.eos_id]
+        return np.asarray(ids, dtype=np.uint32)
+
+    train_tokens = tokens_of(rest)
+    eval_tokens = tokens_of(held)
+    # Whole blocks only: the in-training evaluations (train.py reads whole blocks) and ours then
+    # read exactly the same tokens.
+    limit = len(eval_tokens) - 1 if config.eval_tokens is None else min(config.eval_tokens, len(eval_tokens) - 1)
+    n_blocks = limit // config.block_size
+    if n_blocks < 1:
+        raise ExperimentError(f"{held[0]}: fewer held-out tokens than one block of {config.block_size}")
+    eval_tokens = eval_tokens[: n_blocks * config.block_size + 1]
+    info = {"train_files": [str(f) for f in rest], "held_out_file": str(held[0]),
+            "train_tokens": int(len(train_tokens)), "eval_tokens": int(len(eval_tokens) - 1),
+            "eval_blocks": n_blocks, "tokenizer": getattr(tokenizer, "name", type(tokenizer).__name__),
+            "train_sha256": hashlib.sha256(train_tokens.tobytes()).hexdigest()[:16],
+            "eval_sha256": hashlib.sha256(eval_tokens.tobytes()).hexdigest()[:16]}
+    return train_tokens, eval_tokens, info
+
+
+# ----------------------------------------------------------------------------------------------
+# The experiment
+
+
+def held_out(model, eval_tokens, config: SmolConfig) -> dict:
+    r = evaluate(model, eval_tokens, config.block_size, config.micro_batch_size)
+    return {"loss": r["loss"], "perplexity": r["perplexity"]}
+
+
+def train_config(config: SmolConfig, seed: int, n_eval_blocks: int) -> TrainConfig:
+    return TrainConfig(
+        steps=config.steps, lr=config.lr, warmup_steps=max(1, config.steps // 10) if config.steps > 1 else 0,
+        batch_tokens=config.batch_size * config.block_size, micro_batch_size=config.micro_batch_size,
+        block_size=config.block_size, trainable="new",
+        eval_every=max(1, config.steps // config.evals) if config.evals > 0 else 0,
+        eval_batches=math.ceil(n_eval_blocks / config.micro_batch_size),  # the whole held-out set
+        log_every=max(1, config.steps // 4), seed=seed, device=config.device, checkpoint_every=0,
+        timing_skip_steps=1 if config.steps > 1 else 0)
+
+
+def run_smollm2(config: SmolConfig, out=None, log=print) -> dict:
+    """Runs the experiment and returns the summary (what summary.json holds). With `out`, writes
+    everything there (replacing it) through a temporary folder."""
+    config.validate()
+    if out is None:
+        return _run(config, None, log)
+    with output_folder(out) as tmp:
+        summary = _run(config, tmp, log)
+    log(f"wrote {Path(out)}/summary.md, summary.json, runs/")
+    return summary
+
+
+def _run(config: SmolConfig, folder: Path | None, log) -> dict:
+    t_start = time.perf_counter()
+    runs_dir = None
+    if folder is not None:
+        runs_dir = folder / "runs"
+        runs_dir.mkdir()
+    device = resolve_device(config.device)
+
+    tokenizer = load_tokenizer(config.base)
+    if not isinstance(tokenizer, HFTokenizer):
+        raise ExperimentError(f"{config.base}: no tokenizer.json (or the tokenizers package is missing)")
+    train_tokens, eval_tokens, data_info = load_tokens(config, tokenizer)
+    log(f"data: {data_info['train_tokens']:,} training tokens, {data_info['eval_tokens']:,} held-out tokens "
+        f"of {Path(data_info['held_out_file']).name}")
+
+    base = Transformer.from_pretrained(config.base, dtype=torch.float32, device=device)
+    if base.args.vocab_size < tokenizer.vocab_size:
+        raise ExperimentError(f"{config.base}: tokenizer has {tokenizer.vocab_size} tokens, model {base.args.vocab_size}")
+    L = base.args.num_hidden_layers
+    t0 = time.perf_counter()
+    base_eval = held_out(base, eval_tokens, config)
+    log(f"base: {L} layers, {sum(p.numel() for p in base.parameters()):,} parameters; held-out perplexity "
+        f"{base_eval['perplexity']:.3f} ({time.perf_counter() - t0:.1f}s)")
+
+    solar_k = solar_new_layers(L, config.new_layers) if "solar" in config.methods else config.new_layers
+    if solar_k != config.new_layers:
+        log(f"solar: {L} - {config.new_layers} is odd and SOLAR needs L - K even: it grows by {solar_k} instead "
+            f"({L} -> {L + solar_k} layers)")
+
+    results = []
+    for method, position in runs_of(config):
+        name = run_name(method, position)
+        t0 = time.perf_counter()
+        grown, report = grow_by_name(base, method, solar_k if method == "solar" else config.new_layers, position)
+        grow_s = time.perf_counter() - t0
+        after_growth = held_out(grown, eval_tokens, config)
+        log(f"{name}: grew {L} -> {len(grown.layers)} layers in {grow_s:.1f}s (new {report['new_layers']}); "
+            f"held-out perplexity {after_growth['perplexity']:.3f}")
+        seeds = []
+        for seed in config.seeds:
+            model = copy.deepcopy(grown)
+            metrics = runs_dir / f"{name}-seed{seed}.jsonl" if runs_dir else None
+            r = train(model, train_tokens, train_config(config, seed, data_info["eval_blocks"]), eval_tokens,
+                      metrics_path=metrics, log=lambda *a: log(f"[{name} seed {seed}]", *a))
+            if r.stopped is not None:  # Ctrl-C / SIGTERM: train() returned early; do not tabulate it
+                raise KeyboardInterrupt(r.stopped)
+            # train() evaluated the whole held-out set (whole blocks) at its last step.
+            after = {"loss": r.evals[-1]["eval_loss"], "perplexity": r.evals[-1]["eval_perplexity"]}
+            log(f"{name} seed {seed}: held-out perplexity {after['perplexity']:.3f}, {r.mean_step_s:.2f} s/step")
+            seeds.append({"seed": seed, "after_training": after, "mean_step_s": r.mean_step_s,
+                          "tokens_per_s": r.tokens_per_s, "losses": r.losses,
+                          "evals": [{"step": e["step"], "loss": e["eval_loss"]} for e in r.evals],
+                          "trainable_params": r.trainable_params})
+            del model
+        results.append({"run": name, "method": method, "position": "own" if method == "solar" else position,
+                        "new_layers": report["new_layers"], "layers": len(grown.layers), "grow_seconds": grow_s,
+                        "after_growth": after_growth, "trainable_params": seeds[0]["trainable_params"],
+                        "seeds": seeds})
+        del grown
+
+    summary = {"config": dataclasses.asdict(config), "data": data_info, "environment": environment(),
+               "device": str(device), "base": {"layers": L, "held_out": base_eval}, "results": results,
+               "elapsed_s": time.perf_counter() - t_start, "plots": []}
+    if folder is not None:
+        (folder / "summary.md").write_text(summary_markdown(summary))
+        summary["plots"] = plot(summary, folder, log)
+        write_json(folder / "summary.json", summary)
+    log("\n" + summary_markdown(summary))
+    log(f"total time {summary['elapsed_s']:.0f}s")
+    return summary
+
+
+def _ppl(r) -> list[float]:
+    return [s["after_training"]["perplexity"] for s in r["seeds"]]
+
+
+def summary_markdown(summary: dict) -> str:
+    c, data = summary["config"], summary["data"]
+    n = len(c["seeds"])
+    text = (f"Base {Path(c['base']).name}: {summary['base']['layers']} layers, grown by {c['new_layers']}. "
+            f"Continued pre-training: {c['steps']} steps of {c['batch_size']} x {c['block_size']} tokens, lr {c['lr']}, "
+            f"only the new layers trainable, seeds {', '.join(map(str, c['seeds']))} (mean ± sample std over {n}). "
+            f"Held-out: {data['eval_tokens']:,} tokens of {Path(data['held_out_file']).name}. Device: {summary['device']}.\n\n"
+            f"Base model held-out perplexity: {summary['base']['held_out']['perplexity']:.3f}\n\n"
+            f"### Methods (new layers in the top gaps; solar places its own)\n\n")
+    headers = ["method", "layers", "new layers", "ppl after growth", "ppl after training", "s/step", "trainable params"]
+    rows = [[r["method"], r["layers"], _layers(r["new_layers"]), fmt(r["after_growth"]["perplexity"], 3), fmt_pm(_ppl(r), 3),
+             fmt_pm([s["mean_step_s"] for s in r["seeds"]], 3), fmt(r["trainable_params"])]
+            for r in summary["results"] if r["position"] in ("top", "own")]
+    text += markdown_table(headers, rows)
+    text += "\n### OpT-DeUS (structured) by position\n\n"
+    headers = ["position", "new layers", "ppl after growth", "ppl after training", "s/step", "tokens/s"]
+    rows = [[r["position"], _layers(r["new_layers"]), fmt(r["after_growth"]["perplexity"], 3), fmt_pm(_ppl(r), 3),
+             fmt_pm([s["mean_step_s"] for s in r["seeds"]], 3), fmt_pm([s["tokens_per_s"] for s in r["seeds"]], 0)]
+            for r in summary["results"] if r["method"] == "opt-structured"]
+    return text + markdown_table(headers, rows)
+
+
+def _layers(indices: list[int]) -> str:
+    # 15,17,...,43 -> "15..43 step 2"; contiguous -> "22..35"; anything else listed.
+    steps = {b - a for a, b in zip(indices, indices[1:])}
+    if len(indices) > 2 and len(steps) == 1:
+        step = steps.pop()
+        return f"{indices[0]}..{indices[-1]}" + (f" step {step}" if step > 1 else "")
+    return ",".join(map(str, indices))
+
+
+def plot(summary: dict, folder: Path, log) -> list[str]:
+    fig, axes = new_figure(1)
+    if fig is None:
+        log("matplotlib is not installed: skipping the plots (pip install matplotlib)")
+        return []
+    ax = axes[0]
+    for r in summary["results"]:
+        losses = np.mean([s["losses"] for s in r["seeds"]], axis=0)
+        ax.plot(range(1, len(losses) + 1), ema(list(losses), 0.5 if len(losses) < 50 else 0.9), label=r["run"])
+    ax.set(title="training loss after growth (mean over seeds, EMA)", xlabel="step", ylabel="loss (nats/token)")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    save_figure(fig, folder / "loss_curves.png")
+
+    fig, axes = new_figure(1, width=5.0)
+    ax = axes[0]
+    rows = [r for r in summary["results"] if r["method"] == "opt-structured"]
+    stats = [mean_std([s["mean_step_s"] for s in r["seeds"]]) for r in rows]
+    ax.bar([r["position"] for r in rows], [m for m, _ in stats], yerr=[s for _, s in stats], capsize=4)
+    ax.set(title="time per step by position of the new layers (opt-structured)", ylabel="seconds per step")
+    ax.grid(alpha=0.3, axis="y")
+    save_figure(fig, folder / "step_time_by_position.png")
+    return ["loss_curves.png", "step_time_by_position.png"]
+
+
+# ----------------------------------------------------------------------------------------------
+# Command line
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description="Grow SmolLM2-135M 30 -> 45 layers with each method, continue "
+                                            "pre-training the new layers on Austen, compare held-out perplexity.",
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--preset", choices=sorted(PRESETS), default="cpu",
+                   help="sizes: " + "; ".join(f"{k}: " + ", ".join(f"{a}={v}" for a, v in s.items())
+                                             for k, s in PRESETS.items()) + ". Flags below override them")
+    p.add_argument("--base", default=default_base(),
+                   help="Hugging Face LLaMA folder with tokenizer.json (default: the SmolLM2 folder cached by tests/smollm2.py)")
+    p.add_argument("--data", nargs="+", default=default_data(),
+                   help="text files/folders (.txt, .gz); default ../shared/data/austen if present")
+    p.add_argument("--held-out", default="emma", help="the file held out for perplexity (its name before the first dot)")
+    p.add_argument("--new-layers", type=int, default=15)
+    p.add_argument("--methods", default=",".join(METHODS), help="comma list, grown at the top positions")
+    p.add_argument("--positions", default="top,middle,bottom", help="comma list, for opt-structured")
+    p.add_argument("--seeds", default=None, help="comma list (preset)")
+    p.add_argument("--steps", type=int, default=None, help="(preset)")
+    p.add_argument("--lr", type=float, default=None, help="(preset)")
+    p.add_argument("--block-size", type=int, default=None, help="(preset)")
+    p.add_argument("--batch-size", type=int, default=None, help="sequences per step (preset)")
+    p.add_argument("--micro-batch-size", type=int, default=None, help="(preset)")
+    p.add_argument("--eval-tokens", type=int, default=None, help="held-out tokens evaluated, 0 = all (preset)")
+    p.add_argument("--evals", type=int, default=None, help="held-out evaluations during training, 0 = only the end (preset)")
+    p.add_argument("--device", default=None, help="(preset)")
+    p.add_argument("--threads", type=int, default=1,
+                   help="CPU threads for torch (0: torch's default, all cores). On a small or busy machine, "
+                        "OpenMP threads competing with other processes can be many times slower than one")
+    p.add_argument("--out", default="runs/smollm2", help="results folder (replaced)")
+    return p
+
+
+def config_from_args(args) -> SmolConfig:
+    if not args.base:
+        raise ExperimentError("--base is required: a Hugging Face LLaMA folder with tokenizer.json (make the SmolLM2 "
+                              "one with: python -c \"import sys; sys.path.insert(0, 'tests'); import smollm2; "
+                              "print(smollm2.cached_smollm2_dir())\")")
+    if not Path(args.base).is_dir():
+        raise ExperimentError(f"--base {args.base}: no such folder")
+    if not args.data:
+        raise ExperimentError("no data: pass --data with text files or folders (e.g. the Austen novels)")
+    preset = dict(PRESETS[args.preset])
+    for key in ("steps", "lr", "block_size", "batch_size", "micro_batch_size", "evals", "device"):
+        if getattr(args, key) is not None:
+            preset[key] = getattr(args, key)
+    if args.eval_tokens is not None:
+        preset["eval_tokens"] = args.eval_tokens or None
+    if args.seeds is not None:
+        try:
+            preset["seeds"] = tuple(int(s) for s in parse_list(args.seeds, "--seeds"))
+        except ValueError:
+            raise ExperimentError(f"--seeds {args.seeds!r}: expected comma-separated integers") from None
+    if str(preset["device"]).startswith("cuda") and not torch.cuda.is_available():
+        raise ExperimentError(f"device {preset['device']}: CUDA is not available (use --preset cpu or --device cpu)")
+    return SmolConfig(base=args.base, data=list(args.data), held_out=args.held_out, new_layers=args.new_layers,
+                      methods=tuple(parse_list(args.methods, "--methods", METHODS)),
+                      positions=tuple(parse_list(args.positions, "--positions", POSITIONS)),
+                      seeds=tuple(preset["seeds"]), steps=preset["steps"], lr=preset["lr"],
+                      block_size=preset["block_size"], batch_size=preset["batch_size"],
+                      micro_batch_size=preset["micro_batch_size"], eval_tokens=preset["eval_tokens"],
+                      evals=preset["evals"], device=preset["device"])
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        config = config_from_args(args)
+        if args.threads < 0:
+            raise ExperimentError("--threads must be >= 0")
+        if args.threads:
+            torch.set_num_threads(args.threads)  # this process only, from the command line only
+        run_smollm2(config, args.out, log=lambda *a: print(*a, flush=True))
+    except KeyboardInterrupt:
+        print("smollm2.py: interrupted; nothing written", file=sys.stderr)
+        return 130
+    except (ExperimentError, GrowthError, TrainError, CheckpointError) as e:
+        print(f"smollm2.py: error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
