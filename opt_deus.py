@@ -134,19 +134,21 @@ class Slot:
 def plan_layout(method: str, num_base_layers: int, insert_after: list[int] | None = None,
                 num_new: int | None = None) -> list[Slot]:
     if method == "solar":
-        # SOLAR: layers [0, L-m) of one copy, then [m, L) of another; the second copy's layers
-        # m .. L-m-1 are the repeated ones, which we call new (they can be zero-initialised and
-        # trained). K = L - 2m new layers, so L - K must be even and K <= L.
+        # SOLAR: layers [0, L - m_top) of one copy, then [m_bottom, L) of another, with
+        # m_top + m_bottom = L - K (the paper drops m = L - K / 2 from each side of the seam; for odd
+        # L - K the second copy drops one more). The second copy's layers m_bottom .. L - m_top - 1
+        # are the repeated ones, which we call new (they can be zero-initialised and trained).
         L = num_base_layers
         if num_new is None or num_new <= 0:
             raise GrowthError(f"the number of new layers must be positive, got {num_new}")
         if insert_after is not None:
             raise GrowthError("solar places its repeated layers itself; --insert-after does not apply")
-        if num_new > L - 2 or (L - num_new) % 2:
-            raise GrowthError(f"solar needs L - K even and K <= L - 2 (L={L}, K={num_new})")
-        m = (L - num_new) // 2
-        return ([Slot((i,), False) for i in range(L - m)] + [Slot((i,), True) for i in range(m, L - m)]
-                + [Slot((i,), False) for i in range(L - m, L)])
+        if num_new > L:
+            raise GrowthError(f"solar repeats at most all {L} layers, got K={num_new}")
+        m_top = (L - num_new) // 2
+        m_bottom = L - num_new - m_top
+        return ([Slot((i,), False) for i in range(L - m_top)] + [Slot((i,), True) for i in range(m_bottom, L - m_top)]
+                + [Slot((i,), False) for i in range(L - m_top, L)])
     if insert_after is None or len(insert_after) == 0:
         raise GrowthError("no positions for the new layers")
     for i in insert_after:

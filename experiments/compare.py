@@ -98,9 +98,8 @@ class CompareConfig:
         for name in self.methods:
             if name not in METHODS:
                 raise ExperimentError(f"unknown method {name!r} (choose from {', '.join(METHODS)})")
-        if "solar" in self.methods and ((self.layers - self.new_layers) % 2 or self.new_layers > self.layers - 2):
-            raise ExperimentError(f"solar needs layers - new_layers even and new_layers <= layers - 2 "
-                                  f"(got {self.layers} and {self.new_layers}); drop it from --methods or change sizes")
+        if "solar" in self.methods and self.new_layers > self.layers:
+            raise ExperimentError(f"solar repeats at most all {self.layers} layers, got --new-layers {self.new_layers}")
         if self.trainable not in ("new", "all"):
             raise ExperimentError(f"--trainable {self.trainable!r}: expected 'new' or 'all'")
 

@@ -121,14 +121,11 @@ def runs_of(config: SmolConfig) -> list[tuple[str, str]]:
 
 
 def solar_new_layers(num_layers: int, num_new: int) -> int:
-    """SOLAR keeps [0, L-m) of one copy and [m, L) of another, adding K = L - 2m layers: K must have
-    L's parity. 30 -> 45 (K = 15) is impossible, so SOLAR gets the nearest smaller feasible K (14: one
-    layer fewer than the others; reported)."""
-    k = num_new if (num_layers - num_new) % 2 == 0 else num_new - 1
-    if not 1 <= k <= num_layers - 2:
-        raise ExperimentError(f"solar cannot grow {num_layers} layers by about {num_new} (K <= L - 2, L - K even); "
-                              f"drop it from --methods")
-    return k
+    """SOLAR repeats K of the L layers (opt_deus.plan_layout; for odd L - K the second copy drops one
+    layer more at the seam), so any 1 <= K <= L works and SOLAR grows to the same depth as the rest."""
+    if not 1 <= num_new <= num_layers:
+        raise ExperimentError(f"solar cannot grow {num_layers} layers by {num_new} (1 <= K <= L); drop it from --methods")
+    return num_new
 
 
 def run_name(method: str, position: str) -> str:
@@ -231,9 +228,6 @@ def _run(config: SmolConfig, folder: Path | None, log) -> dict:
         f"{base_eval['perplexity']:.3f} ({time.perf_counter() - t0:.1f}s)")
 
     solar_k = solar_new_layers(L, config.new_layers) if "solar" in config.methods else config.new_layers
-    if solar_k != config.new_layers:
-        log(f"solar: {L} - {config.new_layers} is odd and SOLAR needs L - K even: it grows by {solar_k} instead "
-            f"({L} -> {L + solar_k} layers)")
 
     results = []
     for method, position in runs_of(config):

@@ -49,6 +49,12 @@ def test_paper_default_positions():
     assert insert_after_for("top-bottom", 10, 4) == [0, 1, 7, 8]
     layout = plan_layout("opt", 4, [1, 1, 2])
     assert [s.sources for s in layout] == [(0,), (1,), (1, 2), (1, 2), (2,), (2, 3), (3,)]
+    # SOLAR (Kim et al. 2023): 32 layers, drop 8 at the seam of two copies -> 48 = 32 + 16
+    layout = plan_layout("solar", 32, None, 16)
+    assert [s.sources[0] for s in layout] == list(range(24)) + list(range(8, 32))
+    assert [i for i, s in enumerate(layout) if s.new] == list(range(24, 40))
+    layout = plan_layout("solar", 30, None, 15)  # odd L - K: the second copy drops one more
+    assert len(layout) == 45 and [s.sources[0] for s in layout] == list(range(23)) + list(range(8, 30))
 
 
 @given(base=st.integers(2, 40), new=st.integers(1, 90),
@@ -69,7 +75,7 @@ def test_positions_are_valid_and_balanced(base, new, position):
     (lambda: insert_after_for("top", 1, 1), "no gap"),
     (lambda: plan_layout("opt", 8, [7]), "out of range"),
     (lambda: plan_layout("opt", 8, [-1]), "out of range"),
-    (lambda: plan_layout("solar", 8, None, 3), "L - K even"),
+    (lambda: plan_layout("solar", 8, None, 9), "at most all 8"),
 ])
 def test_bad_positions(call, message):
     with pytest.raises(GrowthError, match=message):
@@ -88,8 +94,7 @@ def growth_cases(draw):
     method, align = draw(st.sampled_from(ZERO_INIT_CASES))
     L = args.num_hidden_layers
     if method == "solar":
-        new = draw(st.sampled_from([k for k in range(1, L - 1) if (L - k) % 2 == 0] or [None]))
-        insert_after = None
+        new, insert_after = draw(st.integers(1, L)), None
     else:
         insert_after = draw(st.lists(st.integers(0, L - 2), min_size=1, max_size=4))
         new = len(insert_after)
@@ -103,8 +108,6 @@ def growth_cases(draw):
 @given(case=growth_cases())
 def test_zero_init_growth_preserves_the_function(case, tmp_path_factory):
     args, method, align, new, insert_after, epsilon, seed = case
-    if new is None:
-        return  # no valid SOLAR size for this depth
     base = random_model(args, seed)
     options = GrowthOptions(method=method, align=align, epsilon=epsilon, zero_init=True)
     grown, report = grow(base, new, insert_after=insert_after, options=options)
