@@ -120,14 +120,6 @@ def runs_of(config: SmolConfig) -> list[tuple[str, str]]:
     return runs
 
 
-def solar_new_layers(num_layers: int, num_new: int) -> int:
-    """SOLAR repeats K of the L layers (opt_deus.plan_layout; for odd L - K the second copy drops one
-    layer more at the seam), so any 1 <= K <= L works and SOLAR grows to the same depth as the rest."""
-    if not 1 <= num_new <= num_layers:
-        raise ExperimentError(f"solar cannot grow {num_layers} layers by {num_new} (1 <= K <= L); drop it from --methods")
-    return num_new
-
-
 def run_name(method: str, position: str) -> str:
     return f"{method}@{'own' if method == 'solar' else position}"
 
@@ -227,13 +219,12 @@ def _run(config: SmolConfig, folder: Path | None, log) -> dict:
     log(f"base: {L} layers, {sum(p.numel() for p in base.parameters()):,} parameters; held-out perplexity "
         f"{base_eval['perplexity']:.3f} ({time.perf_counter() - t0:.1f}s)")
 
-    solar_k = solar_new_layers(L, config.new_layers) if "solar" in config.methods else config.new_layers
 
     results = []
     for method, position in runs_of(config):
         name = run_name(method, position)
         t0 = time.perf_counter()
-        grown, report = grow_by_name(base, method, solar_k if method == "solar" else config.new_layers, position)
+        grown, report = grow_by_name(base, method, config.new_layers, position)
         grow_s = time.perf_counter() - t0
         after_growth = held_out(grown, eval_tokens, config)
         log(f"{name}: grew {L} -> {len(grown.layers)} layers in {grow_s:.1f}s (new {report['new_layers']}); "

@@ -4,6 +4,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 _TESTS = Path(__file__).resolve().parent
 if str(_TESTS) not in sys.path:  # so tests can `import smollm2` whatever pytest's import mode
@@ -35,3 +36,13 @@ def austen_dir() -> Path:
     if not path.is_dir():
         pytest.skip(f"Austen texts not available at {path} (../shared is absent)")
     return path
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    # One torch thread for modules that train tiny models: on a small shared CPU, OpenMP threads
+    # spinning against other processes make them orders of magnitude slower.
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
