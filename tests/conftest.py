@@ -38,10 +38,11 @@ def austen_dir() -> Path:
     return path
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session", autouse=True)
 def one_thread():
-    # One torch thread for modules that train tiny models: on a small shared CPU, OpenMP threads
-    # spinning against other processes make them orders of magnitude slower.
+    # One torch thread for the whole suite: its tensors are small, and on a small shared CPU OpenMP
+    # threads spinning against other processes made it up to 100x slower (test_opt_deus.py: 28 s
+    # with one thread, 360 s with two while another process ran). Restored afterwards.
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     yield

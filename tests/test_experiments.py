@@ -19,9 +19,6 @@ from experiments.common import METHODS  # noqa: E402
 ZERO_INIT = ("opt-structured", "opt-paper", "avg-zero", "llama-pro")
 
 
-pytestmark = pytest.mark.usefixtures("one_thread")
-
-
 def tiny_config(**kw) -> compare.CompareConfig:
     base = dict(layers=4, hidden=32, heads=2, kv_heads=1, head_dim=16, intermediate=64, block_size=32,
                 new_layers=2, batch_size=4, base_steps=2, grow_steps=2, evals=1, train_bytes=20_000, eval_blocks=4)

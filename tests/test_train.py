@@ -24,9 +24,6 @@ REPO = Path(__file__).resolve().parents[1]
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
 
 
-pytestmark = pytest.mark.usefixtures("one_thread")
-
-
 def tiny_model(layers=4, new_layers=(1, 3), vocab=300, tied=True, seed=0) -> Transformer:
     args = ModelArgs(vocab_size=vocab, hidden_size=32, intermediate_size=64, num_hidden_layers=layers,
                      num_attention_heads=4, num_key_value_heads=2, head_dim=8, tie_word_embeddings=tied,
