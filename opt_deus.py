@@ -480,9 +480,7 @@ def grow_checkpoint(base: str | Path, out: str | Path, num_new: int | None = Non
         writer.add("model.norm.weight", checked("model.norm.weight"))
         if not args.tie_word_embeddings:
             writer.add("lm_head.weight", checked("lm_head.weight"))
-        if "lm_head.weight" in reader.files and args.tie_word_embeddings:
-            reader.tensor("lm_head.weight")  # a redundant tied head: checked, not copied
-        reader.check_all_read()
+        reader.check_all_read()  # also checks a redundant tied head equals the embeddings (not copied)
         growth_report = {**record, "options": dataclasses.asdict(options), "base": str(base), "layers": report_layers}
         writer.finish(grown_args.to_hf(), copy_files_from=base,
                       extra_files={"growth_report.json": json.dumps(growth_report, indent=2) + "\n"})

@@ -35,7 +35,6 @@ from typing import Callable, Iterable, Iterator
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 from model import CheckpointError, Transformer, rope_cos_sin
 

@@ -10,7 +10,6 @@ GPU: a random Llama-3.1-8B-shaped bf16 checkpoint, 32 -> 48 layers, under 2 minu
 import argparse
 import json
 import os
-import platform
 import subprocess
 import sys
 import tempfile
@@ -22,6 +21,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from experiments.common import cpu_model  # noqa: E402
 from model import CheckpointWriter, ModelArgs, expected_shapes  # noqa: E402
 
 PRESETS = {
@@ -91,7 +91,7 @@ def main():
     if base is None:
         p.error("give --base or --make-random")
 
-    results = {"hardware": {"cpu": platform.processor() or platform.machine(), "cores": os.cpu_count(),
+    results = {"hardware": {"cpu": cpu_model(), "cores": os.cpu_count(),
                             "gpu": torch.cuda.get_device_name() if torch.cuda.is_available() else None,
                             "torch": torch.__version__, "threads": parsed.threads},
                "base": str(base), "base_float32_bytes": checkpoint_bytes_float32(base), "runs": []}

@@ -31,16 +31,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import sinkhorn as S  # noqa: E402
-
-
-def cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
+from experiments.common import cpu_model  # noqa: E402
 
 
 def marginal_error(plan: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> float:
@@ -152,7 +143,7 @@ def run_cpu(args) -> dict:
         res["plan_sharpness"] = float(S.plan_sharpness(ours))
 
     res["rows"] = rows
-    print(f"\nCPU, {cpu_name()}, {torch.get_num_threads()} threads, torch {torch.__version__}"
+    print(f"\nCPU, {cpu_model()}, {torch.get_num_threads()} threads, torch {torch.__version__}"
           + (f", POT {res['pot_version']}" if "pot_version" in res else ""))
     print(f"{'solver':50s} {'time':>10s} {'iters':>6s} {'marg. err':>10s} {'max|P-ours|':>12s}")
     for row in rows:
@@ -277,7 +268,7 @@ def main() -> None:
     # Timings on a shared machine: the load average before and after says whether others ran.
     load = os.getloadavg() if hasattr(os, "getloadavg") else None
     print(f"load average (1, 5, 15 min) before: {load}")
-    out = {"torch": torch.__version__, "python": platform.python_version(), "cpu": cpu_name(),
+    out = {"torch": torch.__version__, "python": platform.python_version(), "cpu": cpu_model(),
            "argv": sys.argv[1:], "load_before": load, "cpu_part": run_cpu(args)}
     out["load_after"] = os.getloadavg() if load is not None else None
     print(f"load average after: {out['load_after']}")

@@ -1,5 +1,6 @@
 """The two claims growth rests on: output equivalence and permutation invariance."""
 
+import dataclasses
 import json
 import subprocess
 import sys
@@ -7,12 +8,12 @@ from pathlib import Path
 
 import pytest
 import torch
-from hypothesis import HealthCheck, given, settings
+from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from model import Block, ModelArgs, Transformer, rope_cos_sin
 from opt_deus import (GrowthError, GrowthOptions, grow, grow_checkpoint, insert_after_for, main,
-                      make_new_block, paper_fuse, plan_layout, structured_fuse, transport)
+                      paper_fuse, plan_layout, structured_fuse, transport)
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -182,12 +183,8 @@ arch = st.tuples(st.sampled_from([1, 2, 3]), st.sampled_from([1, 2, 3]), st.samp
 
 
 def random_block(args, seed):
-    return {k: v.detach().clone() for k, v in random_model(dataclass_replace(args, num_hidden_layers=1), seed).layers[0].state_dict().items()}
-
-
-def dataclass_replace(args, **changes):
-    import dataclasses
-    return dataclasses.replace(args, **changes)
+    model = random_model(dataclasses.replace(args, num_hidden_layers=1), seed)
+    return {k: v.detach().clone() for k, v in model.layers[0].state_dict().items()}
 
 
 @settings(max_examples=25, deadline=None)
