@@ -13,11 +13,15 @@ opt_deus.py uses them directly to grow an 8B model without holding it in memory.
 
 from __future__ import annotations
 
+import argparse
 import dataclasses
 import json
 import math
 import os
+import re
 import shutil
+import signal
+import threading
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterator
@@ -53,6 +57,41 @@ _UNSUPPORTED_IF_SET = {
 _ROPE_SCALING_KEYS = ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings")
 
 _DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
+def _check_config_types(config: dict):
+    # A malformed config.json (a string where a number belongs, a list for the rope parameters)
+    # is refused by key here, before anything computes with it.
+    def positive_int(key, required=False):
+        value = config.get(key)
+        if value is None and not required:
+            return
+        if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+            raise CheckpointError(f"config key {key} must be a positive integer, got {value!r}")
+
+    def positive_number(value, key):
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not (0 < value < math.inf):
+            raise CheckpointError(f"config key {key} must be a positive finite number, got {value!r}")
+
+    for key in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads"):
+        positive_int(key, required=True)
+    for key in ("num_key_value_heads", "head_dim", "max_position_embeddings"):
+        positive_int(key)
+    for key in ("rms_norm_eps", "rope_theta"):
+        if config.get(key) is not None:
+            positive_number(config[key], key)
+    if not isinstance(config.get("tie_word_embeddings", False), bool):
+        raise CheckpointError(f"config key tie_word_embeddings must be true or false, "
+                              f"got {config['tie_word_embeddings']!r}")
+    for key in ("rope_parameters", "rope_scaling"):
+        rope = config.get(key)
+        if rope is None:
+            continue
+        if not isinstance(rope, dict):
+            raise CheckpointError(f"config key {key} must be an object, got {rope!r}")
+        for name, value in rope.items():
+            if name in ("rope_theta", *_ROPE_SCALING_KEYS):
+                positive_number(value, f"{key}.{name}")
 
 
 @dataclass
@@ -98,7 +137,10 @@ class ModelArgs:
 
     @classmethod
     def from_hf(cls, config: dict) -> "ModelArgs":
+        if not isinstance(config, dict):
+            raise CheckpointError(f"expected a JSON object, got {type(config).__name__}")
         config = dict(config)
+        _check_config_types(config)
         model_type = config.get("model_type")
         if model_type != "llama":
             raise CheckpointError(
@@ -338,15 +380,43 @@ class Transformer(nn.Module):
         reader.check_all_read()
         return model
 
-    def save_pretrained(self, path, max_shard_size: int | str = "5GB", copy_files_from=None, overwrite: bool = True):
+    def save_pretrained(self, path, max_shard_size: int | str = "5GB", copy_files_from=None, overwrite: bool = True,
+                        atomic: bool = True, check_finite: bool = True):
         args = self.current_args()
         tensors = dict(self.hf_state())
         first = next(iter(tensors.values()))
         args = dataclasses.replace(args, dtype=dtype_name(first.dtype))
-        with CheckpointWriter(path, max_shard_size=max_shard_size, overwrite=overwrite) as writer:
+        inputs = [("copy_files_from", copy_files_from)] if copy_files_from is not None else []
+        with CheckpointWriter(path, max_shard_size=max_shard_size, overwrite=overwrite, inputs=inputs,
+                              atomic=atomic, check_finite=check_finite) as writer:
             for key, tensor in tensors.items():
                 writer.add(key, tensor)
             writer.finish(args.to_hf(), copy_files_from=copy_files_from)
+
+
+def check_device(name: str, flag: str = "--device") -> torch.device:
+    # A device the tools can compute on, checked where the flag is parsed instead of failing later
+    # with a traceback from the first tensor sent there.
+    try:
+        device = torch.device(name)
+    except (RuntimeError, TypeError) as e:
+        raise CheckpointError(f"{flag} {name!r}: not a device ({str(e).splitlines()[0]})") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise CheckpointError(f"{flag} {name}: CUDA is not available on this machine (use --device cpu)")
+    if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
+        raise CheckpointError(f"{flag} {name}: this machine has {torch.cuda.device_count()} CUDA device(s)")
+    if device.type == "mps" and not torch.backends.mps.is_available():
+        raise CheckpointError(f"{flag} {name}: MPS is not available on this machine (use --device cpu)")
+    if device.type not in ("cpu", "cuda", "mps"):
+        raise CheckpointError(f"{flag} {name}: unsupported device type {device.type!r} (cpu, cuda or mps)")
+    return device
+
+
+class OneLineArgumentParser(argparse.ArgumentParser):
+    # argparse prints the whole usage block before an error; our tools promise one line on stderr
+    # (what went wrong and which flag), exit code 2. --help still prints the full usage.
+    def error(self, message):
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
 
 
 def to_hf_key(name: str) -> str:
@@ -453,6 +523,10 @@ class CheckpointReader:
             if key not in handle.keys():
                 raise CheckpointError(f"{file}: tensor {key} listed in the index but not in the file")
             shape = tuple(handle.get_slice(key).get_shape())
+            stored = handle.get_slice(key).get_dtype()
+            if stored not in _FLOAT_DTYPE_NAMES:
+                raise CheckpointError(f"{file}: tensor {key} is stored as {stored}; LLaMA weights must be floating "
+                                      f"point ({', '.join(_FLOAT_DTYPE_NAMES)})")
             if shape != expected[key]:
                 raise CheckpointError(f"{file}: tensor {key} has shape {list(shape)}, config implies {list(expected[key])}")
         missing = [key for key in expected if key not in self.files]
@@ -497,22 +571,159 @@ class CheckpointReader:
 
 
 def parse_size(size: int | str) -> int:
-    if isinstance(size, int):
-        return size
-    units = {"KB": 10**3, "MB": 10**6, "GB": 10**9, "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "B": 1}
-    text = size.strip().upper()
-    for unit, factor in units.items():
-        if text.endswith(unit):
-            return int(float(text[: -len(unit)]) * factor)
-    return int(text)
+    # "5GB", "500MB", "2GiB", "1048576" -> bytes (> 0); anything else is a ValueError naming the text.
+    if isinstance(size, int) and not isinstance(size, bool):
+        value = size
+    else:
+        units = {"KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "KB": 10**3, "MB": 10**6, "GB": 10**9, "B": 1}
+        text = str(size).strip().upper()
+        factor = next((f for unit, f in units.items() if text.endswith(unit)), 1)
+        number = next((text[: -len(unit)] for unit in units if text.endswith(unit)), text)
+        try:
+            value = float(number) * factor
+        except ValueError:
+            value = math.nan
+    if not (1 <= value < math.inf):
+        raise ValueError(f"{size!r} is not a size: expected a positive number of bytes, e.g. 5GB, 500MB, 2GiB")
+    return int(value)
 
 
 _SAFETENSORS_DTYPES = {torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16", torch.float64: "F64",
                        torch.int64: "I64", torch.int32: "I32", torch.uint8: "U8", torch.bool: "BOOL"}
 
+_FLOAT_DTYPE_NAMES = ("F32", "F16", "BF16", "F64")
+
 # Files a user expects to travel with the weights: tokenizer, chat template, generation defaults.
 SIDE_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model",
               "generation_config.json", "chat_template.jinja", "chat_template.json")
+
+
+class Interrupted(BaseException):
+    """SIGTERM arrived while an output folder was being written; its temporary folder is already gone.
+
+    A BaseException like KeyboardInterrupt (which SIGINT raises), so no `except Exception` swallows it."""
+
+    def __init__(self, signum: int):
+        self.signum = signum
+        super().__init__(f"stopped by {signal.Signals(signum).name}")
+
+
+def check_output_folder(path, inputs=(), overwrite: bool = False, flag: str = "--out"):
+    """Refuse an output folder that would destroy something: one that is, contains or lies inside an
+    input (`inputs`: (flag, path) pairs), a file, or a non-empty folder without `overwrite`."""
+    path = Path(path)
+    target = path.resolve()
+    for what, source in inputs:
+        if source is None:
+            continue
+        source_path = Path(source).resolve()
+        relation = ("is" if target == source_path else "contains" if target in source_path.parents
+                    else "is inside" if source_path in target.parents else None)
+        if relation:
+            raise CheckpointError(f"{flag} {path}: {relation} the input {what} {source}; "
+                                  f"choose an output folder outside every input")
+    if path.exists() and not path.is_dir():
+        raise CheckpointError(f"{flag} {path}: is a file, not a folder")
+    # Replacing the working directory or the home folder (or a folder above either) is never what
+    # `--out . --overwrite` or a mistyped `--out ~` meant.
+    for what, folder in (("the current directory", Path.cwd()), ("the home folder", Path.home())):
+        if target == folder.resolve() or target in folder.resolve().parents:
+            raise CheckpointError(f"{flag} {path}: is {what} or a folder above it; choose a new folder for the output")
+    if path.is_dir() and not overwrite and any(path.iterdir()):
+        raise CheckpointError(f"{flag} {path}: already exists and is not empty (pass --overwrite to replace it)")
+
+
+def _remove(path: Path):
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path, ignore_errors=True)
+    elif path.exists() or path.is_symlink():
+        path.unlink(missing_ok=True)
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # alive, someone else's
+        return True
+    return True
+
+
+SCRATCH_HOST = re.sub(r"[^A-Za-z0-9_-]", "_", os.uname().nodename if hasattr(os, "uname") else "host")
+_SCRATCH = re.compile(r"\.(?P<name>.+)\.(?:tmp|old)-(?P<host>[A-Za-z0-9_-]+)-(?P<pid>\d+)")
+
+
+def remove_stale_scratch(folder: Path, name: str):
+    # Scratch folders `.NAME.tmp-HOST-PID` / `.NAME.old-HOST-PID` of a run on this host that was
+    # killed (SIGKILL, OOM killer) before it could clean up. Another host's, or a live process's,
+    # are left alone: on a shared file system that run may still be writing.
+    if not folder.is_dir():
+        return
+    for entry in folder.iterdir():
+        m = _SCRATCH.fullmatch(entry.name)
+        if m and m["name"] == name and m["host"] == SCRATCH_HOST and (int(m["pid"]) != os.getpid()) \
+                and not _pid_alive(int(m["pid"])):
+            _remove(entry)
+
+
+class AtomicFolder:
+    """Write a folder into a hidden temporary sibling, then rename it into place: the one way every
+    tool here writes its output (checkpoints, grown models, experiment results).
+
+        with AtomicFolder(out, overwrite=True, inputs=[("--base", base)]) as folder:
+            ... write into folder.tmp ...
+            folder.commit()
+
+    The target is checked first (check_output_folder). Leaving the block without commit (an error,
+    Ctrl-C, SIGTERM) deletes the temporary folder; an existing target is moved aside and deleted only
+    once the new folder is in place, so it is never lost half-way. While the block runs, SIGTERM (if
+    nobody else handles it) raises Interrupted so that the cleanup runs instead of the process dying.
+    """
+
+    def __init__(self, path, *, overwrite: bool = False, inputs=(), flag: str = "--out"):
+        check_output_folder(path, inputs, overwrite, flag)
+        self.path = Path(path).absolute()
+        self.tmp = self.path.parent / f".{self.path.name}.tmp-{SCRATCH_HOST}-{os.getpid()}"
+        self.committed = False
+        self._previous_sigterm = None
+
+    def __enter__(self):
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        remove_stale_scratch(self.path.parent, self.path.name)
+        _remove(self.tmp)
+        self.tmp.mkdir()
+        if threading.current_thread() is threading.main_thread() and signal.getsignal(signal.SIGTERM) == signal.SIG_DFL:
+            self._previous_sigterm = signal.signal(signal.SIGTERM, self._on_sigterm)
+        return self
+
+    @staticmethod
+    def _on_sigterm(signum, frame):
+        raise Interrupted(signum)
+
+    def commit(self):
+        # Signals wait while the two renames run, so the target is never left missing between them.
+        blocked = {signal.SIGINT, signal.SIGTERM}
+        mask = signal.pthread_sigmask(signal.SIG_BLOCK, blocked) if hasattr(signal, "pthread_sigmask") else None
+        try:
+            old = self.path.parent / f".{self.path.name}.old-{SCRATCH_HOST}-{os.getpid()}"
+            if self.path.exists():
+                os.replace(self.path, old)
+            os.replace(self.tmp, self.path)
+            self.committed = True
+            _remove(old)
+        finally:
+            if mask is not None:
+                signal.pthread_sigmask(signal.SIG_SETMASK, mask)
+
+    def __exit__(self, exc_type, exc, tb):
+        try:
+            if not self.committed:
+                _remove(self.tmp)
+        finally:
+            if self._previous_sigterm is not None:
+                signal.signal(signal.SIGTERM, self._previous_sigterm)
+        return False
 
 
 class CheckpointWriter:
@@ -528,12 +739,15 @@ class CheckpointWriter:
     tensor whatever the model's size, at the price of writing the weights twice.
     """
 
-    def __init__(self, path, max_shard_size: int | str = "5GB", overwrite: bool = False):
-        self.path = Path(path).absolute()
-        if self.path.exists() and not overwrite and (not self.path.is_dir() or any(self.path.iterdir())):
-            raise CheckpointError(f"{self.path}: already exists and is not empty (pass overwrite)")
+    def __init__(self, path, max_shard_size: int | str = "5GB", overwrite: bool = False, inputs=(),
+                 atomic: bool = True, check_finite: bool = True):
+        # atomic=False writes straight into `path`, an empty folder the caller made (and will rename):
+        # train.py's checkpoints add optimizer and RNG state to the same temporary folder.
         self.max_shard_size = parse_size(max_shard_size)
-        self.tmp = self.path.parent / f".{self.path.name}.tmp-{os.getpid()}"
+        self.check_finite = check_finite  # False only to write a broken checkpoint on purpose (tests)
+        self.folder = AtomicFolder(path, overwrite=overwrite, inputs=inputs) if atomic else None
+        self.path = Path(path).absolute()
+        self.tmp = self.folder.tmp if atomic else self.path
         self.shard_files: list[str] = []
         self.key_to_shard: dict[str, int] = {}
         self.header: dict[str, dict] = {}  # the open shard's entries
@@ -543,16 +757,17 @@ class CheckpointWriter:
         self.finished = False
 
     def __enter__(self):
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        shutil.rmtree(self.tmp, ignore_errors=True)
-        self.tmp.mkdir()
+        if self.folder is not None:
+            self.folder.__enter__()
+        elif not self.tmp.is_dir() or any(self.tmp.iterdir()):
+            raise CheckpointError(f"{self.tmp}: a non-atomic write needs an existing empty folder")
         return self
 
     def __exit__(self, exc_type, exc, tb):
         if self.data is not None:
             self.data.close()
-        if not self.finished:
-            shutil.rmtree(self.tmp, ignore_errors=True)
+        if self.folder is not None:
+            self.folder.__exit__(exc_type, exc, tb)
         return False
 
     def add(self, key: str, tensor: torch.Tensor):
@@ -560,6 +775,12 @@ class CheckpointWriter:
             raise ValueError(f"tensor {key} written twice")
         if tensor.dtype not in _SAFETENSORS_DTYPES:
             raise ValueError(f"tensor {key}: dtype {tensor.dtype} cannot be saved")
+        # Every written weight is finite: a down-cast (float32 -> float16 tops out at 65504) must
+        # not turn large values into inf without a word.
+        if self.check_finite and tensor.is_floating_point() and not torch.isfinite(tensor).all():
+            raise CheckpointError(f"tensor {key}: not finite (inf or NaN) as {dtype_name(tensor.dtype)}"
+                                  + (" (values beyond float16's range 65504? use bfloat16 or float32)"
+                                     if tensor.dtype == torch.float16 else ""))
         nbytes = tensor.numel() * tensor.element_size()
         if self.header and self.offset + nbytes > self.max_shard_size:
             self._close_shard()
@@ -610,11 +831,6 @@ class CheckpointWriter:
                 source = Path(copy_files_from) / name
                 if source.is_file():
                     shutil.copy2(source, self.tmp / name)
-        # Swap into place: an existing target is moved aside first and deleted only after the
-        # new folder is in place.
-        old = self.path.parent / f".{self.path.name}.old-{os.getpid()}"
-        if self.path.exists():
-            os.replace(self.path, old)
-        os.replace(self.tmp, self.path)
-        shutil.rmtree(old, ignore_errors=True)
+        if self.folder is not None:
+            self.folder.commit()
         self.finished = True

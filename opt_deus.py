@@ -25,6 +25,11 @@ Two alignments for `opt`:
               dimensions (v rows with the o_proj columns that read them) are aligned; MLP neurons
               move as units (gate row, up row and down column share one plan). Epsilon is relative
               to the mean of each cost matrix, so one value suits any weight scale.
+  published   A reproduction of what the public code computes, not a recommendation: paper's recipe
+              in float32 on the CPU with POT's kernel-space solver (sinkhorn.published_sinkhorn) and
+              raw plans. On real weights exp(-C/0.06) underflows and that solver stops at its first
+              iteration, so the plan is exp(-C/0.06)/n^2 with a total mass near 0: q, k, v, gate
+              and up come out as about B/2, the post-attention norm as about A/4 + B/2.
 Epsilon 0 means exact (hard) assignment instead of Sinkhorn (O(n^3) on the CPU: small models only).
 
 The command line streams: base tensors are read one block at a time and the grown model is written
@@ -46,17 +51,19 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from model import (BLOCK_KEYS, CheckpointError, CheckpointReader, CheckpointWriter, ModelArgs,
-                   Transformer, dtype_name)
-from sinkhorn import SinkhornError, hard_assignment, normalize_plan, plan_sharpness, sinkhorn
+from model import (BLOCK_KEYS, CheckpointError, CheckpointReader, CheckpointWriter, Interrupted, ModelArgs,
+                   OneLineArgumentParser, Transformer, check_device, check_output_folder, dtype_name, parse_size)
+from sinkhorn import (SinkhornError, hard_assignment, normalize_plan, plan_sharpness, published_sinkhorn,
+                      sinkhorn)
 
 METHODS = ("opt", "avg", "llama-pro", "solar")
-ALIGNMENTS = ("structured", "paper")
+ALIGNMENTS = ("structured", "paper", "published")
 POSITIONS = ("top", "bottom", "middle", "top-bottom", "uniform")
 # Paper: the public code's absolute 0.06. Structured: relative to each cost matrix's mean. On
 # SmolLM2's adjacent layers, relative 0.06 blurs an MLP plan to a sharpness of 0.003 (a near-uniform
 # mix, aligned weights at 3% of their norm); 0.005 gives 0.38 and half the norm (docs/ALIGNMENT.md).
-DEFAULT_EPSILON = {"paper": 0.06, "structured": 0.005}
+# Published: the public code's reg, on the same raw distances.
+DEFAULT_EPSILON = {"paper": 0.06, "structured": 0.005, "published": 0.06}
 ZERO_INIT_DEFAULT = {"opt": True, "avg": False, "llama-pro": True, "solar": False}
 OUTPUT_PROJECTIONS = ("self_attn.o_proj.weight", "mlp.down_proj.weight")
 
@@ -78,6 +85,10 @@ class GrowthOptions:
     # third of the iterations of float32's floor (1e-6..1e-5) for the same sharpness to 5 digits.
     tol: float = 1e-4
     strict: bool = False  # a Sinkhorn problem that did not converge raises instead of warning
+    # A plan whose relative marginal error is beyond this is refused, converged or not: its rows no
+    # longer sum to ~1/n, so the "aligned" weights are a sum of many rows (with --epsilon 1e-9 we
+    # saw an error of 600 and weights thousands of times the base's norm). inf accepts any plan.
+    max_marginal_error: float = 0.01
 
     def __post_init__(self):
         if self.method not in METHODS:
@@ -87,9 +98,19 @@ class GrowthOptions:
         if self.epsilon is None:
             self.epsilon = DEFAULT_EPSILON[self.align]
         if not (self.epsilon >= 0 and math.isfinite(self.epsilon)):
-            raise GrowthError(f"epsilon must be a finite number >= 0, got {self.epsilon}")
-        if not self.tol > 0:
-            raise GrowthError(f"tol must be > 0, got {self.tol}")
+            raise GrowthError(f"epsilon (--epsilon) must be a finite number >= 0, got {self.epsilon}")
+        if self.align == "published":
+            # The public code has no exact-assignment case and never rescales its plans.
+            if self.epsilon == 0:
+                raise GrowthError("--align published needs epsilon > 0 (its solver is kernel-space Sinkhorn)")
+            self.normalize_plan = False
+        if not (self.tol > 0 and math.isfinite(self.tol)):
+            raise GrowthError(f"tol (--tol) must be a finite number > 0, got {self.tol}")
+        if isinstance(self.max_iter, bool) or not isinstance(self.max_iter, int) or self.max_iter < 1:
+            raise GrowthError(f"max_iter (--max-iter) must be an integer >= 1, got {self.max_iter!r}")
+        if not self.max_marginal_error > 0:
+            raise GrowthError(f"max_marginal_error (--max-marginal-error) must be > 0 (inf: accept any plan), "
+                              f"got {self.max_marginal_error}")
         if self.zero_init is None:
             self.zero_init = ZERO_INIT_DEFAULT[self.method]
 
@@ -98,14 +119,20 @@ class GrowthOptions:
 # Where new layers go (pure functions of the layer counts)
 
 
-def insert_after_for(position: str, num_base_layers: int, num_new: int) -> list[int]:
-    """Base-layer indices i, one per new layer, each new layer going between base i and i + 1.
+def insert_after_for(position: str, num_base_layers: int, num_new: int, method: str = "opt") -> list[int]:
+    """Base-layer indices i, one per new layer, each new layer going right after base layer i.
 
-    There are L - 1 gaps. `top` takes the highest num_new gaps: the paper's default of one new
-    layer in every gap of the top half (Llama-3.2-1B 16 -> 24, SmolLM2 30 -> 45) is top with
-    num_new = L/2. With more new layers than gaps, gaps take a second one in the same order.
+    The named positions choose among the L - 1 gaps (i = 0 .. L-2), for every method, so that
+    methods compared at one position get new layers at the same places. `top` takes the highest
+    num_new gaps: the paper's default of one new layer in every gap of the top half (Llama-3.2-1B
+    16 -> 24, SmolLM2 30 -> 45; the public code's 32 -> 48 puts them after base 15 .. 30) is top
+    with num_new = L/2. The exception is llama-pro's `uniform`, LLaMA Pro's block expansion: a copy
+    needs no upper neighbour, so it chooses among L slots, the last one above the top layer, and
+    puts a copy after the last layer of each of num_new equal groups (32 -> 48: after 1, 3, ..., 31,
+    as published). With more new layers than slots, slots take a second one in the same order.
     """
-    gaps = num_base_layers - 1
+    block_expansion = method == "llama-pro" and position == "uniform"
+    gaps = num_base_layers if block_expansion else num_base_layers - 1
     if gaps < 1:
         raise GrowthError(f"a base model of {num_base_layers} layer(s) has no gap between layers to grow into")
     if num_new <= 0:
@@ -123,6 +150,8 @@ def insert_after_for(position: str, num_base_layers: int, num_new: int) -> list[
             return list(range(start, start + k))
         if position == "top-bottom":
             return sorted(set(range(k - k // 2)) | set(range(gaps - k // 2, gaps)))
+        if block_expansion:  # the last layer of each of k equal groups of layers
+            return [(j + 1) * gaps // k - 1 for j in range(k)]
         # uniform: k gaps spread evenly, centred within equal-sized segments
         return [int((j + 0.5) * gaps / k) for j in range(k)]
 
@@ -158,7 +187,11 @@ def plan_layout(method: str, num_base_layers: int, insert_after: list[int] | Non
     if insert_after is None or len(insert_after) == 0:
         raise GrowthError("no positions for the new layers")
     for i in insert_after:
-        if not 0 <= i < num_base_layers - 1:
+        if method == "llama-pro":  # a copy of base layer i right after it: the top layer too
+            if not 0 <= i < num_base_layers:
+                raise GrowthError(f"--insert-after {i} is out of range: a llama-pro copy of base layer i goes right "
+                                  f"after it, 0 <= i <= {num_base_layers - 1}")
+        elif not 0 <= i < num_base_layers - 1:
             raise GrowthError(f"--insert-after {i} is out of range: a new layer goes between base layers i and i+1, "
                               f"0 <= i <= {num_base_layers - 2}")
     layout = []
@@ -192,8 +225,13 @@ def transport(cost: torch.Tensor, options: GrowthOptions, relative: bool) -> tup
         try:
             result = sinkhorn(cost / scale, epsilon=options.epsilon, tol=options.tol,
                               max_iter=options.max_iter, strict=options.strict)
-        except SinkhornError as e:
+        except (SinkhornError, ValueError) as e:  # non-convergence under --strict; an epsilon out of range
             raise GrowthError(f"alignment of a {tuple(cost.shape)} cost: {e}") from None
+        if not result.marginal_error <= options.max_marginal_error:  # NaN too
+            raise GrowthError(f"alignment of a {tuple(cost.shape)} cost: the plan's marginal error is "
+                              f"{result.marginal_error:.3g}, beyond --max-marginal-error "
+                              f"{options.max_marginal_error:g} (epsilon {options.epsilon:g}: raise --epsilon or "
+                              f"--max-iter; --max-marginal-error inf accepts the plan anyway)")
         plan = result.plan.to(cost.dtype)
         stats = {"iterations": result.iterations, "marginal_error": result.marginal_error,
                  "converged": result.converged}
@@ -238,6 +276,45 @@ def paper_fuse(A: dict, B: dict, options: GrowthOptions) -> tuple[dict, dict]:
         align_rows(key, A[key] @ coupling_o, B[key])
     align_rows("mlp.down_proj.weight", A["mlp.down_proj.weight"], B["mlp.down_proj.weight"])
     return fused, report
+
+
+def published_fuse(A: dict, B: dict, options: GrowthOptions) -> tuple[dict, dict]:
+    # The public code's average_weight_ot (Model/OT-DUS.py), operation for operation, so that the
+    # float32 numbers are the same: Algorithm 1 with POT's solver, whatever it returns (it aborts on
+    # real weights), and no renormalisation. Computed on the CPU, as published.
+    device = A["mlp.up_proj.weight"].device
+    A = {k: v.detach().to("cpu", torch.float32) for k, v in A.items()}
+    B = {k: v.detach().to("cpu", torch.float32) for k, v in B.items()}
+    fused, report, plans = {}, {}, {}
+
+    def align_rows(name: str, a: torch.Tensor, b: torch.Tensor):
+        # a, b (n, d); plan (n, n) of total mass 1 if the solver converged, anything in [0, 1] if
+        # it aborted; its transpose applied as it is (cf. Algorithm 1 line 8), then averaged (line 9).
+        plan, stats = published_sinkhorn(torch.cdist(a, b, p=2), options.epsilon, options.max_iter)
+        if options.strict and not stats["converged"]:
+            where = f"at iteration {stats['abort_iteration']}" if stats["aborted"] else f"in {stats['iterations']} iterations"
+            raise GrowthError(f"{name}: the published solver did not converge ({where}) and --strict is set")
+        aligned = plan.T @ a
+        report[name] = {**stats, "plan_mass": plan.sum().item(), "sharpness": plan_sharpness(plan).mean().item(),
+                        "norm_ratio": _norm_ratio(aligned, a)}
+        fused[name] = (aligned + b) / 2
+        plans[name] = plan
+
+    fused["input_layernorm.weight"] = (A["input_layernorm.weight"] + B["input_layernorm.weight"]) / 2
+    for key in ("self_attn.q_proj.weight", "self_attn.k_proj.weight", "self_attn.v_proj.weight",
+                "self_attn.o_proj.weight"):
+        align_rows(key, A[key], B[key])
+    plan_o = plans["self_attn.o_proj.weight"]  # (h, h)
+    # T_in = (T_o + I)/2 on the norm's gain only; gate and up get the raw T_o on their input side.
+    key = "post_attention_layernorm.weight"
+    t_in = 0.5 * plan_o + 0.5 * torch.eye(plan_o.shape[0])
+    aligned_norm = A[key] @ t_in
+    report[key] = {"norm_ratio": _norm_ratio(aligned_norm, A[key])}
+    fused[key] = (aligned_norm + B[key]) / 2
+    for key in ("mlp.gate_proj.weight", "mlp.up_proj.weight"):
+        align_rows(key, A[key] @ plan_o, B[key])
+    align_rows("mlp.down_proj.weight", A["mlp.down_proj.weight"], B["mlp.down_proj.weight"])
+    return {k: v.to(device) for k, v in fused.items()}, report
 
 
 # ----------------------------------------------------------------------------------------------
@@ -323,6 +400,8 @@ def make_new_block(sources: list[dict], args: ModelArgs, options: GrowthOptions)
         block, report = {k: (sources[0][k] + sources[1][k]) / 2 for k in BLOCK_KEYS}, {}
     elif options.align == "paper":
         block, report = paper_fuse(sources[0], sources[1], options)
+    elif options.align == "published":
+        block, report = published_fuse(sources[0], sources[1], options)
     else:
         block, report = structured_fuse(sources[0], sources[1], args, options)
     if options.zero_init:
@@ -334,7 +413,7 @@ def make_new_block(sources: list[dict], args: ModelArgs, options: GrowthOptions)
 def growth_record(options: GrowthOptions, layout: list[Slot], num_base_layers: int, position, insert_after) -> dict:
     # What config.json keeps under "opt_deus": enough to know how the model was made and which
     # layers train.py should train by default.
-    return {
+    record = {
         "method": options.method, "align": options.align if options.method == "opt" else None,
         "epsilon": options.epsilon if options.method == "opt" else None,
         "normalize_plan": options.normalize_plan if options.method == "opt" else None,
@@ -342,6 +421,11 @@ def growth_record(options: GrowthOptions, layout: list[Slot], num_base_layers: i
         "base_num_layers": num_base_layers, "new_layers": new_layer_indices(layout),
         "sources": [list(slot.sources) for slot in layout],
     }
+    if options.method == "opt" and options.align == "published":
+        record["note"] = ("align published reproduces the public OpT-DeUS code's numbers (float32 POT Sinkhorn, raw "
+                          "plans); it is not a recommendation: on real weights that solver aborts at its first "
+                          "iteration, leaving near-zero plans (see each matrix's aborted, abort_iteration, plan_mass)")
+    return record
 
 
 def resolve_positions(method: str, num_base_layers: int, num_new: int | None, position: str | None,
@@ -351,7 +435,7 @@ def resolve_positions(method: str, num_base_layers: int, num_new: int | None, po
     if insert_after is None:
         if num_new is None:
             raise GrowthError("give the number of new layers or --insert-after")
-        insert_after = insert_after_for(position or "top", num_base_layers, num_new)
+        insert_after = insert_after_for(position or "top", num_base_layers, num_new, method)
     elif num_new is not None and num_new != len(insert_after):
         raise GrowthError(f"--new-layers {num_new} disagrees with {len(insert_after)} --insert-after positions")
     return plan_layout(method, num_base_layers, insert_after), insert_after
@@ -380,12 +464,14 @@ def grow(model: Transformer, num_new: int | None = None, *, position: str | None
          insert_after: list[int] | None = None, options: GrowthOptions | None = None,
          log=_quiet) -> tuple[Transformer, dict]:
     """A new, deeper Transformer (the base model is not modified) and the growth report."""
-    options = options or GrowthOptions()
+    options = check_request(num_new, insert_after, options)
     args = model.current_args()
     layout, insert_after = resolve_positions(options.method, args.num_hidden_layers, num_new, position, insert_after)
     base_blocks = [{k: v.detach().float() for k, v in block.state_dict().items()} for block in model.layers]
     for i, block in enumerate(base_blocks):
         _check_finite(block, f"layer {i}")
+    # Embeddings, final norm and head too: the same checks the command line makes on a checkpoint.
+    _check_finite({k: v for k, v in model.state_dict().items() if not k.startswith("layers.")}, "model")
 
     record = growth_record(options, layout, args.num_hidden_layers, position, insert_after)
     grown = copy.deepcopy(model)
@@ -401,7 +487,9 @@ def grow(model: Transformer, num_new: int | None = None, *, position: str | None
         start = time.perf_counter()
         tensors, report = make_new_block([base_blocks[i] for i in slot.sources], args, options)
         block = copy.deepcopy(model.layers[slot.sources[0]])
-        block.load_state_dict({k: v.to(dtype) for k, v in tensors.items()})
+        tensors = {k: v.to(dtype) for k, v in tensors.items()}
+        _check_cast_finite(tensors, f"new layer {index}", dtype)
+        block.load_state_dict(tensors)
         layers.append(block)
         report_layers.append({"index": index, "sources": list(slot.sources),
                               "seconds": time.perf_counter() - start, "matrices": report})
@@ -416,6 +504,23 @@ def _check_finite(block: dict, where: str):
             raise GrowthError(f"base {where}: {key} contains NaN or inf")
 
 
+def _check_cast_finite(block: dict, where: str, dtype: torch.dtype):
+    for key, tensor in block.items():
+        if not torch.isfinite(tensor).all():
+            raise GrowthError(f"{where}: {key} is not finite in {dtype_name(dtype)} (values beyond its range?)")
+
+
+def check_request(num_new, insert_after, options: GrowthOptions | None) -> GrowthOptions:
+    # What grow() and grow_checkpoint() (and so the command line) both check before any work.
+    if num_new is not None and (isinstance(num_new, bool) or not isinstance(num_new, int) or num_new <= 0):
+        raise GrowthError(f"the number of new layers (--new-layers) must be a positive integer, got {num_new!r}")
+    if insert_after is not None and not all(isinstance(i, int) and not isinstance(i, bool) for i in insert_after):
+        raise GrowthError(f"--insert-after: expected integer layer indices, got {insert_after!r}")
+    if options is not None and not isinstance(options, GrowthOptions):
+        raise GrowthError(f"options must be a GrowthOptions, got {type(options).__name__}")
+    return options or GrowthOptions()
+
+
 # ----------------------------------------------------------------------------------------------
 # Streaming: Hugging Face folder in, Hugging Face folder out
 
@@ -424,15 +529,15 @@ def grow_checkpoint(base: str | Path, out: str | Path, num_new: int | None = Non
                     insert_after: list[int] | None = None, options: GrowthOptions | None = None,
                     device: str = "cpu", dtype: torch.dtype | None = None, overwrite: bool = False,
                     max_shard_size: str | int = "5GB", log=print) -> dict:
-    options = options or GrowthOptions()
+    options = check_request(num_new, insert_after, options)
     reader = CheckpointReader(base)
     args = reader.args
     layout, insert_after = resolve_positions(options.method, args.num_hidden_layers, num_new, position, insert_after)
     out = Path(out)
-    if out.exists() and not overwrite and (not out.is_dir() or any(out.iterdir())):
-        raise GrowthError(f"{out}: already exists and is not empty (pass --overwrite)")
-    if out.resolve() == Path(base).resolve():
-        raise GrowthError(f"{out}: the output folder must differ from the base folder")
+    # --out may not be, contain or lie inside --base (with --overwrite that would delete the base).
+    check_output_folder(out, [("--base", base)], overwrite)
+    if not any((Path(base) / name).is_file() for name in ("tokenizer.json", "tokenizer.model")):
+        log(f"note: {base} has no tokenizer.json or tokenizer.model; {out} will have none either")
     out_dtype = dtype or reader.dtype("model.embed_tokens.weight")
 
     record = growth_record(options, layout, args.num_hidden_layers, position, insert_after)
@@ -443,14 +548,16 @@ def grow_checkpoint(base: str | Path, out: str | Path, num_new: int | None = Non
     cache: dict[int, dict] = {}
 
     def base_block(i: int) -> dict:
-        # The two most recent base blocks stay in memory: each is written once and fused with its
-        # neighbour, so a block is normally read once.
+        # The two most recently read base blocks stay in memory: each is written once and fused
+        # with its neighbour, so a block is normally read once (SOLAR's repeated run reads its
+        # blocks a second time). Evicting the oldest read, not the lowest index, keeps the block
+        # just read when the layout jumps back down (SOLAR's second copy starts below the first's end).
         if i not in cache:
             block = reader.block(i, dtype=torch.float32, device=device)
             _check_finite(block, f"layer {i} ({base})")
             cache[i] = block
-            for old in sorted(cache)[:-2]:
-                del cache[old]
+            while len(cache) > 2:
+                del cache[next(iter(cache))]
         return cache[i]
 
     def checked(key: str) -> torch.Tensor:
@@ -463,7 +570,8 @@ def grow_checkpoint(base: str | Path, out: str | Path, num_new: int | None = Non
     progress = _Progress(len(record["new_layers"]), log)
     grown_args = dataclasses.replace(args, num_hidden_layers=len(layout), dtype=dtype_name(out_dtype),
                                      extra={**args.extra, "opt_deus": record})
-    with CheckpointWriter(out, max_shard_size=max_shard_size, overwrite=overwrite) as writer:
+    with CheckpointWriter(out, max_shard_size=max_shard_size, overwrite=overwrite,
+                          inputs=[("--base", base)]) as writer:
         writer.add("model.embed_tokens.weight", checked("model.embed_tokens.weight"))
         for index, slot in enumerate(layout):
             if slot.new:
@@ -499,53 +607,102 @@ def _int_list(text: str) -> list[int]:
         raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
 
 
+def _size(text: str) -> int:
+    try:
+        return parse_size(text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
+    return value
+
+
+def _finite_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = math.nan
+    if not math.isfinite(value):
+        raise argparse.ArgumentTypeError(f"expected a finite number, got {text!r}")
+    return value
+
+
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="opt-deus", description="Grow a LLaMA checkpoint by inserting new layers "
-                                "(OpT-DeUS and baselines). Hugging Face folder in, Hugging Face folder out.",
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = OneLineArgumentParser(prog="opt-deus", description="Grow a LLaMA checkpoint by inserting new layers "
+                              "(OpT-DeUS and baselines). Hugging Face folder in, Hugging Face folder out.",
+                              formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+                              epilog="Exit codes: 0 written; 2 a bad request (one line on stderr, nothing "
+                                     "written, no input touched); 130/143 stopped by SIGINT/SIGTERM (the "
+                                     "partial output is deleted). --out may not be, contain or lie inside --base.")
     p.add_argument("--base", required=True, help="base model: a Hugging Face LLaMA folder")
     p.add_argument("--out", required=True, help="output folder for the grown model")
     p.add_argument("--method", choices=METHODS, default="opt", help="how new layers are made")
-    p.add_argument("--new-layers", type=int, default=None, help="how many layers to add (K)")
-    p.add_argument("--position", choices=POSITIONS, default="top", help="where the K new layers go")
+    p.add_argument("--new-layers", type=_positive_int, default=None, help="how many layers to add (K)")
+    p.add_argument("--position", choices=POSITIONS, default="top",
+                   help="where the K new layers go (llama-pro: uniform is LLaMA Pro's block expansion, a copy "
+                        "after the last layer of each of K groups)")
     p.add_argument("--insert-after", type=_int_list, default=None,
                    help="explicit base-layer indices i (a new layer between i and i+1), e.g. 7,9,11")
-    p.add_argument("--align", choices=ALIGNMENTS, default="structured", help="alignment for --method opt")
-    p.add_argument("--epsilon", type=float, default=None,
+    p.add_argument("--align", choices=ALIGNMENTS, default="structured",
+                   help="alignment for --method opt; published reproduces the public code's float32 numbers "
+                        "(a reproduction, not a recommendation: its solver aborts on real weights)")
+    p.add_argument("--epsilon", type=_finite_float, default=None,
                    help="Sinkhorn regularisation; 0 = exact assignment (small problems only); None: "
-                        "paper 0.06 (absolute, as published), structured 0.005 (relative to the mean cost)")
+                        "paper and published 0.06 (absolute, as published), structured 0.005 (relative to the mean "
+                        "cost)")
     p.add_argument("--normalize-plan", action=argparse.BooleanOptionalAction, default=True,
-                   help="rescale the plan to n*T (OT fusion); --no-normalize-plan reproduces the public code")
+                   help="rescale the plan to n*T (OT fusion); --no-normalize-plan keeps the public code's raw plan "
+                        "(always so under --align published)")
     p.add_argument("--zero-init", action=argparse.BooleanOptionalAction, default=None,
                    help="zero o_proj and down_proj of new layers; None: on for opt and llama-pro, off otherwise")
-    p.add_argument("--max-iter", type=int, default=10000, help="Sinkhorn iterations at most, per problem")
-    p.add_argument("--tol", type=float, default=1e-4, help="Sinkhorn stops at this relative marginal error")
+    p.add_argument("--max-iter", type=_positive_int, default=10000, help="Sinkhorn iterations at most, per problem")
+    p.add_argument("--tol", type=_finite_float, default=1e-4, help="Sinkhorn stops at this relative marginal error")
     p.add_argument("--strict", action="store_true", help="fail if a Sinkhorn problem does not converge")
     p.add_argument("--device", default="cpu", help="where the alignment is computed (cpu, cuda, cuda:1, ...)")
     p.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), default=None,
                    help="dtype of the written weights; None keeps the base checkpoint's")
-    p.add_argument("--max-shard-size", default="5GB", help="safetensors shard size of the output")
-    p.add_argument("--overwrite", action="store_true", help="replace a non-empty --out")
+    p.add_argument("--max-marginal-error", type=float, default=GrowthOptions.max_marginal_error,
+                   help="refuse a transport plan whose relative marginal error is beyond this (inf: accept any)")
+    p.add_argument("--max-shard-size", type=_size, default="5GB", help="safetensors shard size of the output")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace a non-empty --out (never one that is, contains or is inside --base)")
     return p
 
 
 def main(argv=None) -> int:
     parsed = build_parser().parse_args(argv)
     try:
-        if parsed.device.startswith("cuda") and not torch.cuda.is_available():
-            raise GrowthError(f"--device {parsed.device}: CUDA is not available")
+        check_device(parsed.device)
         options = GrowthOptions(method=parsed.method, align=parsed.align, epsilon=parsed.epsilon,
                                 zero_init=parsed.zero_init, normalize_plan=parsed.normalize_plan,
-                                max_iter=parsed.max_iter, tol=parsed.tol, strict=parsed.strict)
+                                max_iter=parsed.max_iter, tol=parsed.tol, strict=parsed.strict,
+                                max_marginal_error=parsed.max_marginal_error)
         grow_checkpoint(parsed.base, parsed.out, parsed.new_layers, position=parsed.position,
                         insert_after=parsed.insert_after, options=options, device=parsed.device,
                         dtype=getattr(torch, parsed.dtype) if parsed.dtype else None,
                         overwrite=parsed.overwrite, max_shard_size=parsed.max_shard_size,
                         log=lambda message: print(message, file=sys.stderr, flush=True))
-    except (GrowthError, CheckpointError) as e:
-        print(f"opt-deus: error: {e}", file=sys.stderr)
-        return 2
+    except (GrowthError, CheckpointError, SinkhornError, ValueError) as e:
+        return _fail(str(e))
+    except OSError as e:  # an unwritable or full output location, a file vanishing under us
+        return _fail(f"{e.filename or parsed.out}: {e.strerror or e}")
+    except KeyboardInterrupt:
+        return _fail("stopped by SIGINT; nothing written", 130)
+    except Interrupted as e:
+        return _fail(f"{e}; nothing written", 128 + e.signum)
     return 0
+
+
+def _fail(message: str, code: int = 2) -> int:
+    print(f"opt-deus: error: {' '.join(message.split())}", file=sys.stderr)
+    return code
 
 
 if __name__ == "__main__":

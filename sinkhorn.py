@@ -11,23 +11,29 @@ plan before fusing them. This file holds everything that needs:
 
 The problem (Cuturi 2013; Peyre & Cuturi, "Computational Optimal Transport", ch. 4):
 
-    min_P  <P, C> + eps * KL(P | a b^T)   over P >= 0 with P 1 = a, P^T 1 = b.
+    min_P  <P, C> + eps * KL(P | a b^T)   over P >= 0 with P 1 = a, P^T 1 = b.            (1)
 
 Its solution is P_ij = a_i b_j exp((f_i + g_j - C_ij) / eps) for dual potentials f (n,), g (m,)
-that Sinkhorn finds by alternately making the row and the column marginal exact:
+that Sinkhorn finds by alternately making the column and the row marginal exact:
 
-    f_i = -eps * LSE_j( log b_j + (g_j - C_ij) / eps )        (rows sum to a)
-    g_j = -eps * LSE_i( log a_i + (f_i - C_ij) / eps )        (columns sum to b)
+    g_j <- -eps * LSE_i( log a_i + (f_i - C_ij) / eps )        (columns sum to b)       (2a)
+    f_i <- -eps * LSE_j( log b_j + (g_j - C_ij) / eps )        (rows sum to a)          (2b)
 
-We iterate in this log domain, never on the kernel exp(-C/eps): with real weights C/eps reaches
-~280 and exp(-280) = 2e-122 underflows float32 (min normal 1.2e-38), which is what breaks the
-textbook u / (K v) iteration at small eps. logsumexp subtracts the row maximum first, so every
-exponent it evaluates is <= 0 and at least one term is exp(0) = 1: no overflow, no 0/0.
+in the log domain, never on the kernel exp(-C/eps), which underflows float32 at the cost/eps ~ 200
+of real weights. On such costs plain Sinkhorn contracts slowly (error ~ 1/k for thousands of
+iterations, docs/BENCHMARKS_SINKHORN.md), so each update is over-relaxed (Thibault, Chizat, Dossal &
+Papadakis 2021; Lehmann, von Renesse, Sambale & Uschmajew 2021):
 
-Precision. The solver computes in float32 (float64 when the cost is float64; half / bfloat16 costs
-are upcast, unless cost_dtype=torch.bfloat16 asks to *store* the cost in bf16 to halve memory
-traffic, still accumulating in fp32). The hot path is elementwise ops + logsumexp: no matmul, so a
-caller's TF32 setting cannot change the numbers, and we never touch any global switch.
+    g <- (1 - w) g + w * (2a),   f <- (1 - w) f + w * (2b),   1 <= w < 2               (3)
+
+with w = 1 (plain Sinkhorn) until the observed contraction rate r of the error says how slow the
+plain iteration is, then w = 2 / (1 + sqrt(1 - theta)), the optimum of the linearised iteration,
+theta being the plain rate recovered from r by Young's SOR relation (r + w - 1)^2 = theta w^2 r.
+
+Precision: float32 (float64 for a float64 cost; half / bfloat16 costs are upcast). Plan entries
+carry a relative rounding error ~ u * max|C - centre| / eps (u = unit roundoff) however long we
+iterate, so float32 cannot reach every tolerance; the result says so (converged=False, with the
+floor) rather than loosening the tolerance. No matmul on the hot path and no global switch touched.
 """
 
 from __future__ import annotations
@@ -54,7 +60,7 @@ class SinkhornResult:
     plan: Tensor  # (..., n, m) transport plan; columns sum to b, rows to a within marginal_error
     f: Tensor  # (..., n) dual potential of the rows, in cost units
     g: Tensor  # (..., m) dual potential of the columns, in cost units
-    iterations: int  # full (row + column) updates done, epsilon-scaling stages included
+    iterations: int  # full (column + row) updates done, epsilon-scaling stages included
     marginal_error: float  # max over batch, rows and columns of |P 1 - a|_1 / sum(a), on `plan`
     converged: bool  # every problem of the batch reached marginal_error <= tol, all finite
     epsilon: float  # the target regularisation the plan is for
@@ -62,50 +68,36 @@ class SinkhornResult:
     dtype: torch.dtype  # precision the iterations were computed in
 
 
-# ----------------------------------------------------------------------------------------------
-# The two half-steps. Each reads the whole cost once: memory bound, so the "k iterations" block
-# below is what torch.compile fuses (one pass over C per half-step instead of ~5 in eager).
+OMEGA_MAX = 1.95  # (3) converges locally for w < 2 (Lehmann et al.); the cap keeps a margin below it
 
 
 def _lse_rows(z: Tensor) -> Tensor:
-    # logsumexp over the last dim, in place on the temporary z (..., n, m) -> (..., n).
-    # Like torch.logsumexp (shift by the row max, so exp never overflows), plus a floor on the
-    # shifted exponents at log(smallest normal): terms below it weigh < m * 1e-38 against the
-    # max term's 1, and without the floor exp returns subnormals, which x86 CPUs process ~100x
-    # slower (a 30x slowdown of a whole solve at cost/eps ~ 300, measured).
+    # logsumexp over the last dim, in place on the temporary z (..., n, m) -> (..., n). The shifted
+    # exponents are floored at log(smallest normal): terms below it weigh < m * 1e-38 against the
+    # max term's 1, and without the floor exp returns subnormals, which x86 CPUs process ~100x slower.
     mx = z.amax(dim=-1, keepdim=True)  # (..., n, 1)
     floor = math.log(torch.finfo(z.dtype).tiny) + 1.0  # -86.3 in float32, -707.4 in float64
-    s = z.sub_(mx).clamp_(min=floor).exp_().sum(dim=-1)
-    return mx.squeeze(-1) + s.log()
+    return mx.squeeze(-1) + z.sub_(mx).clamp_(min=floor).exp_().sum(dim=-1).log()
 
 
 def _row_update(g: Tensor, C: Tensor, log_b: Tensor, inv_eps: float) -> Tensor:
-    # f_i = -eps * LSE_j(log b_j + (g_j - C_ij) / eps);  g, log_b: (..., m), C: (..., n, m) -> (..., n)
-    h = (g * inv_eps + log_b).unsqueeze(-2)  # (..., 1, m)
-    # h - C/eps in one kernel; a bf16 C is promoted to h's fp32 element by element, never stored.
-    z = torch.sub(h, C, alpha=inv_eps)  # (..., n, m)
+    # (2b): g, log_b (..., m), C (..., n, m) -> f (..., n). With C^T and (f, log_a) it is (2a): the
+    # column pass reads the contiguous transpose, so both reductions run along memory.
+    z = torch.sub((g * inv_eps + log_b).unsqueeze(-2), C, alpha=inv_eps)  # (..., n, m)
     return _lse_rows(z) * (-1.0 / inv_eps)
 
 
-def _col_update(f: Tensor, C: Tensor, CT: Tensor | None, log_a: Tensor, inv_eps: float) -> Tensor:
-    # g_j = -eps * LSE_i(log a_i + (f_i - C_ij) / eps) -> (..., m)
-    if CT is not None:  # contiguous C^T: the reduction runs along memory, like the row pass
-        return _row_update(f, CT, log_a, inv_eps)
-    z = torch.sub((f * inv_eps + log_a).unsqueeze(-1), C, alpha=inv_eps)  # (..., n, m)
-    return _lse_rows(z.transpose(-1, -2)) * (-1.0 / inv_eps)  # strided reduction over rows
-
-
-def _iterate(f, C, CT, log_a, log_b, a, inv_eps: float, k: int):
-    # k full iterations from f; returns the plan's potentials (f, g), the next row update f_next
-    # (which starts the next block, so measuring the error costs nothing) and the error.
-    f_next = f
-    for _ in range(k):
-        f = f_next
-        g = _col_update(f, C, CT, log_a, inv_eps)
-        f_next = _row_update(g, C, log_b, inv_eps)
-    # After the column update the plan P(f, g) has exact column sums b. Its row sums are
-    # a_i * exp((f_i - f_next_i) / eps) (f_next is exactly what would make them a_i), so the
-    # L1 row error is sum_i a_i |expm1((f_i - f_next_i) / eps)| with no extra pass over C.
+def _iterate(f, C, CT, log_a, log_b, a, inv_eps: float, k: int, g=None, omega=1.0):
+    # k iterations from (f, g): k - 1 over-relaxed ones (3), then a plain one, so that the returned
+    # (f, g) is the plan we would hand out (columns exact after (2a)). Its row sums are
+    # a_i exp((f_i - f_next_i) / eps) with f_next the next (2b), which starts the next block: the
+    # L1 row error costs no extra pass over C.
+    for _ in range(k - 1):
+        g_new = _row_update(f, CT, log_a, inv_eps)
+        g = g_new if g is None else torch.lerp(g, g_new, omega)
+        f = torch.lerp(f, _row_update(g, C, log_b, inv_eps), omega)
+    g = _row_update(f, CT, log_a, inv_eps)
+    f_next = _row_update(g, C, log_b, inv_eps)
     err = (a * torch.expm1((f - f_next) * inv_eps).abs()).sum(-1)  # (...,)
     return f, g, f_next, err
 
@@ -120,44 +112,88 @@ def _get_compiled():
     return _compiled_iterate
 
 
-# ----------------------------------------------------------------------------------------------
-# Input checks
+def _rounding_floor(dtype: torch.dtype, spread_over_eps: float) -> float:
+    # The marginal error a plan can reach in `dtype`: its exponents (f_i + g_j - C_ij)/eps are sums
+    # of terms ~ spread/eps, each rounded to u relative. Measured on SmolLM2 costs and random ones,
+    # the error stops falling at 0.3-0.7 u * spread/eps (docs/BENCHMARKS_SINKHORN.md).
+    return 0.5 * torch.finfo(dtype).eps / 2 * spread_over_eps
 
 
 def _default_tol(dtype: torch.dtype, spread_over_eps: float) -> float:
-    # Relative L1 marginal error |P 1 - a|_1 / sum(a) (and the same for columns). Two limits:
-    # - the dtype: 1e-6 in float32 (~10 ulps of the total mass, above the rounding of an n-term
-    #   sum) and 1e-10 in float64;
-    # - the conditioning: the exponents (f_i + g_j - C_ij)/eps are O(spread/eps) with
-    #   spread = max|C - centre|, so each plan entry carries a relative rounding error of
-    #   ~u * spread/eps (u = unit roundoff) however long we iterate. Measured on random costs,
-    #   the float32 plan's marginal error bottoms out at 0.3-0.7 u * spread/eps (n = 64..2048,
-    #   spread/eps = 10..3000); 4 u * spread/eps leaves room over that floor. Real weights give
-    #   cost/eps up to ~280, so spread/eps <= 280: at most 6.7e-5 in float32, 1.2e-13 in float64.
-    u = torch.finfo(dtype).eps / 2
+    # Relative L1 marginal error. 1e-6 (float32) / 1e-10 (float64), raised to 4x the rounding floor
+    # when the conditioning puts that out of reach, but never above 1e-4: past that a plan is not
+    # a transport plan one should use, and the result says converged=False (use float64) instead.
     base = 1e-6 if dtype == torch.float32 else 1e-10
-    return max(base, 4.0 * u * spread_over_eps)
+    return max(base, min(1e-4, 4 * _rounding_floor(dtype, spread_over_eps)))
 
 
 def _marginal(w: Tensor | None, size: int, batch: torch.Size, dtype, device, name: str) -> Tensor:
     if w is None:
         return torch.full((size,), 1.0 / size, dtype=dtype, device=device)
-    if not isinstance(w, Tensor):
-        w = torch.as_tensor(w)
+    w = torch.as_tensor(w)
     if w.dim() < 1 or w.shape[-1] != size:
         raise ValueError(f"sinkhorn: {name} has shape {tuple(w.shape)}, expected (..., {size})")
     try:
         if torch.broadcast_shapes(w.shape[:-1], batch) != batch:
             raise RuntimeError
     except RuntimeError:
-        raise ValueError(
-            f"sinkhorn: {name} of shape {tuple(w.shape)} does not broadcast to the cost's batch "
-            f"shape {tuple(batch)}"
-        ) from None
+        raise ValueError(f"sinkhorn: {name} of shape {tuple(w.shape)} does not broadcast to the cost's batch "
+                         f"shape {tuple(batch)}") from None
     w = w.to(device=device, dtype=dtype)
     if not bool(torch.isfinite(w).all()) or not bool((w > 0).all()):
         raise ValueError(f"sinkhorn: {name} must be finite and strictly positive (drop empty bins)")
     return w
+
+
+def _check_args(cost, epsilon, tol, max_iter, check_every, eps_scaling):
+    if not isinstance(cost, Tensor):
+        raise TypeError(f"sinkhorn: cost must be a torch.Tensor, got {type(cost).__name__}")
+    if cost.dim() < 2 or cost.numel() == 0 or cost.is_complex():
+        raise ValueError(f"sinkhorn: cost must be a real (..., n, m) tensor with n, m >= 1 and a non-empty "
+                         f"batch, got shape {tuple(cost.shape)} {cost.dtype}")
+    if not (isinstance(epsilon, (int, float)) and math.isfinite(epsilon) and epsilon > 0):
+        raise ValueError(f"sinkhorn: epsilon must be a finite number > 0, got {epsilon!r}")
+    if tol is not None and not (tol > 0):
+        raise ValueError(f"sinkhorn: tol must be > 0, got {tol!r}")
+    if not (isinstance(max_iter, int) and max_iter >= 1):
+        raise ValueError(f"sinkhorn: max_iter must be an integer >= 1 (e.g. 1000), got {max_iter!r}")
+    if check_every is not None and check_every < 1:
+        raise ValueError(f"sinkhorn: check_every must be >= 1, got {check_every}")
+    if eps_scaling is not None and not (0 < eps_scaling <= 1):
+        raise ValueError(f"sinkhorn: eps_scaling must be in (0, 1] or None, got {eps_scaling!r}")
+
+
+def _prepare(cost: Tensor, a, b, epsilon: float):
+    # -> centred cost C (..., n, m) and its contiguous transpose CT in the compute dtype (float64 for
+    # a float64 cost, else float32), unit-mass marginals a (..., n), b (..., m), their masses and
+    # the centres (...,), and spread = max |C| over the batch.
+    dtype = torch.float64 if cost.dtype == torch.float64 else torch.float32
+    *batch, n, m = cost.shape
+    batch, device = torch.Size(batch), cost.device
+    hi = cost.amax(dim=(-2, -1)).to(dtype)  # (...,); amax / amin propagate NaN
+    lo = cost.amin(dim=(-2, -1)).to(dtype)
+    if not bool(torch.isfinite(hi).all() & torch.isfinite(lo).all()):
+        raise ValueError("sinkhorn: cost contains NaN or inf")
+    spread, u = float((hi - lo).max()) / 2, torch.finfo(dtype).eps / 2
+    if spread / epsilon * u >= 1:  # the exponents (..)/eps would lose every digit, then overflow
+        raise ValueError(f"sinkhorn: epsilon={epsilon:g} is too small for this cost in {str(dtype)[6:]}: "
+                         f"max|C - centre|/epsilon = {spread / epsilon:.3g} is beyond its precision; use "
+                         f"epsilon >= {spread * u:.3g}" + (" or pass a float64 cost" if u > 1e-10 else ""))
+    a = _marginal(a, n, batch, dtype, device, "a")
+    b = _marginal(b, m, batch, dtype, device, "b")
+    # Balanced OT needs equal masses (rounding of user-normalised marginals forgiven). We solve
+    # for unit mass and scale the plan back: mass M would put -eps log M into the potentials.
+    mass_a, mass_b = a.sum(-1), b.sum(-1)
+    gap = float(((mass_a - mass_b).abs() / torch.maximum(mass_a, mass_b)).max())
+    if gap > 1e-5:
+        raise ValueError(f"sinkhorn: a and b must have equal total mass (relative gap {gap:.2e})")
+    a = (a / mass_a.unsqueeze(-1)).expand(*batch, n)
+    b = (b / mass_b.unsqueeze(-1)).expand(*batch, m)
+    # The plan does not change when a constant is subtracted from C (it moves into f); centring on
+    # the mid-range halves the largest |C| and with it the exponents' rounding.
+    centre = (hi + lo) / 2
+    C = (cost.to(dtype) - centre[..., None, None]).contiguous()
+    return C, C.transpose(-1, -2).contiguous(), a, b, mass_a.expand(batch), centre, spread
 
 
 # ----------------------------------------------------------------------------------------------
@@ -172,185 +208,120 @@ def sinkhorn(
     epsilon: float,
     tol: float | None = None,
     max_iter: int = 1000,
-    check_every: int | None = None,
+    check_every: int = 10,
     eps_scaling: float | None = 0.5,
     strict: bool = False,
     warn: bool = True,
-    cost_dtype: torch.dtype | None = None,
-    transpose_copy: bool = True,
     compile: bool = False,
 ) -> SinkhornResult:
     # cost: (..., n, m); a: (..., n) or (n,) [default uniform 1/n]; b: (..., m) or (m,) [1/m].
-    # tol: relative L1 marginal error (None: _default_tol). The loop stops when the row error of
-    # the potentials is <= tol/2 (columns are exact after each column update); converged means
-    # the returned plan, measured, has max(row, column) error <= tol.
-    # max_iter: full iterations, epsilon-scaling stages included. check_every: iterations between
-    # convergence checks, each a host sync on GPU (None: 1 on CPU, 10 elsewhere).
-    # eps_scaling: ratio of the geometric epsilon schedule (None or 1: off).
-    # strict: raise SinkhornError instead of warning; warn=False silences the SinkhornWarning.
-    # cost_dtype: store the (centred) cost in this dtype, e.g. torch.bfloat16 to halve the bytes
-    # read per iteration; arithmetic stays in the compute dtype. transpose_copy: keep a contiguous
-    # C^T for the column pass (2x memory, faster). compile: torch.compile the iteration block.
-    # Not differentiable: the cost is detached.
-    if not isinstance(cost, Tensor):
-        raise TypeError(f"sinkhorn: cost must be a torch.Tensor, got {type(cost).__name__}")
-    cost = cost.detach()
-    if cost.dim() < 2 or cost.shape[-1] == 0 or cost.shape[-2] == 0:
-        raise ValueError(f"sinkhorn: cost must have shape (..., n, m), n, m >= 1; got {tuple(cost.shape)}")
-    if cost.is_complex():
-        raise ValueError("sinkhorn: cost must be real")
-    if isinstance(epsilon, Tensor):
-        epsilon = float(epsilon)
-    if not (isinstance(epsilon, (int, float)) and math.isfinite(epsilon) and epsilon > 0):
-        raise ValueError(f"sinkhorn: epsilon must be a finite number > 0, got {epsilon!r}")
-    if tol is not None and not (tol > 0):
-        raise ValueError(f"sinkhorn: tol must be > 0, got {tol!r}")
-    if max_iter < 1:
-        raise ValueError(f"sinkhorn: max_iter must be >= 1, got {max_iter}")
-    if check_every is None:
-        check_every = 1 if cost.device.type == "cpu" else 10
-    if check_every < 1:
-        raise ValueError(f"sinkhorn: check_every must be >= 1, got {check_every}")
-    if eps_scaling is not None and not (0 < eps_scaling <= 1):
-        raise ValueError(f"sinkhorn: eps_scaling must be in (0, 1] or None, got {eps_scaling!r}")
-
-    dtype = torch.float64 if cost.dtype == torch.float64 else torch.float32  # compute precision
-    store = dtype if cost_dtype is None else cost_dtype
-    if store not in (torch.float64, torch.float32, torch.bfloat16, torch.float16):
-        raise ValueError(f"sinkhorn: cost_dtype must be a float dtype, got {cost_dtype}")
-    if store.itemsize > dtype.itemsize:
-        raise ValueError(f"sinkhorn: cost_dtype {store} is wider than the compute dtype {dtype}")
-
-    *batch, n, m = cost.shape
-    batch = torch.Size(batch)
-    device = cost.device
-
-    # One pass for the range: it detects NaN / inf too (amax and amin propagate NaN).
-    hi = cost.amax(dim=(-2, -1)).to(dtype)  # (...,)
-    lo = cost.amin(dim=(-2, -1)).to(dtype)
-    if not bool(torch.isfinite(hi).all() & torch.isfinite(lo).all()):
-        raise ValueError("sinkhorn: cost contains NaN or inf")
-
-    a = _marginal(a, n, batch, dtype, device, "a")
-    b = _marginal(b, m, batch, dtype, device, "b")
-    mass_a, mass_b = a.sum(-1), b.sum(-1)
-    # Balanced OT needs equal masses. Float rounding of user-normalised marginals is forgiven
-    # (1e-5 relative; enough for float32 sums of ~1e5 terms). We solve for unit mass, scaling a
-    # and b separately (so a tiny gap cannot stall the iteration above tol) and scale the plan
-    # back at the end: with mass M the potentials would carry -eps log M, and every unit of
-    # |exponent| costs float32 another 6e-8 of relative rounding in the plan.
-    gap = ((mass_a - mass_b).abs() / torch.maximum(mass_a, mass_b)).max()
-    if float(gap) > 1e-5:
-        raise ValueError(f"sinkhorn: a and b must have equal total mass (relative gap {float(gap):.2e})")
-    mass = mass_a.expand(batch)  # (...,)
-    a = (a / mass_a.unsqueeze(-1)).expand(*batch, n)  # (..., n), sums to 1
-    b = (b / mass_b.unsqueeze(-1)).expand(*batch, m)  # (..., m), sums to 1
+    # tol: relative L1 marginal error the returned plan must meet (None: _default_tol).
+    # max_iter: full iterations, epsilon-scaling stages included. check_every: the most iterations
+    # between error checks (each a host sync on GPU). eps_scaling: ratio of the epsilon schedule
+    # (None or 1: off). strict: raise SinkhornError instead of warning; warn=False: neither.
+    # compile: torch.compile the iteration block. Not differentiable: the cost is detached.
+    epsilon = float(epsilon) if isinstance(epsilon, Tensor) else epsilon
+    _check_args(cost, epsilon, tol, max_iter, check_every, eps_scaling)
+    C, CT, a, b, mass, centre, spread = _prepare(cost.detach(), a, b, epsilon)
+    dtype, device, batch, m = C.dtype, C.device, C.shape[:-2], C.shape[-1]
     log_a, log_b = a.log(), b.log()
+    tol = _default_tol(dtype, spread / epsilon) if tol is None else tol
 
-    # The plan does not change when a constant is subtracted from C (it moves into f). Centering
-    # each problem's cost on its mid-range halves the largest |C|, and with it the size of the
-    # potentials and the rounding error of the exponents (see _default_tol); it is also the copy
-    # we would make anyway to upcast / downcast. C: (..., n, m) in the storage dtype.
-    centre = (hi + lo) / 2  # (...,)
-    C = (cost.to(dtype) - centre[..., None, None]).to(store).contiguous()
-    CT = C.transpose(-1, -2).contiguous() if transpose_copy else None  # (..., m, n)
-    spread = float((hi - lo).max()) / 2  # max |C| over the batch
-    if tol is None:
-        tol = _default_tol(dtype, spread / epsilon)
-
-    # Epsilon scaling (Kosowsky & Yuille 1994; Schmitzer 2019, sec. 3.2; geomloss): solve at a
-    # large eps, where the plan is near a b^T and Sinkhorn contracts fast, then shrink eps
-    # geometrically, warm-starting (f, g) from the previous stage (potentials are in cost units,
-    # so they carry over). One iteration per stage is enough to track the moving solution; the
-    # remaining iterations run at the target eps until converged.
+    # Epsilon scaling (Kosowsky & Yuille 1994; Schmitzer 2019, sec. 3.2): one iteration of (2) per
+    # stage along eps = 2 spread, 2 spread r, ... > epsilon, warm-starting (f, g) (cost units, so they
+    # carry over). More iterations per stage do not pay: the last jump to epsilon costs the same.
     schedule = []
     if eps_scaling is not None and eps_scaling < 1:
         e = 2 * spread  # the cost's range: at this eps the plan is already close to a b^T
         while e > epsilon:
             schedule.append(e)
             e *= eps_scaling
-        schedule = schedule[len(schedule) - min(len(schedule), max_iter - 1):]  # keep 1 iter at eps
-
-    inv0 = 1.0 / (schedule[0] if schedule else epsilon)
-    f = _row_update(torch.zeros(*batch, m, dtype=dtype, device=device), C, log_b, inv0)
+        schedule = schedule[len(schedule) - min(len(schedule), max_iter - 1):]  # keep 1 iteration at epsilon
+    f = _row_update(torch.zeros(*batch, m, dtype=dtype, device=device), C, log_b, 1 / (schedule or [epsilon])[0])
     for e in schedule:
-        g = _col_update(f, C, CT, log_a, 1.0 / e)
-        f = _row_update(g, C, log_b, 1.0 / e)
-    it = len(schedule)
-
+        f = _row_update(_row_update(f, CT, log_a, 1 / e), C, log_b, 1 / e)
+    it, g, inv_eps, omega = len(schedule), None, 1.0 / epsilon, 1.0
     step = _get_compiled() if compile else _iterate
-    inv_eps = 1.0 / epsilon
+    best, best_it, previous, stalled, measured = math.inf, it, None, False, None
+    omega_max = OMEGA_MAX
     while True:
-        k = min(check_every, max_iter - it) if it < max_iter else 1
-        fn = step if k == check_every else _iterate  # a short tail would make compile recompile
-        f_plan, g, f, err = fn(f, C, CT, log_a, log_b, a, inv_eps, k)
+        # Blocks of 1, 1, 2, 4, ... check_every iterations: an easy problem stops after one or two.
+        k = min(check_every, max(1, it - len(schedule)), max_iter - it)
+        weight = torch.tensor(omega, dtype=C.dtype, device=device) if compile else omega
+        f_plan, g, f, err = (step if k == check_every else _iterate)(f, C, CT, log_a, log_b, a, inv_eps, k, g, weight)
         it += k
-        # max() propagates NaN, so one host sync per check covers divergence too.
-        estimate = float(err.max()) if err.numel() else 0.0
-        finite = math.isfinite(estimate)
-        # Stop at tol/2: the plan built below adds its own rounding (measured there) on top of
-        # this estimate, which would otherwise fail tol by a hair when the estimate just made it.
-        if not finite or estimate <= tol / 2 or it >= max_iter:
+        estimate = float(err.max())  # NaN propagates: one host sync covers divergence too
+        if not math.isfinite(estimate) or it >= max_iter:
             break
-
-    # P_ij = a_i b_j exp((f_i + g_j - C_ij)/eps), with the C we iterated on (centred, stored).
-    # a_i b_j multiplies outside the exp: inside, log a_i + log b_j ~ -2 log n (-19 at n = 14336)
-    # would put a relative rounding error of u * 19 ~ 1e-6 on every entry; the exponent left,
-    # (f_i + g_j - C_ij)/eps, is only O(spread/eps).
-    z = (f_plan * inv_eps).unsqueeze(-1) + (g * inv_eps).unsqueeze(-2)  # (..., n, m)
-    plan = z.sub_(C, alpha=inv_eps).exp_().mul_(a.unsqueeze(-1)).mul_(b.unsqueeze(-2))
-    worst, converged = float("nan"), False
-    if finite:
-        # The in-loop error is exact arithmetic on the potentials; the plan we hand out also has
-        # the rounding of its own exponents (see _default_tol), which the potentials cannot see:
-        # once f stops moving in float32 the in-loop error reads 0. So the reported error is
-        # measured on the plan itself, rows and columns, summed in float64 where the device has
-        # it (one read of the plan).
-        acc = torch.float32 if device.type == "mps" else torch.float64
-        row = (plan.sum(-1, dtype=acc) - a).abs().sum(-1)  # (...,)
-        col = (plan.sum(-2, dtype=acc) - b).abs().sum(-1)
-        measured = float(torch.maximum(row, col).max()) if row.numel() else 0.0
-        finite = math.isfinite(measured)
-        worst = measured if finite else float("nan")
-        converged = finite and measured <= tol  # False also when tol is below the dtype's floor
-
+        # The estimate has a rounding floor of its own (~u |f| / eps, above the plan's): once it has
+        # stalled (omega_max lowered below), or when it says done, measure the plan itself (one pass).
+        if estimate <= tol or omega_max < OMEGA_MAX:
+            measured = _plan_and_error(f_plan, g, C, a, b, inv_eps, dtype)
+            if measured[1] <= tol:
+                break
+            estimate, measured = measured[1], None
+        if previous is not None and previous > 0:  # choose w for (3) from the observed rate
+            rate = (estimate / previous) ** (1 / k)
+            theta = min(1.0, (rate + omega - 1) ** 2 / (rate * omega**2))  # Young: rate of plain Sinkhorn
+            omega = 1 + (omega - 1) / 2 if rate >= 1 else min(omega_max, 2 / (1 + math.sqrt(1 - theta)))
+        previous = estimate
+        if estimate < 0.9 * best:
+            best, best_it = estimate, it
+        elif it - best_it > max(100, it // 4):  # no 10 % gain in a quarter of the run: a rounding floor
+            if omega_max > 1:  # where w amplifies the noise (~1/(2-w)): halve w - 1, down to plain Sinkhorn
+                omega_max = omega = 1 + (omega_max - 1) / 2 if omega_max > 1.1 else 1.0
+            elif C.dtype == torch.float32 and device.type != "mps" and tol > 2e-7:
+                # float32 cannot get there: finish in float64 from where it got (2x the cost per iteration).
+                # The plan is still returned in float32, whose own rounding (u = 6e-8) sets the 2e-7.
+                C, CT, a, b, log_a, log_b, f, g = (x.double() for x in (C, CT, a, b, log_a, log_b, f, g))
+                omega_max, omega, previous = OMEGA_MAX, 1.0, None
+            else:
+                stalled = True
+                break
+            best, best_it = math.inf, it
+    plan, worst = measured or _plan_and_error(f_plan, g, C, a, b, inv_eps, dtype)
+    converged = math.isfinite(worst) and worst <= tol
     plan = plan.mul_(mass[..., None, None])  # back to the caller's mass
 
-    # (f + c, g - c) gives the same plan; fix the gauge so <a, f> = <b, g> (half the dual value
-    # each), which makes the potentials independent of the schedule, centring and batching.
-    # Undo the centring and the unit mass: a_i b_j exp((f_i + g_j - C_ij)/eps) must be the plan
-    # for the caller's cost and marginals, i.e. f + g = f~ + g~ + centre - eps log M.
+    # (f + c, g - c) gives the same plan; fix the gauge so <a, f> = <b, g>. Undo the centring and
+    # the unit mass: f + g = f~ + g~ + centre - eps log M.
     f_out = f_plan + (centre - epsilon * mass.log())[..., None]
-    shift = ((a * f_out).sum(-1) - (b * g).sum(-1)) / 2  # (...,), a and b have unit mass here
-    result = SinkhornResult(
-        plan=plan,
-        f=f_out - shift[..., None],
-        g=g + shift[..., None],
-        iterations=it,
-        marginal_error=worst,
-        converged=converged,
-        epsilon=float(epsilon),
-        tol=float(tol),
-        dtype=dtype,
-    )
+    shift = ((a * f_out).sum(-1) - (b * g).sum(-1)) / 2  # (...,)
+    result = SinkhornResult(plan, (f_out - shift[..., None]).to(dtype), (g + shift[..., None]).to(dtype), it, worst,
+                            converged, float(epsilon), float(tol), C.dtype)
     if not converged:
-        why = "non-finite iterates" if not finite else f"marginal error {worst:.3e} > tol {tol:.1e}"
-        floor = 0.7 * torch.finfo(dtype).eps / 2 * spread / epsilon  # see _default_tol
-        hint = (
-            f"tol is below the {dtype} rounding floor ~{floor:.1e} at this epsilon: raise tol or "
-            "pass a float64 cost"
-            if finite and tol < floor
-            else "raise max_iter or epsilon"
-        )
-        msg = (
-            f"sinkhorn did not converge: {why} after {it} iterations (epsilon={epsilon:g}, "
-            f"max|C - centre|/epsilon={spread / epsilon:.3g}, {dtype}); {hint}"
-        )
+        msg = _failure_message(worst, tol, it, epsilon, spread, dtype, stalled, C.dtype != dtype)
         if strict:
             raise SinkhornError(msg)
         if warn:
             warnings.warn(msg, SinkhornWarning, stacklevel=2)
     return result
+
+
+def _failure_message(worst, tol, it, epsilon, spread, dtype, stalled, upcast) -> str:
+    why = f"marginal error {worst:.3e} > tol {tol:.1e}" if math.isfinite(worst) else "non-finite iterates"
+    floor = _rounding_floor(dtype, spread / epsilon)
+    if upcast:
+        hint = f"float32 cannot get there (rounding floor ~{floor:.1e}); the float64 finish fell short: raise max_iter"
+    elif dtype == torch.float32 and (stalled or tol < 2 * floor):
+        hint = f"float32 cannot get there (its rounding floor here is ~{floor:.1e}): pass a float64 cost"
+    else:
+        hint = "stopped improving: raise epsilon" if stalled else "raise max_iter or epsilon"
+    return (f"sinkhorn did not converge: {why} after {it} iterations (epsilon={epsilon:g}, "
+            f"max|C - centre|/epsilon={spread / epsilon:.3g}, {str(dtype)[6:]}); {hint}")
+
+
+def _plan_and_error(f, g, C, a, b, inv_eps, dtype) -> tuple[Tensor, float]:
+    # P_ij = a_i b_j exp((f_i + g_j - C_ij)/eps), a_i b_j outside the exp (inside, log a_i + log b_j
+    # ~ -2 log n would add its own rounding). The error is measured on this plan, rows and columns,
+    # summed in float64 where the device has it: the potentials cannot see the plan's rounding.
+    z = (f * inv_eps).unsqueeze(-1) + (g * inv_eps).unsqueeze(-2)  # (..., n, m)
+    plan = z.sub_(C, alpha=inv_eps).exp_().mul_(a.unsqueeze(-1)).mul_(b.unsqueeze(-2)).to(dtype)
+    acc = torch.float32 if plan.device.type == "mps" else torch.float64
+    row = (plan.sum(-1, dtype=acc) - a).abs().sum(-1)  # (...,)
+    col = (plan.sum(-2, dtype=acc) - b).abs().sum(-1)
+    worst = float(torch.maximum(row, col).max())
+    return plan, (worst if math.isfinite(worst) else math.nan)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -447,3 +418,43 @@ def plan_sharpness(plan: Tensor, b: Tensor | None = None) -> Tensor:
     # (...,): mean over rows of the row maximum of normalize_plan(plan, b); 1 for a permutation
     # plan, 1/n for the uniform plan a b^T (square, uniform marginals). How "hard" the matching is.
     return normalize_plan(plan, b).amax(dim=-1).mean(dim=-1)
+
+
+# ----------------------------------------------------------------------------------------------
+# The paper's public code's solver, reproduced: POT's `sinkhorn_knopp` as `ot.sinkhorn(a, b, M, reg)`
+# runs it on float32 tensors (kernel space, uniform marginals). Only for `--align published`: on
+# real weights exp(-C/eps) underflows and it stops at its first iteration (see docs/ALIGNMENT.md).
+
+
+def published_sinkhorn(cost: Tensor, epsilon: float = 0.06, max_iter: int = 10000,
+                       stop_threshold: float = 1e-9) -> tuple[Tensor, dict]:
+    # cost (n, m) -> plan diag(u) K diag(v) (n, m), K = exp(-cost/eps), in cost's dtype, and
+    # {"iterations": updates kept, "aborted": bool, "abort_iteration": int | None, "converged": bool}.
+    # The same operations in the same order as POT 0.9, so the same float32 numbers:
+    #  - u = 1/n, v = 1/m; each iteration v = b / (K^T u), then u = 1 / ((K / a) v);
+    #  - a zero in K^T u or a NaN/inf in u or v is a numerical error: the previous (u, v) is kept and
+    #    the loop stops (at iteration 0 the plan is K / (n m), whatever its mass);
+    #  - at iterations 0, 10, 20, ... it stops when || column sums - b ||_2 < stop_threshold.
+    n, m = cost.shape
+    a = torch.ones(n, dtype=cost.dtype, device=cost.device) / n
+    b = torch.ones(m, dtype=cost.dtype, device=cost.device) / m
+    u, v = torch.ones_like(a) / n, torch.ones_like(b) / m
+    kernel = torch.exp(cost / -epsilon)
+    kernel_over_a = (1 / a).reshape(-1, 1) * kernel
+    stats = {"iterations": max_iter, "aborted": False, "abort_iteration": None, "converged": False}
+    for iteration in range(max_iter):
+        previous = u, v
+        column_sums = kernel.T @ u
+        v = b / column_sums
+        u = 1.0 / (kernel_over_a @ v)
+        if ((column_sums == 0).any() or u.isnan().any() or v.isnan().any()
+                or u.isinf().any() or v.isinf().any()):
+            u, v = previous
+            stats.update(iterations=iteration, aborted=True, abort_iteration=iteration)
+            break
+        if iteration % 10 == 0:
+            error = torch.linalg.norm(torch.einsum("i,ij,j->j", u, kernel, v) - b)
+            if error < stop_threshold:
+                stats.update(iterations=iteration + 1, converged=True)
+                break
+    return u.reshape(-1, 1) * kernel * v.reshape(1, -1), stats

@@ -4,6 +4,11 @@ For each setting, fuses base layers A and B of a checkpoint and prints, per plan
 (mean row maximum of n*T: 1 for a permutation, 1/n for uniform) and the solver's iterations, and per
 weight the norm ratio of the aligned A to A (1 for a permutation, small for a blurred mix):
     python benchmarks/bench_alignment.py --base ~/.cache/opt-deus/smollm2-135m-instruct-hf
+
+With --composition, instead: for every gap of the base and each alignment (published, paper,
+paper without plan normalisation, structured), what each fused weight F = (Â + B)/2 is made of (Â:
+A after alignment), averaged over the gaps, as a Markdown table (docs/ALIGNMENT.md):
+    python benchmarks/bench_alignment.py --base ~/.cache/opt-deus/smollm2-135m-instruct-hf --composition
 """
 
 import argparse
@@ -16,8 +21,78 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from model import CheckpointReader  # noqa: E402
-from opt_deus import GrowthOptions, paper_fuse, structured_fuse  # noqa: E402
+from model import BLOCK_KEYS, CheckpointReader  # noqa: E402
+from opt_deus import GrowthOptions, paper_fuse, published_fuse, structured_fuse  # noqa: E402
+
+# Which of structured alignment's plans move each weight's rows or columns.
+STRUCTURED_PLANS = {"q_proj": ("attention.query_heads", "attention.kv_groups"), "k_proj": ("attention.kv_groups",),
+                    "v_proj": ("attention.value_dims", "attention.kv_groups"),
+                    "o_proj": ("attention.query_heads", "attention.value_dims", "attention.kv_groups"),
+                    "gate_proj": ("mlp.neurons",), "up_proj": ("mlp.neurons",), "down_proj": ("mlp.neurons",)}
+
+
+def composition(blocks: list[dict], args, gaps: list[int]) -> list[dict]:
+    # One row per (mode, weight), means over the gaps: |Â|/|A|, the parts |Â/2|/|F| and |B/2|/|F| of
+    # the fused weight, the plan's sharpness; the range of the plan's total mass; for published, in
+    # how many gaps its solver aborted and at which iterations.
+    modes = {"published": GrowthOptions(align="published"), "paper": GrowthOptions(align="paper"),
+             "paper --no-normalize-plan": GrowthOptions(align="paper", normalize_plan=False),
+             "structured": GrowthOptions(align="structured")}
+    rows = []
+    for mode, options in modes.items():
+        sums, seconds = {}, time.perf_counter()
+        for gap in gaps:
+            A, B = blocks[gap], blocks[gap + 1]
+            if options.align == "published":
+                fused, report = published_fuse(A, B, options)
+            elif options.align == "paper":
+                fused, report = paper_fuse(A, B, options)
+            else:
+                fused, report = structured_fuse(A, B, args, options)
+            for key in BLOCK_KEYS:
+                a_part = fused[key] - B[key] / 2  # Â/2
+                stats = report.get(key, {})
+                if options.align == "structured" and "proj" in key:
+                    plans = [report[name] for name in STRUCTURED_PLANS[key.split(".")[1]]]
+                    stats = {"sharpness": sum(p["sharpness"] for p in plans) / len(plans),
+                             "converged": all(p["converged"] for p in plans)}
+                if "sharpness" in stats and "plan_mass" not in stats:
+                    # log-domain Sinkhorn's plans have mass 1 to its tolerance when they converged
+                    stats = {**stats, "plan_mass": 1.0 if stats["converged"] else float("nan")}
+                row = sums.setdefault(key, {"a_norm": 0.0, "a_part": 0.0, "b_part": 0.0, "sharpness": 0.0,
+                                            "plan_mass": [], "aborted": [], "planned": "sharpness" in stats})
+                row["a_norm"] += (2 * a_part.norm() / A[key].norm()).item()
+                row["a_part"] += (a_part.norm() / fused[key].norm()).item()
+                row["b_part"] += (B[key].norm() / 2 / fused[key].norm()).item()
+                row["sharpness"] += stats.get("sharpness", 0.0)
+                row["plan_mass"].append(stats.get("plan_mass", 0.0))
+                if stats.get("aborted"):
+                    row["aborted"].append(stats["abort_iteration"])
+        print(f"{mode}: {time.perf_counter() - seconds:.1f}s for {len(gaps)} gaps", file=sys.stderr)
+        for key, row in sums.items():
+            n = len(gaps)
+            rows.append({"mode": mode, "weight": key, **{k: v / n for k, v in row.items()
+                                                         if k in ("a_norm", "a_part", "b_part", "sharpness")},
+                         "plan_mass": [min(row["plan_mass"]), max(row["plan_mass"])],
+                         "planned": row["planned"], "aborted": row["aborted"], "gaps": n})
+    return rows
+
+
+def composition_table(rows: list[dict]) -> str:
+    lines = ["| mode | weight | ‖Â‖/‖A‖ | ‖Â/2‖/‖F‖ | ‖B/2‖/‖F‖ | plan mass (min … max) | sharpness | solver aborted |",
+             "| --- | --- | --- | --- | --- | --- | --- | --- |"]
+    for r in rows:
+        planned = r["planned"]
+        aborted = ""
+        if r["mode"] == "published" and planned:
+            at = sorted(set(r["aborted"]))
+            aborted = f"{len(r['aborted'])}/{r['gaps']}" + (f" (at {', '.join(map(str, at))})" if at else "")
+        low, high = r["plan_mass"]
+        mass = ("1" if low == high == 1 else f"{low:.1e} … {high:.1e}") if planned else ""
+        sharpness = f"{r['sharpness']:.2e}" if planned else ""
+        lines.append(f"| {r['mode']} | {r['weight'].split('.')[-2]} | {r['a_norm']:.3f} | {r['a_part']:.3f} | "
+                     f"{r['b_part']:.3f} | {mass} | {sharpness} | {aborted} |")
+    return "\n".join(lines)
 
 
 def main():
@@ -28,9 +103,20 @@ def main():
                    help="comma list of alignment:epsilon")
     p.add_argument("--device", default="cpu")
     p.add_argument("--json", type=Path, default=None)
+    p.add_argument("--composition", action="store_true", help="what each fused weight is made of, per alignment")
+    p.add_argument("--gaps", default="all", help="with --composition: comma list of gaps i (between base i and i+1)")
     parsed = p.parse_args()
 
     reader = CheckpointReader(parsed.base)
+    if parsed.composition:
+        L = reader.args.num_hidden_layers
+        gaps = list(range(L - 1)) if parsed.gaps == "all" else [int(x) for x in parsed.gaps.split(",")]
+        blocks = [reader.block(i, torch.float32, parsed.device) for i in range(L)]
+        rows = composition(blocks, reader.args, gaps)
+        print(composition_table(rows))
+        if parsed.json:
+            parsed.json.write_text(json.dumps({"base": str(parsed.base), "gaps": gaps, "rows": rows}, indent=2) + "\n")
+        return
     a, b = (int(x) for x in parsed.layers.split(","))
     A = reader.block(a, torch.float32, parsed.device)
     B = reader.block(b, torch.float32, parsed.device)

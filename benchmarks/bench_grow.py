@@ -32,16 +32,23 @@ PRESETS = {
                      max_position_embeddings=131072, rms_norm_eps=1e-5, tie_word_embeddings=False),
     "tiny": dict(vocab_size=512, hidden_size=256, intermediate_size=768, num_hidden_layers=8,
                  num_attention_heads=8, num_key_value_heads=2, head_dim=32, tie_word_embeddings=True),
+    # benchmarks/gpu.py --tiny (CI): a second or two of growth.
+    "micro": dict(vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=4,
+                  num_attention_heads=4, num_key_value_heads=2, head_dim=16, tie_word_embeddings=True),
 }
 
 
-def make_random_checkpoint(preset: str, path: Path, dtype=torch.bfloat16):
+def make_random_checkpoint(preset: str, path: Path, dtype=torch.bfloat16, device="cpu"):
     # Streams random N(0, 0.02^2) weights (ones for norms) straight to disk: no model in memory.
+    # device="cuda" draws them on the GPU (8B normals take ~a minute on a CPU, a second there).
     args = ModelArgs(**PRESETS[preset], dtype=str(dtype).removeprefix("torch."))
-    generator = torch.Generator().manual_seed(0)
+    generator = torch.Generator(device=device).manual_seed(0)
     with CheckpointWriter(path, overwrite=True) as writer:
         for key, shape in expected_shapes(args).items():
-            tensor = torch.ones(shape) if key.endswith("norm.weight") else torch.randn(shape, generator=generator) * 0.02
+            if key.endswith("norm.weight"):
+                tensor = torch.ones(shape)
+            else:
+                tensor = (torch.randn(shape, generator=generator, device=device) * 0.02).to(dtype).cpu()
             writer.add(key, tensor.to(dtype))
         writer.finish(args.to_hf())
     return path

@@ -65,13 +65,15 @@ def time_steps(step, device, warmup: int, steps: int) -> tuple[list[float], floa
     return times, losses[0]
 
 
-def bench_ours(args: ModelArgs, spec, tokens, device, cfg: train.TrainConfig, compile_: bool, warmup, steps):
+def bench_ours(args: ModelArgs, spec, tokens, device, cfg: train.TrainConfig, compile_: bool, warmup, steps,
+               backend: str = "inductor"):
     model = Transformer(args).init_weights(torch.Generator().manual_seed(0)).to(device)
     train.set_trainable(model, spec)
     named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
     optimizer = train.make_optimizer(named, cfg, device)
     frozen_prefix = train.frozen_prefix_of(model)
-    loss_fn = torch.compile(train.forward_loss) if compile_ else train.forward_loss
+    # backend "eager" runs the same dynamo path without generating code (benchmarks/gpu.py --tiny, CI).
+    loss_fn = torch.compile(train.forward_loss, backend=backend) if compile_ else train.forward_loss
     x, y = tokens[:, :-1], tokens[:, 1:]
     params = [p for _, p in named]
 
@@ -87,17 +89,21 @@ def bench_ours(args: ModelArgs, spec, tokens, device, cfg: train.TrainConfig, co
     return model, step
 
 
-def bench_hf(args: ModelArgs, spec, tokens, device, cfg: train.TrainConfig, source: Transformer, warmup, steps):
+def bench_hf(args: ModelArgs, spec, tokens, device, cfg: train.TrainConfig, source: Transformer, warmup, steps,
+             compile_: bool = False, backend: str = "inductor"):
     import transformers
     config = transformers.LlamaConfig(**args.to_hf())
     config._attn_implementation = "sdpa"
-    hf = transformers.LlamaForCausalLM(config).to(device)
+    with torch.device(device):  # its random init runs on the device (1B on a CPU: many seconds); replaced below
+        hf = transformers.LlamaForCausalLM(config)
     # The very same weights as ours (HF names are ours with a "model." prefix).
     missing, unexpected = hf.load_state_dict(dict(source.hf_state()), strict=False)
     assert not unexpected and all(k == "lm_head.weight" for k in missing), (missing, unexpected)
     layers = list(range(args.num_hidden_layers)) if spec == "all" else spec
     for name, p in hf.named_parameters():
         p.requires_grad_(spec == "all" or any(name.startswith(f"model.layers.{i}.") for i in layers))
+    if compile_:
+        hf.compile(backend=backend)  # in place: hf(...) below runs the compiled forward
     named = [(n, p) for n, p in hf.named_parameters() if p.requires_grad]
     optimizer = train.make_optimizer(named, cfg, device)
     params = [p for _, p in named]

@@ -11,26 +11,33 @@ import json
 import math
 import os
 import platform
-import shutil
 import statistics
 import sys
 from pathlib import Path
 
 import torch
 
-from opt_deus import GrowthOptions, grow
+from model import AtomicFolder
+from opt_deus import GrowthError, GrowthOptions, grow
 
-# The methods compared, by the name used in tables and file names -> GrowthOptions fields. Zero-init
-# follows opt_deus.ZERO_INIT_DEFAULT (on for opt and llama-pro, off for avg and solar) except for
-# "avg-zero", which isolates what zero-initialisation alone does to plain averaging.
+# The methods compared (the study's arms), by the name used in tables and file names -> GrowthOptions
+# fields. Zero-init follows opt_deus.ZERO_INIT_DEFAULT (on for opt and llama-pro, off for avg and
+# solar) except for "avg-zero", which isolates what zero-initialisation alone does to plain averaging.
+# "opt-published" is the public code's computation (its float32 solver, unnormalised plans: in
+# effect a block of ~B/2 on real weights); "opt-paper-unnorm" is Algorithm 1 with a working solver
+# but the public code's unnormalised plan; "opt-paper" the same with the OT-fusion normalisation.
 METHODS = {
-    "opt-structured": dict(method="opt", align="structured"),
+    "opt-published": dict(method="opt", align="published"),
+    "opt-paper-unnorm": dict(method="opt", align="paper", normalize_plan=False),
     "opt-paper": dict(method="opt", align="paper"),
-    "avg": dict(method="avg"),
+    "opt-structured": dict(method="opt", align="structured"),
     "avg-zero": dict(method="avg", zero_init=True),
     "llama-pro": dict(method="llama-pro"),
+    "avg": dict(method="avg"),
     "solar": dict(method="solar"),
 }
+# The paired comparisons: every arm against these two zero-init baselines, seed by seed.
+BASELINES = ("avg-zero", "llama-pro")
 
 
 class ExperimentError(ValueError):
@@ -48,11 +55,34 @@ def parse_list(text: str, what: str, choices=None) -> list[str]:
     return items
 
 
-def grow_by_name(model, name: str, num_new: int, position: str):
-    """grow() with one of METHODS. SOLAR places its repeated layers itself, so it gets no position."""
+def growth_options(name: str) -> GrowthOptions:
     if name not in METHODS:
         raise ExperimentError(f"unknown method {name!r} (choose from {', '.join(METHODS)})")
-    options = GrowthOptions(**METHODS[name])
+    return GrowthOptions(**METHODS[name])
+
+
+def method_available(name: str) -> bool:
+    # False when this opt_deus.py does not know the method's alignment (e.g. an older one without
+    # --align published): the study then runs without that arm and says so.
+    try:
+        growth_options(name)
+    except GrowthError:
+        return False
+    return True
+
+
+def available_methods(names, log=print) -> tuple[str, ...]:
+    kept = tuple(n for n in names if method_available(n))
+    for name in names:
+        if name not in kept:
+            log(f"note: skipping {name}: this opt_deus.py cannot build {METHODS[name]} "
+                f"(GrowthOptions rejects it); the study runs without that arm")
+    return kept
+
+
+def grow_by_name(model, name: str, num_new: int, position: str):
+    """grow() with one of METHODS. SOLAR places its repeated layers itself, so it gets no position."""
+    options = growth_options(name)
     return grow(model, num_new, position=None if options.method == "solar" else position, options=options)
 
 
@@ -64,22 +94,11 @@ def grow_by_name(model, name: str, num_new: int, position: str):
 @contextlib.contextmanager
 def output_folder(out):
     """Yields a temporary folder beside `out`; on success it replaces `out`, on error it is deleted."""
-    out = Path(out).absolute()
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.parent / f".{out.name}.tmp-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir()
-    try:
-        yield tmp
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    # An existing folder is moved aside first and deleted only once the new one is in place.
-    old = out.parent / f".{out.name}.old-{os.getpid()}"
-    if out.exists():
-        os.replace(out, old)
-    os.replace(tmp, out)
-    shutil.rmtree(old, ignore_errors=True)
+    # model.AtomicFolder: the project's one temp-folder-then-rename writer (an existing folder is
+    # moved aside and deleted only once the new one is in place; SIGTERM cleans up too).
+    with AtomicFolder(out, overwrite=True) as folder:
+        yield folder.tmp
+        folder.commit()
 
 
 def write_json(path, obj):
@@ -87,6 +106,40 @@ def write_json(path, obj):
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     tmp.write_text(json.dumps(obj, indent=2, allow_nan=False) + "\n")
     os.replace(tmp, path)
+
+
+def reproducibility(corpus_sha256: str) -> dict:
+    # What a rerun must match to give the same numbers: the same seed gives other losses on another
+    # Python when the data is its standard library (e.g. base held-out loss 1.4102 on 3.11, 1.3915 on
+    # another version), so every output names the Python and a fingerprint of the exact token stream.
+    return {"python": platform.python_version(), "torch": torch.__version__, "corpus_sha256": corpus_sha256}
+
+
+def stamp_jsonl(path, record: dict):
+    """Puts {"run": record} as the first line of a metrics file train() wrote."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    tmp.write_text(json.dumps({"run": record}) + "\n" + path.read_text())
+    os.replace(tmp, path)
+
+
+def one_thread():
+    # Worker processes of map_jobs: one torch thread each, so N workers use N cores without
+    # OpenMP threads spinning against each other (this process only).
+    torch.set_num_threads(1)
+
+
+def map_jobs(fn, items: list, jobs: int) -> list:
+    """[fn(x) for x in items], in `jobs` worker processes when jobs > 1 (fn and the items must be
+    picklable: module-level functions, dataclasses). Results keep the order of `items`."""
+    if jobs <= 1 or len(items) <= 1:
+        return [fn(x) for x in items]
+    import multiprocessing
+    from concurrent.futures import ProcessPoolExecutor
+    # spawn, not fork: a forked child of a process that already ran torch can deadlock in OpenMP.
+    with ProcessPoolExecutor(max_workers=min(jobs, len(items)), mp_context=multiprocessing.get_context("spawn"),
+                             initializer=one_thread) as pool:
+        return list(pool.map(fn, items))
 
 
 def environment() -> dict:
@@ -129,6 +182,50 @@ def fmt_pm(values: list[float], digits: int = 2) -> str:
     return f"{mean:.{digits}f} ± {std:.{digits}f}" if len(values) > 1 else f"{mean:.{digits}f}"
 
 
+# Two-sided 95 % quantiles of Student's t for 1..30 degrees of freedom (standard tables).
+_T975 = (12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 2.228, 2.201, 2.179, 2.160, 2.145,
+         2.131, 2.120, 2.110, 2.101, 2.093, 2.086, 2.080, 2.074, 2.069, 2.064, 2.060, 2.056, 2.052, 2.048,
+         2.045, 2.042)
+
+
+def t_quantile_975(df: int) -> float:
+    if df < 1:
+        raise ValueError(f"degrees of freedom must be >= 1, got {df}")
+    if df <= len(_T975):
+        return _T975[df - 1]
+    # Cornish-Fisher expansion around the normal quantile; within 1e-3 of the exact value for df > 30.
+    z = 1.959964
+    return z + (z**3 + z) / (4 * df) + (5 * z**5 + 16 * z**3 + 3 * z) / (96 * df**2)
+
+
+def paired_difference(values: list[float], baseline: list[float]) -> dict:
+    """Mean of values[i] - baseline[i] (pairs share a seed) with a 95 % t-interval. With one pair
+    the interval is undefined (None)."""
+    if len(values) != len(baseline) or not values:
+        raise ValueError(f"paired_difference needs equal, non-empty lists ({len(values)} vs {len(baseline)})")
+    d = [a - b for a, b in zip(values, baseline)]
+    mean = statistics.fmean(d)
+    if len(d) < 2:
+        return {"n": 1, "mean": mean, "sd": None, "lo": None, "hi": None}
+    sd = statistics.stdev(d)
+    half = t_quantile_975(len(d) - 1) * sd / math.sqrt(len(d))
+    return {"n": len(d), "mean": mean, "sd": sd, "lo": mean - half, "hi": mean + half}
+
+
+def paired_comparisons(final: dict[str, list[float]]) -> dict:
+    """final: {arm: [final held-out loss of seed 0, seed 1, ...]} (same seeds, same order for every
+    arm) -> {arm: {baseline: paired_difference(arm, baseline)}} for the BASELINES present.
+    Negative: the arm ends lower (better) than the baseline."""
+    return {arm: {b: paired_difference(values, final[b]) for b in BASELINES if b in final and b != arm}
+            for arm, values in final.items()}
+
+
+def fmt_interval(diff: dict, digits: int = 4) -> str:
+    if diff["lo"] is None:
+        return f"{diff['mean']:+.{digits}f} (n=1)"
+    return f"{diff['mean']:+.{digits}f} [{diff['lo']:+.{digits}f}, {diff['hi']:+.{digits}f}]"
+
+
 def markdown_table(headers: list[str], rows: list[list]) -> str:
     lines = ["| " + " | ".join(headers) + " |", "|" + "|".join("---" for _ in headers) + "|"]
     lines += ["| " + " | ".join(str(c) for c in row) + " |" for row in rows]
@@ -165,3 +262,70 @@ def save_figure(fig, path):
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}.png")
     fig.savefig(tmp, dpi=120)
     os.replace(tmp, path)
+
+
+def plot_band(ax, steps, curves, label: str, lo=None, hi=None, color=None):
+    """Mean of `curves` (seeds x points) as a line, with a shaded band: the seeds' min..max, or the
+    given lo..hi (e.g. a confidence interval)."""
+    import numpy as np
+    curves = np.asarray(curves, dtype=float)
+    mean = curves.mean(axis=0)
+    (line,) = ax.plot(steps, mean, label=label, linewidth=1.4, color=color)
+    lo = curves.min(axis=0) if lo is None else lo
+    hi = curves.max(axis=0) if hi is None else hi
+    ax.fill_between(steps, lo, hi, color=line.get_color(), alpha=0.15, linewidth=0)
+    return line
+
+
+def plot_paired_curves(path, curves: dict, zero_init: dict, note: str, ylabel: str, log) -> list[str]:
+    """The study's figure. curves: {arm: (steps, seeds x steps held-out losses)}, every arm at the
+    same steps and seeds. Left: each arm's mean with its seeds' min..max band; then, for each of
+    BASELINES present, every arm minus the baseline, paired by seed, with its 95 % t-interval."""
+    arms = list(curves)
+    baselines = [b for b in BASELINES if b in curves]
+    fig, axes = new_figure(1 + len(baselines))
+    if fig is None:
+        log(f"matplotlib is not installed: skipping {Path(path).name} (pip install matplotlib, or the `plots` extra)")
+        return []
+    n_seeds = len(next(iter(curves.values()))[1])
+    color = {arm: f"C{i % 10}" for i, arm in enumerate(arms)}  # one colour per arm in every panel
+    for arm in arms:
+        plot_band(axes[0], *curves[arm], arm, color=color[arm])
+    axes[0].set(title=f"held-out loss (mean; band: min..max over {n_seeds} seeds)", xlabel="step after growth",
+                ylabel=ylabel)
+    # Zoom on the zero-init arms: the arms that do not preserve the function start far above them.
+    starts = [float(c[:, 0].mean()) for a, (_, c) in curves.items() if zero_init.get(a)]
+    ends = [float(c[:, -1].min()) for _, c in curves.values()]
+    if starts:
+        lo, hi = min(ends), max(starts)
+        pad = 0.1 * (hi - lo) + 1e-6
+        axes[0].set_ylim(lo - pad, hi + pad)
+    for ax, b in zip(axes[1:], baselines):
+        steps, base_curves = curves[b]
+        means = []
+        for arm in arms:
+            if arm == b:
+                continue
+            diff = curves[arm][1] - base_curves
+            means += list(diff.mean(axis=0))
+            intervals = [paired_difference(list(curves[arm][1][:, i]), list(base_curves[:, i]))
+                         for i in range(len(steps))]
+            if intervals[0]["lo"] is None:
+                plot_band(ax, steps, diff, arm, color=color[arm])
+            else:
+                plot_band(ax, steps, diff, arm, lo=[d["lo"] for d in intervals], hi=[d["hi"] for d in intervals],
+                          color=color[arm])
+        ax.axhline(0.0, color="gray", linestyle=":")
+        if means:  # frame the mean differences; the widest intervals (few seeds) may run off the edge
+            lo, hi = min(min(means), 0.0), max(max(means), 0.0)
+            pad = 0.5 * (hi - lo) + 1e-4
+            ax.set_ylim(lo - pad, hi + pad)
+        ax.set(title=f"minus {b}, paired by seed (band: 95% t-interval)", xlabel="step after growth",
+               ylabel="loss difference")
+    for ax in axes:
+        ax.grid(alpha=0.3)
+        if ax.get_legend_handles_labels()[0]:
+            ax.legend(fontsize=7)
+    fig.suptitle(note, fontsize=9)
+    save_figure(fig, path)
+    return [Path(path).name]

@@ -1,22 +1,29 @@
-"""Compare depth up-scaling methods end to end on a small model, on text every Python has.
+"""The study: what does optimal transport add to depth up-scaling, at equal training budget?
 
-    python experiments/compare.py                     # ~5-7 minutes on 2 CPU cores
-    python experiments/compare.py --device cuda --hidden 512 --layers 16 --base-steps 3000 --grow-steps 1000
+    python experiments/compare.py --jobs 2                # default: 2 seeds, short budgets (~9 min idle)
+    python experiments/compare.py --preset study --jobs 2 # the full CPU study (6 seeds; see docs/RESULTS.md)
+    python experiments/compare.py --preset gpu --device cuda
 
-1. Train a small LLaMA-style base model from scratch (byte-level vocabulary: 256 bytes + EOS) on
-   the standard library's own .py files (a fixed subset; some files held out for evaluation).
-2. Grow it with each method (OpT-DeUS structured and paper alignment, Avg-DeUS with and without
-   zero-init, LLaMA Pro, SOLAR) to the same depth: by default 8 -> 12 layers, one new layer in each
-   of the top gaps (the paper's default), SOLAR placing its repeated layers itself.
-3. Continue training every grown model on the same data order and token budget, only the new
-   layers trainable (the paper's setup; --trainable all to train everything), and, as a reference,
-   the un-grown base with all its layers trainable for the same budget.
-4. Report held-out loss/perplexity right after growth and after training, time per step and the
-   number of trainable parameters: summary.md (a Markdown table), summary.json, per-run metrics
-   (runs/*.jsonl) and loss_curves.png (with matplotlib) under --out.
+Per seed:
+1. Train a small LLaMA-style base from scratch (byte-level vocabulary: 256 bytes + EOS) on the
+   standard library's own .py files until its held-out loss has flattened: evaluated every
+   --check-every steps at a constant learning rate, it stops when the best held-out loss so far
+   improved by less than --flat-tol nats over the last --flat-window steps (or at --base-max-steps,
+   recorded as not flattened), then anneals for --anneal-fraction of the steps run (linear decay
+   to 0.1 x lr).
+2. Grow that base with every arm into the same gaps: OpT-DeUS as published, Algorithm 1
+   (unnormalised and normalised plans), structured OpT-DeUS, Avg-DeUS with zero-init, LLaMA Pro, and
+   as references that do not preserve the function, Avg-DeUS and SOLAR. Zero-init arms must start
+   at the base's held-out loss exactly (checked; the run stops otherwise).
+3. Train only the new layers of every grown model for the same --grow-steps on the same data order,
+   and the un-grown base (all layers) for the same budget as a reference.
+Across seeds: each arm's final held-out loss minus avg-zero's and llama-pro's, paired by seed, with
+a 95 % t-interval, and the whole held-out curves with their seed bands.
 
-Perplexities are per byte. Everything is a pure function of the seed and the Python installation
-(its stdlib is the data), except the timings.
+Outputs under --out: runs/seed<k>/<arm>.jsonl (training metrics; first line: the run, the Python
+version and the corpus fingerprint), summary.md, summary.json, curves.png (with matplotlib: pip
+install matplotlib, or the project's `plots` extra). Losses are per byte; everything but the
+timings is a pure function of the seed and the Python installation (its stdlib is the data).
 """
 
 from __future__ import annotations
@@ -30,6 +37,7 @@ import os
 import random
 import sys
 import sysconfig
+import tempfile
 import time
 import zlib
 from dataclasses import dataclass
@@ -42,9 +50,10 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))  # so `python experiments/compare.py` works without `pip install -e .`
 
-from experiments.common import (METHODS, ExperimentError, environment, ema, fmt, grow_by_name,  # noqa: E402
-                                markdown_table, new_figure, output_folder, parse_list, save_figure,
-                                write_json)
+from experiments.common import (METHODS, ExperimentError, available_methods, environment, fmt,  # noqa: E402
+                                fmt_interval, fmt_pm, grow_by_name, growth_options, map_jobs, markdown_table,
+                                mean_std, output_folder, paired_comparisons, parse_list, plot_paired_curves,
+                                reproducibility, stamp_jsonl, write_json)
 from model import CheckpointError, ModelArgs, Transformer  # noqa: E402
 from opt_deus import POSITIONS, GrowthError  # noqa: E402
 from train import TrainConfig, TrainError, ByteTokenizer, evaluate, train  # noqa: E402
@@ -53,7 +62,8 @@ EOS = ByteTokenizer.eos_id  # 256: ids 0..255 are bytes, 256 separates files
 # Folders under the stdlib path that are not the standard library's own modules, or are test data
 # (odd encodings, huge generated files).
 SKIP_DIRS = {"site-packages", "dist-packages", "test", "tests", "idle_test", "__pycache__", "lib2to3"}
-DATA_SEED = 1234  # the file subset is fixed, whatever --seed: seeds vary initialisation and data order
+DATA_SEED = 1234  # the file subset is fixed, whatever the seed: seeds vary initialisation and data order
+REFERENCE = "base+train"  # the un-grown base, all layers trained for the same budget as the arms
 
 
 @dataclass
@@ -66,31 +76,44 @@ class CompareConfig:
     head_dim: int = 32
     intermediate: int = 384
     block_size: int = 128
-    # Growth: `new_layers` layers at `position`; SOLAR needs (layers - new_layers) even
+    # Growth: `new_layers` layers at `position`; SOLAR places its own
     new_layers: int = 4
     position: str = "top"
     methods: tuple[str, ...] = tuple(METHODS)
     reference: bool = True            # also continue training the un-grown base (all layers)
-    # Training: the base from scratch, then every grown model for the same budget
+    # The base: constant lr after warmup until flat (or base_max_steps), then a linear anneal
     batch_size: int = 16              # sequences per step (one micro-batch)
-    base_steps: int = 300
+    base_max_steps: int = 300
+    base_warmup: int = 30
     base_lr: float = 3e-3
+    check_every: int = 25             # held-out evaluation interval (base and arms)
+    flat_window: int = 200            # flattened: held-out loss fell < flat_tol over this many steps
+    flat_tol: float = 0.01            # nats per byte
+    anneal_fraction: float = 0.25     # anneal steps = this x the steps run at constant lr
+    # The arms: every grown model (and the reference) for the same budget, WSD schedule
     grow_steps: int = 100
     grow_lr: float = 1e-3
     trainable: str = "new"            # "new" (the paper) or "all", for the grown models
-    evals: int = 5                    # held-out evaluations per run (besides step 0 and the end)
     # Data: the stdlib's .py files (or --data-dir), a fixed subset
     train_bytes: int = 2_000_000
     eval_blocks: int = 128            # held-out blocks of block_size bytes
     data_dir: str | None = None       # default: sysconfig.get_paths()["stdlib"]
-    seed: int = 0
+    seeds: tuple[int, ...] = (0, 1)
+    # False: one base per seed (the seed varies the base too). True: one base, trained once with the
+    # first seed, grown by every seed (seeds then vary the arms' data order only): a long base run
+    # paid once, for a base that flattens within a CPU budget.
+    shared_base: bool = False
     device: str = "cpu"
 
     def validate(self):
         if min(self.layers, self.hidden, self.heads, self.kv_heads, self.head_dim, self.intermediate,
-               self.block_size, self.new_layers, self.batch_size, self.base_steps, self.grow_steps,
-               self.train_bytes, self.eval_blocks) < 1:
-            raise ExperimentError("sizes, steps and byte counts must be >= 1")
+               self.block_size, self.new_layers, self.batch_size, self.base_max_steps, self.grow_steps,
+               self.check_every, self.flat_window, self.train_bytes, self.eval_blocks) < 1:
+            raise ExperimentError("sizes, steps, intervals and byte counts must be >= 1")
+        if not 0 <= self.base_warmup < self.base_max_steps:
+            raise ExperimentError(f"--base-warmup {self.base_warmup} must be in [0, --base-max-steps)")
+        if not (self.flat_tol >= 0 and self.anneal_fraction >= 0):
+            raise ExperimentError("--flat-tol and --anneal-fraction must be >= 0")
         if self.heads % self.kv_heads:
             raise ExperimentError(f"--heads {self.heads} is not a multiple of --kv-heads {self.kv_heads}")
         if self.position not in POSITIONS:
@@ -98,10 +121,43 @@ class CompareConfig:
         for name in self.methods:
             if name not in METHODS:
                 raise ExperimentError(f"unknown method {name!r} (choose from {', '.join(METHODS)})")
+        if not self.methods:
+            raise ExperimentError("no methods")
         if "solar" in self.methods and self.new_layers > self.layers:
             raise ExperimentError(f"solar repeats at most all {self.layers} layers, got --new-layers {self.new_layers}")
         if self.trainable not in ("new", "all"):
             raise ExperimentError(f"--trainable {self.trainable!r}: expected 'new' or 'all'")
+        if not self.seeds or len(set(self.seeds)) != len(self.seeds):
+            raise ExperimentError(f"seeds {self.seeds}: need at least one, all different")
+
+
+# Presets: CompareConfig fields that differ from the defaults. The defaults are README command 1:
+# two seeds, a base too short to flatten (the tables say so); with --jobs 2, 17 min 16 s of CPU time
+# in all (measured at load 1-6 on 2 cores: 25.5 min wall), about 9 minutes on 2 idle cores.
+PRESETS = {
+    "default": {},
+    # The full CPU study, with --jobs 2: one shared base trained until flat (at most 3000 steps: a
+    # pilot's held-out loss was still falling at step 1250), then six seeds (three rounds of two
+    # workers) of 300 steps per arm. Estimated <= ~60 minutes on 2 idle cores at ~0.3 CPU-seconds a
+    # step (<= 1000 s of base, ~2600 s of arms): an estimate, not a measurement.
+    "study": dict(seeds=(0, 1, 2, 3, 4, 5), shared_base=True, base_max_steps=3000, base_warmup=50, check_every=50,
+                  flat_window=250, flat_tol=0.01, grow_steps=300),
+    # One GPU (bf16 autocast): a wider, deeper base, still tiny for a GPU; sized by estimate, not run yet.
+    "gpu": dict(device="cuda", layers=16, hidden=512, heads=8, kv_heads=4, head_dim=64, intermediate=1536,
+                block_size=256, batch_size=32, train_bytes=8_000_000, eval_blocks=256, base_max_steps=4000,
+                base_warmup=100, base_lr=1e-3, check_every=100, flat_window=500, flat_tol=0.01, grow_steps=1000,
+                new_layers=8, seeds=(0, 1, 2, 3, 4)),
+    # The smoke test's size (tests/test_experiments.py): seconds, every code path.
+    "tiny": dict(layers=4, hidden=32, heads=2, kv_heads=1, head_dim=16, intermediate=64, block_size=32,
+                 new_layers=2, batch_size=4, base_max_steps=6, base_warmup=1, check_every=2, flat_window=2,
+                 grow_steps=4, train_bytes=20_000, eval_blocks=4, seeds=(0, 1)),
+}
+
+
+def preset_config(name: str, **overrides) -> CompareConfig:
+    if name not in PRESETS:
+        raise ExperimentError(f"unknown preset {name!r} (choose from {', '.join(PRESETS)})")
+    return CompareConfig(**{**PRESETS[name], **overrides})
 
 
 # ----------------------------------------------------------------------------------------------
@@ -158,7 +214,10 @@ def load_corpus(config: CompareConfig) -> tuple[np.ndarray, np.ndarray, dict]:
             "eval_files": n_files["eval"], "train_tokens": int(len(train_tokens)),
             "eval_tokens": int(len(eval_tokens) - 1),
             "train_sha256": hashlib.sha256(train_tokens.tobytes()).hexdigest()[:16],
-            "eval_sha256": hashlib.sha256(eval_tokens.tobytes()).hexdigest()[:16]}
+            "eval_sha256": hashlib.sha256(eval_tokens.tobytes()).hexdigest()[:16],
+            # The fingerprint of the whole embedded corpus as the models read it (uint16 tokens, the
+            # training stream then the held-out one): equal fingerprints, equal data.
+            "corpus_sha256": hashlib.sha256(train_tokens.tobytes() + eval_tokens.tobytes()).hexdigest()}
     return train_tokens, eval_tokens, info
 
 
@@ -166,39 +225,32 @@ def load_corpus(config: CompareConfig) -> tuple[np.ndarray, np.ndarray, dict]:
 # Model and training
 
 
-def make_base(config: CompareConfig) -> Transformer:
+def make_base(config: CompareConfig, seed: int) -> Transformer:
     args = ModelArgs(vocab_size=EOS + 1, hidden_size=config.hidden, intermediate_size=config.intermediate,
                      num_hidden_layers=config.layers, num_attention_heads=config.heads,
                      num_key_value_heads=config.kv_heads, head_dim=config.head_dim, rms_norm_eps=1e-5,
                      max_position_embeddings=config.block_size, tie_word_embeddings=True)
-    return Transformer(args).init_weights(torch.Generator().manual_seed(config.seed))
+    return Transformer(args).init_weights(torch.Generator().manual_seed(seed))
 
 
-def train_config(config: CompareConfig, steps: int, lr: float, trainable, seed: int) -> TrainConfig:
-    # One micro-batch per step; warmup 10% of the steps; WSD schedule (train.py's default).
-    return TrainConfig(
-        steps=steps, lr=lr, warmup_steps=max(1, steps // 10) if steps > 1 else 0,
-        batch_tokens=config.batch_size * config.block_size, micro_batch_size=config.batch_size,
-        block_size=config.block_size, trainable=trainable,
-        eval_every=max(1, steps // config.evals) if config.evals > 0 else 0,
-        # The held-out set is eval_blocks whole blocks: enough micro-batches to read all of it, so the
-        # in-training evaluations and the table read the same tokens.
-        eval_batches=math.ceil(config.eval_blocks / config.batch_size),
-        log_every=max(1, steps // 5), seed=seed, device=config.device, checkpoint_every=0, out_dir=None)
+def train_config(config: CompareConfig, steps: int, lr: float, trainable, seed: int, **kw) -> TrainConfig:
+    # One micro-batch per step; the held-out set is evaluated every check_every steps, all of it
+    # (eval_blocks whole blocks), so the curves and the tables read the same tokens.
+    base = dict(steps=steps, lr=lr, warmup_steps=max(1, steps // 10) if steps > 1 else 0,
+                batch_tokens=config.batch_size * config.block_size, micro_batch_size=config.batch_size,
+                block_size=config.block_size, trainable=trainable, eval_every=config.check_every,
+                eval_batches=math.ceil(config.eval_blocks / config.batch_size),
+                log_every=max(1, min(steps, 100) // 2), seed=seed, device=config.device, checkpoint_every=0,
+                out_dir=None)
+    return TrainConfig(**{**base, **kw})
 
 
-def run_training(name: str, model: Transformer, train_tokens, eval_tokens, tconfig: TrainConfig,
-                 metrics_path: Path | None, log) -> dict:
-    result = train(model, train_tokens, tconfig, eval_tokens, metrics_path=metrics_path,
-                   log=lambda *a: log(f"[{name}]", *a))
-    if result.stopped is not None:
-        # train() turns Ctrl-C / SIGTERM into an early, orderly return: stop the whole comparison
-        # rather than tabulate a run cut short.
+def checked(result):
+    # train() turns Ctrl-C / SIGTERM into an early, orderly return: stop the whole study rather
+    # than tabulate a run cut short.
+    if result.stopped not in (None, "stop_after"):
         raise KeyboardInterrupt(result.stopped)
-    return {"final_train_loss": result.final_loss, "mean_step_s": result.mean_step_s,
-            "tokens_per_s": result.tokens_per_s, "trainable_params": result.trainable_params,
-            "trainable_layers": result.trainable_layers, "losses": result.losses,
-            "evals": [{"step": e["step"], "loss": e["eval_loss"]} for e in result.evals]}
+    return result
 
 
 def held_out(model: Transformer, eval_tokens, config: CompareConfig) -> dict:
@@ -206,128 +258,287 @@ def held_out(model: Transformer, eval_tokens, config: CompareConfig) -> dict:
     return {"loss": r["loss"], "perplexity": r["perplexity"]}
 
 
+def flat_at(curve: list[tuple[int, float]], window: int, tol: float) -> bool:
+    """The flatness criterion on a held-out curve [(step, loss), ...] evaluated every few steps: at
+    its last step s, the best (lowest) held-out loss so far is less than tol below the best one up to
+    step s - window. Early stopping with patience `window`: the running best ignores the step-to-step
+    noise of a constant learning rate. False while the curve is shorter than the window."""
+    if not curve:
+        return False
+    step = curve[-1][0]
+    earlier = [loss for s, loss in curve if s <= step - window]
+    return bool(earlier) and min(earlier) - min(loss for _, loss in curve) < tol
+
+
+def train_base(base: Transformer, train_tokens, eval_tokens, config: CompareConfig, seed: int, metrics, log) -> dict:
+    """Trains the base until its held-out loss is flat, then anneals; see the module docstring.
+
+    Runs as one training run (one optimizer, one data stream) cut into chunks of check_every steps:
+    train() stops after each chunk (stop_after), and the next chunk resumes from its checkpoint with
+    the same state, so the result equals an uninterrupted run that happened to stop there. The
+    anneal resumes with the schedule extended: steps = s + D, the last D steps decaying linearly."""
+    t0 = time.perf_counter()
+    # decay_fraction 0: constant lr after warmup, for as long as it takes.
+    cfg = train_config(config, config.base_max_steps, config.base_lr, "all", seed, warmup_steps=config.base_warmup,
+                       decay_fraction=0.0, checkpoint_every=0, keep_checkpoints=1)
+    curve, step, checkpoint = [], 0, None
+    with tempfile.TemporaryDirectory(prefix="opt-deus-base-") as tmp:
+        cfg = dataclasses.replace(cfg, out_dir=tmp)
+        while step < config.base_max_steps:
+            stop = min(step + config.check_every, config.base_max_steps)
+            r = checked(train(base, train_tokens, dataclasses.replace(cfg, stop_after=stop), eval_tokens,
+                              metrics_path=metrics, log=log, resume_from=checkpoint))
+            step, checkpoint = r.step, r.checkpoint
+            curve += [(e["step"], e["eval_loss"]) for e in r.evals if not curve or e["step"] > curve[-1][0]]
+            if flat_at(curve, config.flat_window, config.flat_tol):
+                break
+        flattened = flat_at(curve, config.flat_window, config.flat_tol)
+        log(f"base {'flattened' if flattened else 'NOT flattened (hit --base-max-steps)'} at step {step}: "
+            f"held-out loss {curve[-1][1]:.4f}")
+        anneal = round(config.anneal_fraction * step)
+        if anneal:
+            total = step + anneal
+            r = checked(train(base, train_tokens, dataclasses.replace(cfg, steps=total, decay_fraction=anneal / total,
+                                                                      stop_after=None, eval_every=0),
+                              eval_tokens, metrics_path=metrics, log=log, resume_from=checkpoint))
+            curve += [(e["step"], e["eval_loss"]) for e in r.evals if e["step"] > curve[-1][0]]
+    return {"constant_lr_steps": step, "anneal_steps": anneal, "steps": step + anneal, "flattened": flattened,
+            "curve": [{"step": s, "loss": l} for s, l in curve], "seconds": time.perf_counter() - t0}
+
+
+def stable_phase_flat(evals: list[dict], steps: int, config: CompareConfig) -> bool:
+    # The arms train on train.py's WSD schedule, whose last decay_fraction of the steps decays: the
+    # criterion is read where the constant-lr phase ends, so the decay's drop is not taken for progress.
+    stable_end = steps - round(TrainConfig.decay_fraction * steps)
+    curve = [(e["step"], e["loss"]) for e in evals if e["step"] <= stable_end]
+    return flat_at(curve, config.flat_window, config.flat_tol)
+
+
 # ----------------------------------------------------------------------------------------------
-# The experiment
+# One seed: a base, every arm, the reference
 
 
-def run_compare(config: CompareConfig, out=None, log=print) -> dict:
-    """Runs the whole comparison and returns the summary (what summary.json holds). With `out`,
-    writes summary.md, summary.json, runs/*.jsonl and loss_curves.png there (replacing it)."""
-    config.validate()
-    if out is None:
-        return _run(config, None, log)
-    with output_folder(out) as tmp:
-        summary = _run(config, tmp, log)
-    log(f"wrote {Path(out)}/summary.md, summary.json, runs/" + (", loss_curves.png" if summary["plot"] else ""))
-    return summary
+def shared_base(config: CompareConfig, runs_dir: str | None, log) -> dict:
+    """--shared-base: one base (seed = the first seed) trained once, grown by every seed's arms."""
+    train_tokens, eval_tokens, data_info = load_corpus(config)
+    seed = config.seeds[0]
+    folder = Path(runs_dir) / "shared-base" if runs_dir else None
+    metrics = folder / "base.jsonl" if folder else None
+    base = make_base(config, seed)
+    record = train_base(base, train_tokens, eval_tokens, config, seed, metrics, lambda *a: log("[shared base]", *a))
+    if metrics is not None:
+        stamp_jsonl(metrics, {"arm": "base", "seed": seed, **reproducibility(data_info["corpus_sha256"])})
+    return {"state": {k: v.clone() for k, v in base.state_dict().items()}, "record": record, "seed": seed}
 
 
-def _run(config: CompareConfig, folder: Path | None, log) -> dict:
+def run_seed(config: CompareConfig, seed: int, runs_dir: str | None, log=print, base_given: dict | None = None) -> dict:
+    """One seed: its own base (or the shared one), every arm, the reference. The seed sets the
+    base's initialisation and data order and, through seed + 1000, the arms' data order."""
     t_start = time.perf_counter()
-    runs_dir = None
+    train_tokens, eval_tokens, data_info = load_corpus(config)
+    stamp = {"seed": seed, **reproducibility(data_info["corpus_sha256"])}
+    folder = Path(runs_dir) / f"seed{seed}" if runs_dir else None
     if folder is not None:
-        runs_dir = folder / "runs"
-        runs_dir.mkdir()
+        folder.mkdir(parents=True, exist_ok=True)
 
     def metrics(name):
-        return runs_dir / f"{name}.jsonl" if runs_dir else None
+        return folder / f"{name}.jsonl" if folder else None
 
-    train_tokens, eval_tokens, data_info = load_corpus(config)
-    log(f"data: {data_info['train_tokens']:,} training bytes from {data_info['train_files']} files, "
-        f"{data_info['eval_tokens']:,} held-out bytes from {data_info['eval_files']} other files ({data_info['root']})")
+    def finish(name):
+        if folder is not None:
+            stamp_jsonl(metrics(name), {"arm": name, **stamp})
 
-    # 1. The base model, trained from scratch.
-    base = make_base(config)
+    base = make_base(config, seed)
     n_params = sum(p.numel() for p in base.parameters())
-    log(f"base: {config.layers} layers, hidden {config.hidden}, {n_params:,} parameters; "
-        f"training {config.base_steps} steps of {config.batch_size} x {config.block_size} bytes")
-    base_run = run_training("base", base, train_tokens, eval_tokens,
-                            train_config(config, config.base_steps, config.base_lr, "all", config.seed),
-                            metrics("base"), log)
+    log(f"base: {config.layers} layers, hidden {config.hidden}, {n_params:,} parameters")
+    if base_given is None:
+        base_run = train_base(base, train_tokens, eval_tokens, config, seed, metrics("base"), log)
+        finish("base")
+    else:
+        base.load_state_dict(base_given["state"])
+        base_run = {**base_given["record"], "shared_from_seed": base_given["seed"]}
     base_eval = held_out(base, eval_tokens, config)
-    log(f"base held-out loss {base_eval['loss']:.4f} (perplexity {base_eval['perplexity']:.3f})")
+    log(f"base held-out loss {base_eval['loss']:.4f} after {base_run['steps']} steps")
 
-    # 2-3. Every method, then the reference. The continued training reads its own shuffle
-    # (seed + 1), not a replay of the base's first batches, and the same one for every method.
-    results = []
-    grow_seed = config.seed + 1
+    # Every arm reads the same continued-training stream (seed + 1000), not a replay of the base's.
+    grow_seed = seed + 1000
+    arms = {}
     for name in config.methods:
         t0 = time.perf_counter()
         grown, report = grow_by_name(base, name, config.new_layers, config.position)
         grow_s = time.perf_counter() - t0
+        zero_init = growth_options(name).zero_init
         after_growth = held_out(grown, eval_tokens, config)
-        log(f"{name}: grew {config.layers} -> {len(grown.layers)} layers in {grow_s:.1f}s, new layers "
-            f"{report['new_layers']}; held-out loss right after growth {after_growth['loss']:.4f}")
-        run = run_training(name, grown, train_tokens, eval_tokens,
-                           train_config(config, config.grow_steps, config.grow_lr, config.trainable, grow_seed),
-                           metrics(name), log)
+        # A zero-init arm computes the base function: the same held-out loss, to the last bit.
+        if zero_init and after_growth["loss"] != base_eval["loss"]:
+            raise ExperimentError(f"seed {seed}, {name}: held-out loss right after growth {after_growth['loss']!r} "
+                                  f"differs from the base's {base_eval['loss']!r}; a zero-init arm must start exactly "
+                                  f"at the base function")
+        log(f"{name}: grew {config.layers} -> {len(grown.layers)} layers in {grow_s:.1f}s (new layers "
+            f"{report['new_layers']}); held-out loss after growth {after_growth['loss']:.4f}")
+        r = checked(train(grown, train_tokens, train_config(config, config.grow_steps, config.grow_lr, config.trainable,
+                                                              grow_seed), eval_tokens,
+                          metrics_path=metrics(name), log=lambda *a: log(f"[{name}]", *a)))
+        finish(name)
+        evals = [{"step": e["step"], "loss": e["eval_loss"]} for e in r.evals]
         after = held_out(grown, eval_tokens, config)
-        log(f"{name}: held-out loss after training {after['loss']:.4f} ({run['mean_step_s']:.3f} s/step)")
-        results.append({"method": name, "growth": {k: report[k] for k in ("method", "align", "epsilon", "zero_init",
-                                                                         "position", "insert_after", "new_layers")},
-                        "layers": len(grown.layers), "grow_seconds": grow_s,
-                        "after_growth": after_growth, "after_training": after, **run})
+        log(f"{name}: held-out loss after training {after['loss']:.4f} ({r.mean_step_s:.3f} s/step)")
+        arms[name] = {"growth": {k: report.get(k) for k in ("method", "align", "epsilon", "zero_init", "normalize_plan",
+                                                             "position", "insert_after", "new_layers")},
+                      "zero_init": zero_init, "layers": len(grown.layers), "grow_seconds": grow_s,
+                      "after_growth": after_growth, "after_training": after, "evals": evals,
+                      "flattened": stable_phase_flat(evals, config.grow_steps, config),
+                      "losses": r.losses, "mean_step_s": r.mean_step_s, "trainable_params": r.trainable_params,
+                      "trainable_layers": r.trainable_layers}
         del grown
 
     if config.reference:
         reference = copy.deepcopy(base)
-        run = run_training("base+train", reference, train_tokens, eval_tokens,
-                           train_config(config, config.grow_steps, config.grow_lr, "all", grow_seed),
-                           metrics("base+train"), log)
+        r = checked(train(reference, train_tokens, train_config(config, config.grow_steps, config.grow_lr, "all",
+                                                                  grow_seed), eval_tokens,
+                          metrics_path=metrics(REFERENCE), log=lambda *a: log(f"[{REFERENCE}]", *a)))
+        finish(REFERENCE)
+        evals = [{"step": e["step"], "loss": e["eval_loss"]} for e in r.evals]
         after = held_out(reference, eval_tokens, config)
-        log(f"base+train (no growth, all layers): held-out loss {after['loss']:.4f}")
-        results.append({"method": "base+train", "growth": None, "layers": config.layers, "grow_seconds": 0.0,
-                        "after_growth": base_eval, "after_training": after, **run})
+        log(f"{REFERENCE} (no growth, all layers): held-out loss {after['loss']:.4f}")
+        arms[REFERENCE] = {"growth": None, "zero_init": True, "layers": config.layers, "grow_seconds": 0.0,
+                           "after_growth": base_eval, "after_training": after, "evals": evals,
+                           "flattened": stable_phase_flat(evals, config.grow_steps, config), "losses": r.losses,
+                           "mean_step_s": r.mean_step_s, "trainable_params": r.trainable_params,
+                           "trainable_layers": r.trainable_layers}
 
-    summary = {"config": dataclasses.asdict(config), "data": data_info, "environment": environment(),
-               "base": {"params": n_params, "held_out": base_eval, **base_run}, "results": results,
-               "elapsed_s": time.perf_counter() - t_start, "plot": None}
+    return {"seed": seed, "data": data_info, "base": {"params": n_params, "held_out": base_eval, **base_run},
+            "arms": arms, "seconds": time.perf_counter() - t_start}
+
+
+def _seed_job(job) -> dict:
+    # map_jobs' worker: a seed in its own process, its log lines prefixed with the seed.
+    config, seed, runs_dir, base_given = job
+    return run_seed(config, seed, runs_dir, log=lambda *a: print(f"[seed {seed}]", *a, flush=True),
+                    base_given=base_given)
+
+
+# ----------------------------------------------------------------------------------------------
+# The study: every seed, then the paired comparisons
+
+
+def run_compare(config: CompareConfig, out=None, log=print, jobs: int = 1) -> dict:
+    """Runs the study and returns the summary (what summary.json holds). With `out`, writes
+    summary.md, summary.json, runs/ and curves.png there (replacing it). jobs > 1 runs seeds in
+    that many worker processes (one torch thread each)."""
+    config.validate()
+    config = dataclasses.replace(config, methods=available_methods(config.methods, log))
+    if not config.methods:
+        raise ExperimentError("no method left to run")
+    if out is None:
+        return _run(config, None, log, jobs)
+    with output_folder(out) as tmp:
+        summary = _run(config, tmp, log, jobs)
+    log(f"wrote {Path(out)}/summary.md, summary.json, runs/" + "".join(", " + p for p in summary["plots"]))
+    return summary
+
+
+def _run(config: CompareConfig, folder: Path | None, log, jobs: int) -> dict:
+    t_start = time.perf_counter()
+    runs_dir = str(folder / "runs") if folder is not None else None
+    _, _, data_info = load_corpus(config)
+    log(f"data: {data_info['train_tokens']:,} training bytes from {data_info['train_files']} files, "
+        f"{data_info['eval_tokens']:,} held-out bytes from {data_info['eval_files']} other files "
+        f"({data_info['root']}); "
+        f"Python {reproducibility('')['python']}, corpus sha256 {data_info['corpus_sha256']}")
+    log(f"arms: {', '.join(config.methods)}{', ' + REFERENCE if config.reference else ''}; seeds {list(config.seeds)}"
+        f"{f'; {jobs} worker processes' if jobs > 1 else ''}")
+    # A shared base trains here, before the workers start (with --threads, on all of this process's threads).
+    base_given = shared_base(config, runs_dir, log) if config.shared_base else None
+    if jobs > 1:
+        seeds = map_jobs(_seed_job, [(config, seed, runs_dir, base_given) for seed in config.seeds], jobs)
+    else:
+        seeds = [run_seed(config, seed, runs_dir, log=lambda *a, s=seed: log(f"[seed {s}]", *a), base_given=base_given)
+                 for seed in config.seeds]
+    summary = {"config": dataclasses.asdict(config), "data": data_info,
+               "reproducibility": reproducibility(data_info["corpus_sha256"]), "environment": environment(),
+               "arms": list(seeds[0]["arms"]), "seeds": seeds, "comparisons": comparisons(seeds),
+               "elapsed_s": time.perf_counter() - t_start, "jobs": jobs, "plots": []}
     if folder is not None:
         (folder / "summary.md").write_text(summary_markdown(summary))
-        summary["plot"] = plot_curves(summary, folder / "loss_curves.png", log)
+        summary["plots"] = plot_curves(summary, folder / "curves.png", log)
         write_json(folder / "summary.json", summary)
     log("\n" + summary_markdown(summary))
     log(f"total time {summary['elapsed_s']:.0f}s")
     return summary
 
 
+def final_losses(seeds: list[dict], arm: str) -> list[float]:
+    return [s["arms"][arm]["after_training"]["loss"] for s in seeds]
+
+
+def comparisons(seeds: list[dict]) -> dict:
+    return paired_comparisons({arm: final_losses(seeds, arm) for arm in seeds[0]["arms"]})
+
+
+def eval_curves(seeds: list[dict], arm: str) -> tuple[list[int], np.ndarray]:
+    # (steps, seeds x steps held-out losses); every seed evaluates at the same steps.
+    steps = [e["step"] for e in seeds[0]["arms"][arm]["evals"]]
+    return steps, np.array([[e["loss"] for e in s["arms"][arm]["evals"]] for s in seeds])
+
+
 def summary_markdown(summary: dict) -> str:
-    c, base = summary["config"], summary["base"]
-    headers = ["method", "layers", "held-out loss after growth", "ppl after growth", "held-out loss after training",
-               "ppl after training", "s/step", "trainable params"]
-    rows = [["base (before growth)", c["layers"], fmt(base["held_out"]["loss"]), fmt(base["held_out"]["perplexity"], 3),
-             "", "", "", ""]]
-    for r in summary["results"]:
-        name = r["method"] + (" (no growth, all layers trained)" if r["growth"] is None else "")
-        rows.append([name, r["layers"], fmt(r["after_growth"]["loss"]), fmt(r["after_growth"]["perplexity"], 3),
-                     fmt(r["after_training"]["loss"]), fmt(r["after_training"]["perplexity"], 3),
-                     fmt(r["mean_step_s"], 3), fmt(r["trainable_params"])])
+    c, seeds, data, rep = summary["config"], summary["seeds"], summary["data"], summary["reproducibility"]
+    n = len(seeds)
     trained = "only the new layers" if c["trainable"] == "new" else "all layers"
-    head = (f"Base: {c['layers']} layers, hidden {c['hidden']}, {base['params']:,} parameters, trained "
-            f"{c['base_steps']} steps. Grown to {c['layers'] + c['new_layers']} layers ({c['position']} positions; "
-            f"solar places its own), then {c['grow_steps']} steps of {c['batch_size']} x {c['block_size']} bytes, "
-            f"{trained} trainable. Held-out: {summary['data']['eval_tokens']:,} bytes of other stdlib files; "
-            f"perplexity per byte. s/step: mean wall time per training step (noisy on a shared machine).\n\n")
-    return head + markdown_table(headers, rows)
+    base_steps = [s["base"]["steps"] for s in seeds]
+    n_flat = sum(s["base"]["flattened"] for s in seeds)
+    listed = ", ".join(map(str, c["seeds"]))
+    which = (f"one, trained with seed {c['seeds'][0]} and shared by seeds {listed} (they vary the arms' data order "
+             f"only)" if c["shared_base"] else f"one per seed (seeds {listed})")
+    text = (f"Python {rep['python']}, torch {rep['torch']}, corpus sha256 `{rep['corpus_sha256']}` "
+            f"({data['train_tokens']:,} training bytes, {data['eval_tokens']:,} held-out bytes). "
+            f"Device {c['device']}; {summary['environment']['processor']}; wall time {summary['elapsed_s']:.0f} s "
+            f"with {summary['jobs']} worker process(es).\n\n"
+            f"Base: {c['layers']} layers, hidden {c['hidden']}, {seeds[0]['base']['params']:,} parameters, {which}. "
+            f"Trained at lr {c['base_lr']} until its best held-out loss improved by less than {c['flat_tol']} nats "
+            f"over {c['flat_window']} steps (checked every {c['check_every']}; at most {c['base_max_steps']}), then "
+            f"annealed for {c['anneal_fraction']:.0%} of that: {min(base_steps)}–{max(base_steps)} steps in all; "
+            f"flattened in {n_flat} of {n} seeds. Grown to {c['layers'] + c['new_layers']} "
+            f"layers ({c['position']} gaps; solar places its own), then {c['grow_steps']} steps of {c['batch_size']} x "
+            f"{c['block_size']} bytes (lr {c['grow_lr']}, WSD), {trained} trainable, the same data order for every arm "
+            f"of a seed. Loss: nats per byte on the held-out bytes.\n\n")
+    headers = ["arm", "zero-init", "loss after growth", "final loss (mean ± sd)", "Δ vs avg-zero [95% CI]",
+               "Δ vs llama-pro [95% CI]", "flat (seeds)", "s/step"]
+    rows = [["base (before growth)", "", fmt_pm([s["base"]["held_out"]["loss"] for s in seeds], 4), "", "", "", "", ""]]
+    for arm in summary["arms"]:
+        runs = [s["arms"][arm] for s in seeds]
+        comp = summary["comparisons"][arm]
+        rows.append([arm + (" (no growth, all layers)" if arm == REFERENCE else ""),
+                     "yes" if runs[0]["zero_init"] else "no",
+                     fmt_pm([r["after_growth"]["loss"] for r in runs], 4),
+                     fmt_pm(final_losses(seeds, arm), 4),
+                     fmt_interval(comp["avg-zero"]) if "avg-zero" in comp else "",
+                     fmt_interval(comp["llama-pro"]) if "llama-pro" in comp else "",
+                     f"{sum(r['flattened'] for r in runs)}/{n}",
+                     fmt(mean_std([r["mean_step_s"] for r in runs])[0], 3)])
+    text += markdown_table(headers, rows)
+    text += (f"\nΔ: final held-out loss of the arm minus the baseline's, paired by seed (negative: the arm is "
+             f"better), mean over {n} seeds with a 95 % t-interval. flat: seeds whose best held-out loss improved by "
+             f"less than {c['flat_tol']} over the last {c['flat_window']} steps before the learning-rate decay.\n\n")
+    # Whole curves: mean held-out loss over seeds at (at most 9) evaluation steps.
+    steps, _ = eval_curves(seeds, summary["arms"][0])
+    pick = sorted({round(i * (len(steps) - 1) / 8) for i in range(9)}) if len(steps) > 9 else range(len(steps))
+    headers = ["arm"] + [str(steps[i]) for i in pick]
+    rows = []
+    for arm in summary["arms"]:
+        _, curves = eval_curves(seeds, arm)
+        rows.append([arm] + [fmt(float(curves[:, i].mean())) for i in pick])
+    text += "Held-out loss during training (mean over seeds), by step after growth:\n\n" + markdown_table(headers, rows)
+    return text
 
 
-def plot_curves(summary: dict, path: Path, log) -> str | None:
-    fig, axes = new_figure(2)
-    if fig is None:
-        log("matplotlib is not installed: skipping loss_curves.png (pip install matplotlib)")
-        return None
-    for r in summary["results"]:
-        steps = range(1, len(r["losses"]) + 1)
-        axes[0].plot(steps, ema(r["losses"]), label=r["method"])
-        axes[1].plot([e["step"] for e in r["evals"]], [e["loss"] for e in r["evals"]], marker="o", label=r["method"])
-    axes[0].set(title="training loss (EMA 0.9)", xlabel="step after growth", ylabel="loss (nats/byte)")
-    axes[1].set(title="held-out loss", xlabel="step after growth", ylabel="loss (nats/byte)")
-    axes[1].axhline(summary["base"]["held_out"]["loss"], color="gray", linestyle=":", label="base")
-    for ax in axes:
-        ax.grid(alpha=0.3)
-        ax.legend(fontsize=8)
-    save_figure(fig, path)
-    return path.name
+def plot_curves(summary: dict, path: Path, log) -> list[str]:
+    seeds, rep = summary["seeds"], summary["reproducibility"]
+    return plot_paired_curves(path, {arm: eval_curves(seeds, arm) for arm in summary["arms"]},
+                              {arm: seeds[0]["arms"][arm]["zero_init"] for arm in summary["arms"]},
+                              f"experiments/compare.py: Python {rep['python']}, corpus sha256 "
+                              f"{rep['corpus_sha256'][:16]}…, {len(seeds)} seeds", "loss (nats/byte)", log)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -336,58 +547,80 @@ def plot_curves(summary: dict, path: Path, log) -> str | None:
 
 def build_parser() -> argparse.ArgumentParser:
     d = CompareConfig()
-    p = argparse.ArgumentParser(description="Grow a small byte-level LLaMA with each depth up-scaling method, "
-                                            "continue training, compare held-out loss. Runs on the standard "
-                                            "library's source: nothing to download.",
+    p = argparse.ArgumentParser(description="The study: grow a small byte-level LLaMA with each depth up-scaling "
+                                            "method, continue training, compare held-out loss paired by seed. Runs "
+                                            "on the standard library's source: nothing to download.",
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    g = p.add_argument_group("base model")
-    g.add_argument("--layers", type=int, default=d.layers)
-    g.add_argument("--hidden", type=int, default=d.hidden)
-    g.add_argument("--heads", type=int, default=d.heads)
-    g.add_argument("--kv-heads", type=int, default=d.kv_heads)
-    g.add_argument("--head-dim", type=int, default=d.head_dim)
-    g.add_argument("--intermediate", type=int, default=d.intermediate)
-    g.add_argument("--block-size", type=int, default=d.block_size, help="bytes per sequence")
+    p.add_argument("--preset", choices=sorted(PRESETS), default="default",
+                   help="sizes; every flag below overrides it. " + "; ".join(
+                       f"{k}: " + (", ".join(f"{a}={v}" for a, v in s.items()) or "the defaults shown")
+                       for k, s in PRESETS.items()))
+    g = p.add_argument_group("base model (defaults: preset 'default')")
+    for name in ("layers", "hidden", "heads", "kv_heads", "head_dim", "intermediate", "block_size"):
+        g.add_argument("--" + name.replace("_", "-"), type=int, default=None, help=f"({getattr(d, name)})")
     g = p.add_argument_group("growth")
-    g.add_argument("--new-layers", type=int, default=d.new_layers, help="layers added to the base")
-    g.add_argument("--position", choices=POSITIONS, default=d.position, help="where new layers go (not solar)")
-    g.add_argument("--methods", default=",".join(d.methods), help=f"comma list from {', '.join(METHODS)}")
-    g.add_argument("--reference", action=argparse.BooleanOptionalAction, default=d.reference,
-                   help="also train the un-grown base (all layers) for the same budget")
+    g.add_argument("--new-layers", type=int, default=None, help=f"layers added to the base ({d.new_layers})")
+    g.add_argument("--position", choices=POSITIONS, default=None, help=f"where new layers go, not solar ({d.position})")
+    g.add_argument("--methods", default=None, help=f"comma list ({','.join(d.methods)})")
+    g.add_argument("--reference", action=argparse.BooleanOptionalAction, default=None,
+                   help=f"also train the un-grown base, all layers, for the same budget ({d.reference})")
     g = p.add_argument_group("training")
-    g.add_argument("--batch-size", type=int, default=d.batch_size, help="sequences per step")
-    g.add_argument("--base-steps", type=int, default=d.base_steps)
-    g.add_argument("--base-lr", type=float, default=d.base_lr)
-    g.add_argument("--grow-steps", type=int, default=d.grow_steps, help="steps of training after growth, per method")
-    g.add_argument("--grow-lr", type=float, default=d.grow_lr)
-    g.add_argument("--trainable", choices=("new", "all"), default=d.trainable, help="what trains after growth")
-    g.add_argument("--evals", type=int, default=d.evals, help="held-out evaluations per run (0: only the end)")
-    g.add_argument("--seed", type=int, default=d.seed)
-    g.add_argument("--device", default=d.device, help="cpu, cuda, cuda:1, ... (cuda trains in bf16 autocast)")
+    for name, kind, what in [("batch_size", int, "sequences per step"), ("base_max_steps", int, ""),
+                             ("base_warmup", int, ""), ("base_lr", float, ""),
+                             ("check_every", int, "held-out evaluation interval"),
+                             ("flat_window", int, "the flatness criterion's window, steps"),
+                             ("flat_tol", float, "flat: held-out loss fell less than this over the window"),
+                             ("anneal_fraction", float, "base anneal steps / constant-lr steps"),
+                             ("grow_steps", int, "steps after growth, every arm"), ("grow_lr", float, "")]:
+        g.add_argument("--" + name.replace("_", "-"), type=kind, default=None, help=f"{what} ({getattr(d, name)})")
+    g.add_argument("--trainable", choices=("new", "all"), default=None,
+                   help=f"what trains after growth ({d.trainable})")
+    g.add_argument("--seeds", default=None, help=f"comma list ({','.join(map(str, d.seeds))})")
+    g.add_argument("--shared-base", action=argparse.BooleanOptionalAction, default=None,
+                   help=f"one base for all seeds, trained once with the first seed ({d.shared_base})")
+    g.add_argument("--device", default=None, help=f"cpu, cuda, ... (cuda trains in bf16 autocast) ({d.device})")
     g.add_argument("--threads", type=int, default=1,
                    help="CPU threads for torch (0: torch's default, all cores). On a small or busy machine, "
                         "OpenMP threads competing with other processes can be many times slower than one")
+    g.add_argument("--jobs", type=int, default=1, help="seeds run in this many worker processes, one thread each")
     g = p.add_argument_group("data")
-    g.add_argument("--train-bytes", type=int, default=d.train_bytes)
-    g.add_argument("--eval-blocks", type=int, default=d.eval_blocks, help="held-out blocks of --block-size bytes")
-    g.add_argument("--data-dir", default=d.data_dir, help="folder of .py files (default: this Python's stdlib)")
+    g.add_argument("--train-bytes", type=int, default=None, help=f"({d.train_bytes})")
+    g.add_argument("--eval-blocks", type=int, default=None,
+                   help=f"held-out blocks of --block-size bytes ({d.eval_blocks})")
+    g.add_argument("--data-dir", default=None, help="folder of .py files (default: this Python's stdlib)")
     p.add_argument("--out", default="runs/compare", help="results folder (replaced)")
     return p
+
+
+def config_from_args(args) -> CompareConfig:
+    overrides = {}
+    for f in dataclasses.fields(CompareConfig):
+        value = getattr(args, f.name, None)
+        if value is None or f.name in ("methods", "seeds"):
+            continue
+        overrides[f.name] = value
+    if args.methods is not None:
+        overrides["methods"] = tuple(parse_list(args.methods, "--methods", METHODS))
+    if args.seeds is not None:
+        try:
+            overrides["seeds"] = tuple(int(s) for s in parse_list(args.seeds, "--seeds"))
+        except ValueError:
+            raise ExperimentError(f"--seeds {args.seeds!r}: expected comma-separated integers") from None
+    return preset_config(args.preset, **overrides)
 
 
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     try:
-        if args.device.startswith("cuda") and not torch.cuda.is_available():
-            raise ExperimentError(f"--device {args.device}: CUDA is not available")
-        if args.threads < 0:
-            raise ExperimentError("--threads must be >= 0")
-        config = CompareConfig(**{f.name: getattr(args, f.name) for f in dataclasses.fields(CompareConfig)
-                                  if f.name != "methods"},
-                               methods=tuple(parse_list(args.methods, "--methods", METHODS)))
+        config = config_from_args(args)
+        config.validate()
+        if config.device.startswith("cuda") and not torch.cuda.is_available():
+            raise ExperimentError(f"--device {config.device}: CUDA is not available")
+        if args.threads < 0 or args.jobs < 1:
+            raise ExperimentError("--threads must be >= 0 and --jobs >= 1")
         if args.threads:
             torch.set_num_threads(args.threads)  # this process only, from the command line only
-        run_compare(config, args.out, log=lambda *a: print(*a, flush=True))
+        run_compare(config, args.out, log=lambda *a: print(*a, flush=True), jobs=args.jobs)
     except KeyboardInterrupt:
         print("compare.py: interrupted; nothing written", file=sys.stderr)
         return 130

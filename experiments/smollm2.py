@@ -1,18 +1,23 @@
 """The real-checkpoint experiment: grow SmolLM2-135M from 30 to 45 layers, continue pre-training.
 
     python experiments/smollm2.py --preset cpu     # ~20-30 minutes on 2 CPU cores, a reduced run
+    python experiments/smollm2.py --preset study --jobs 2   # the study's SmolLM2 part (see docs/RESULTS.md)
     python experiments/smollm2.py --preset gpu     # sized for one ~10-minute call on one H100
 
-Every method (OpT-DeUS structured and paper alignment, Avg-DeUS with and without zero-init,
-LLaMA Pro, SOLAR) grows the base to the same depth with a new layer in each of the top 15 gaps
-(the paper's SmolLM2 setting; SOLAR places its repeated layers itself), and OpT-DeUS (structured)
-also grows into the middle and bottom gaps. Each grown model continues pre-training with only the
+Every method (OpT-DeUS as published, paper alignment with and without plan normalisation,
+structured; Avg-DeUS with and without zero-init, LLaMA Pro, SOLAR) grows the base to the same depth
+with a new layer in each of the top 15 gaps (the paper's SmolLM2 setting; SOLAR places its repeated
+layers itself), and OpT-DeUS (structured) also grows into the middle and bottom gaps. Each grown model continues pre-training with only the
 new layers trainable, on Jane Austen's novels (tokenised with the checkpoint's tokenizer.json) with
 one novel held out for perplexity, once per seed. Growth is deterministic, so the after-growth
 perplexity is measured once per grown model; seeds change the training data order.
 
-Outputs under --out: runs/<method>@<position>-seed<k>.jsonl (training metrics), summary.md,
-summary.json, loss_curves.png and step_time_by_position.png (with matplotlib).
+Zero-init arms must start at the base's held-out loss exactly (checked). Final held-out losses are
+compared paired by seed against avg-zero and llama-pro (mean difference, 95 % t-interval).
+
+Outputs under --out: runs/<method>@<position>-seed<k>.jsonl (training metrics; first line: the run,
+the Python version and the corpus fingerprint), summary.md, summary.json, curves.png, loss_curves.png
+and step_time_by_position.png (with matplotlib).
 
 --base is a Hugging Face LLaMA folder with tokenizer.json (default: the SmolLM2 folder that
 tests/smollm2.py converts and caches); --data is text files or folders (.txt, .txt.gz), by
@@ -39,9 +44,10 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))  # so `python experiments/smollm2.py` works without `pip install -e .`
 
-from experiments.common import (METHODS, ExperimentError, ema, environment, fmt, fmt_pm, grow_by_name,  # noqa: E402
-                                markdown_table, mean_std, new_figure, output_folder, parse_list, save_figure,
-                                write_json)
+from experiments.common import (METHODS, ExperimentError, available_methods, ema, environment, fmt,  # noqa: E402
+                                fmt_interval, fmt_pm, grow_by_name, growth_options, map_jobs, markdown_table,
+                                mean_std, new_figure, output_folder, paired_comparisons, parse_list,
+                                plot_paired_curves, reproducibility, save_figure, stamp_jsonl, write_json)
 from model import CheckpointError, Transformer  # noqa: E402
 from opt_deus import POSITIONS, GrowthError  # noqa: E402
 from train import (HFTokenizer, TrainConfig, TrainError, evaluate, iter_documents, list_data_files,  # noqa: E402
@@ -49,14 +55,20 @@ from train import (HFTokenizer, TrainConfig, TrainError, evaluate, iter_document
 
 # Settings that differ between the presets; every other option has one default. Each is a flag too.
 PRESETS = {
-    # One H100, bf16 autocast: 8 configurations x 3 seeds x 100 steps of 8 x 2048 tokens, the whole
-    # held-out novel evaluated every 25 steps. Sized to fit a 10-minute call; not run yet.
+    # One H100, bf16 autocast: 10 configurations (8 arms at the top, opt-structured at 2 more
+    # positions) x 3 seeds x 100 steps of 8 x 2048 tokens, the whole held-out novel evaluated every 25
+    # steps. Sized (for 8 configurations) to fit a 10-minute call; not run yet.
     "gpu": dict(device="cuda", block_size=2048, batch_size=8, micro_batch_size=8, steps=100, lr=3e-4,
                 seeds=(0, 1, 2), eval_tokens=None, evals=4),
     # 2 CPU cores: a handful of short steps per run, a few thousand held-out tokens. Enough to see
     # function preservation, early trends and step time by position, not converged numbers.
     "cpu": dict(device="cpu", block_size=256, batch_size=2, micro_batch_size=2, steps=8, lr=3e-4,
                 seeds=(0, 1), eval_tokens=2048, evals=0),
+    # The study's SmolLM2 part, 2 idle CPU cores with --jobs 2: every arm at the top gaps, 3 seeds, as
+    # many steps as fit ~25 minutes (an estimate from ~4.4 s per step measured with the cpu preset),
+    # 4,096 held-out tokens evaluated 5 times per run for the curves.
+    "study": dict(device="cpu", block_size=256, batch_size=2, micro_batch_size=2, steps=25, lr=3e-4,
+                  seeds=(0, 1, 2), eval_tokens=4096, evals=5, positions=()),
 }
 
 
@@ -159,7 +171,9 @@ def load_tokens(config: SmolConfig, tokenizer) -> tuple[np.ndarray, np.ndarray, 
             "train_tokens": int(len(train_tokens)), "eval_tokens": int(len(eval_tokens) - 1),
             "eval_blocks": n_blocks, "tokenizer": getattr(tokenizer, "name", type(tokenizer).__name__),
             "train_sha256": hashlib.sha256(train_tokens.tobytes()).hexdigest()[:16],
-            "eval_sha256": hashlib.sha256(eval_tokens.tobytes()).hexdigest()[:16]}
+            "eval_sha256": hashlib.sha256(eval_tokens.tobytes()).hexdigest()[:16],
+            # The fingerprint of the data as the models read it (uint32 tokens: training, then held out).
+            "corpus_sha256": hashlib.sha256(train_tokens.tobytes() + eval_tokens.tobytes()).hexdigest()}
     return train_tokens, eval_tokens, info
 
 
@@ -183,77 +197,128 @@ def train_config(config: SmolConfig, seed: int, n_eval_blocks: int) -> TrainConf
         timing_skip_steps=1 if config.steps > 1 else 0)
 
 
-def run_smollm2(config: SmolConfig, out=None, log=print) -> dict:
+def run_smollm2(config: SmolConfig, out=None, log=print, jobs: int = 1) -> dict:
     """Runs the experiment and returns the summary (what summary.json holds). With `out`, writes
-    everything there (replacing it) through a temporary folder."""
+    everything there (replacing it) through a temporary folder. jobs > 1 runs the grown models in
+    that many worker processes (one torch thread each)."""
     config.validate()
+    config = dataclasses.replace(config, methods=available_methods(config.methods, log))
+    if not config.methods:
+        raise ExperimentError("no method left to run")
     if out is None:
-        return _run(config, None, log)
+        return _run(config, None, log, jobs)
     with output_folder(out) as tmp:
-        summary = _run(config, tmp, log)
-    log(f"wrote {Path(out)}/summary.md, summary.json, runs/")
+        summary = _run(config, tmp, log, jobs)
+    log(f"wrote {Path(out)}/summary.md, summary.json, runs/" + "".join(", " + p for p in summary["plots"]))
     return summary
 
 
-def _run(config: SmolConfig, folder: Path | None, log) -> dict:
+@dataclass
+class Prepared:
+    # What every run reads: the tokens, the base model and its held-out loss.
+    train_tokens: np.ndarray
+    eval_tokens: np.ndarray
+    data_info: dict
+    base: Transformer
+    base_eval: dict
+
+
+def prepare(config: SmolConfig, log) -> Prepared:
+    device = resolve_device(config.device)
+    tokenizer = load_tokenizer(config.base)
+    if not isinstance(tokenizer, HFTokenizer):
+        raise ExperimentError(f"{config.base}: no tokenizer.json (or the tokenizers package is missing)")
+    train_tokens, eval_tokens, data_info = load_tokens(config, tokenizer)
+    base = Transformer.from_pretrained(config.base, dtype=torch.float32, device=device)
+    if base.args.vocab_size < tokenizer.vocab_size:
+        raise ExperimentError(f"{config.base}: tokenizer has {tokenizer.vocab_size} tokens, model {base.args.vocab_size}")
+    return Prepared(train_tokens, eval_tokens, data_info, base, held_out(base, eval_tokens, config))
+
+
+def run_arm(prepared: Prepared, config: SmolConfig, method: str, position: str, runs_dir: str | None, log) -> dict:
+    """Grows the base with one method at one position, then trains a copy per seed."""
+    p = prepared
+    name = run_name(method, position)
+    L = p.base.args.num_hidden_layers
+    t0 = time.perf_counter()
+    grown, report = grow_by_name(p.base, method, config.new_layers, position)
+    grow_s = time.perf_counter() - t0
+    zero_init = growth_options(method).zero_init
+    after_growth = held_out(grown, p.eval_tokens, config)
+    # A zero-init arm computes the base function: the same held-out loss, to the last bit.
+    if zero_init and after_growth["loss"] != p.base_eval["loss"]:
+        raise ExperimentError(f"{name}: held-out loss right after growth {after_growth['loss']!r} differs from "
+                              f"the base's {p.base_eval['loss']!r}; a zero-init arm must start exactly at the base "
+                              f"function")
+    log(f"{name}: grew {L} -> {len(grown.layers)} layers in {grow_s:.1f}s (new {report['new_layers']}); "
+        f"held-out perplexity {after_growth['perplexity']:.3f}")
+    stamp = reproducibility(p.data_info["corpus_sha256"])
+    seeds = []
+    for seed in config.seeds:
+        model = copy.deepcopy(grown)
+        metrics = Path(runs_dir) / f"{name}-seed{seed}.jsonl" if runs_dir else None
+        r = train(model, p.train_tokens, train_config(config, seed, p.data_info["eval_blocks"]), p.eval_tokens,
+                  metrics_path=metrics, log=lambda *a: log(f"[{name} seed {seed}]", *a))
+        if r.stopped is not None:  # Ctrl-C / SIGTERM: train() returned early; do not tabulate it
+            raise KeyboardInterrupt(r.stopped)
+        if metrics is not None:
+            stamp_jsonl(metrics, {"run": name, "seed": seed, **stamp})
+        # train() evaluated the whole held-out set (whole blocks) at its last step.
+        after = {"loss": r.evals[-1]["eval_loss"], "perplexity": r.evals[-1]["eval_perplexity"]}
+        evals = [{"step": e["step"], "loss": e["eval_loss"]} for e in r.evals]
+        if evals[0]["step"] != 0:  # the curve starts where growth left the model
+            evals.insert(0, {"step": 0, "loss": after_growth["loss"]})
+        log(f"{name} seed {seed}: held-out perplexity {after['perplexity']:.3f}, {r.mean_step_s:.2f} s/step")
+        seeds.append({"seed": seed, "after_training": after, "mean_step_s": r.mean_step_s,
+                      "tokens_per_s": r.tokens_per_s, "losses": r.losses, "evals": evals,
+                      "trainable_params": r.trainable_params})
+        del model
+    return {"run": name, "method": method, "position": "own" if method == "solar" else position,
+            "new_layers": report["new_layers"], "layers": len(grown.layers), "grow_seconds": grow_s,
+            "zero_init": zero_init, "after_growth": after_growth, "base_held_out": p.base_eval,
+            "trainable_params": seeds[0]["trainable_params"], "seeds": seeds}
+
+
+def _arm_job(job) -> dict:
+    # map_jobs' worker: one grown model in its own process (it loads the base and the data itself).
+    config, method, position, runs_dir = job
+    log = lambda *a: print(*a, flush=True)  # noqa: E731
+    return run_arm(prepare(config, log), config, method, position, runs_dir, log)
+
+
+def _run(config: SmolConfig, folder: Path | None, log, jobs: int) -> dict:
     t_start = time.perf_counter()
     runs_dir = None
     if folder is not None:
         runs_dir = folder / "runs"
         runs_dir.mkdir()
     device = resolve_device(config.device)
-
-    tokenizer = load_tokenizer(config.base)
-    if not isinstance(tokenizer, HFTokenizer):
-        raise ExperimentError(f"{config.base}: no tokenizer.json (or the tokenizers package is missing)")
-    train_tokens, eval_tokens, data_info = load_tokens(config, tokenizer)
-    log(f"data: {data_info['train_tokens']:,} training tokens, {data_info['eval_tokens']:,} held-out tokens "
-        f"of {Path(data_info['held_out_file']).name}")
-
-    base = Transformer.from_pretrained(config.base, dtype=torch.float32, device=device)
-    if base.args.vocab_size < tokenizer.vocab_size:
-        raise ExperimentError(f"{config.base}: tokenizer has {tokenizer.vocab_size} tokens, model {base.args.vocab_size}")
-    L = base.args.num_hidden_layers
     t0 = time.perf_counter()
-    base_eval = held_out(base, eval_tokens, config)
+    prepared = prepare(config, log)
+    data_info, base = prepared.data_info, prepared.base
+    L = base.args.num_hidden_layers
+    log(f"data: {data_info['train_tokens']:,} training tokens, {data_info['eval_tokens']:,} held-out tokens "
+        f"of {Path(data_info['held_out_file']).name}; Python {reproducibility('')['python']}, corpus sha256 "
+        f"{data_info['corpus_sha256']}")
     log(f"base: {L} layers, {sum(p.numel() for p in base.parameters()):,} parameters; held-out perplexity "
-        f"{base_eval['perplexity']:.3f} ({time.perf_counter() - t0:.1f}s)")
+        f"{prepared.base_eval['perplexity']:.3f} ({time.perf_counter() - t0:.1f}s)")
 
+    runs = runs_of(config)
+    if jobs > 1:
+        results = map_jobs(_arm_job, [(config, m, p, str(runs_dir) if runs_dir else None) for m, p in runs], jobs)
+    else:
+        results = [run_arm(prepared, config, m, p, str(runs_dir) if runs_dir else None, log) for m, p in runs]
+    for r in results:  # every worker loaded the same base and data
+        if r["base_held_out"] != prepared.base_eval:
+            raise ExperimentError(f"{r['run']}: the base's held-out loss differs between processes")
 
-    results = []
-    for method, position in runs_of(config):
-        name = run_name(method, position)
-        t0 = time.perf_counter()
-        grown, report = grow_by_name(base, method, config.new_layers, position)
-        grow_s = time.perf_counter() - t0
-        after_growth = held_out(grown, eval_tokens, config)
-        log(f"{name}: grew {L} -> {len(grown.layers)} layers in {grow_s:.1f}s (new {report['new_layers']}); "
-            f"held-out perplexity {after_growth['perplexity']:.3f}")
-        seeds = []
-        for seed in config.seeds:
-            model = copy.deepcopy(grown)
-            metrics = runs_dir / f"{name}-seed{seed}.jsonl" if runs_dir else None
-            r = train(model, train_tokens, train_config(config, seed, data_info["eval_blocks"]), eval_tokens,
-                      metrics_path=metrics, log=lambda *a: log(f"[{name} seed {seed}]", *a))
-            if r.stopped is not None:  # Ctrl-C / SIGTERM: train() returned early; do not tabulate it
-                raise KeyboardInterrupt(r.stopped)
-            # train() evaluated the whole held-out set (whole blocks) at its last step.
-            after = {"loss": r.evals[-1]["eval_loss"], "perplexity": r.evals[-1]["eval_perplexity"]}
-            log(f"{name} seed {seed}: held-out perplexity {after['perplexity']:.3f}, {r.mean_step_s:.2f} s/step")
-            seeds.append({"seed": seed, "after_training": after, "mean_step_s": r.mean_step_s,
-                          "tokens_per_s": r.tokens_per_s, "losses": r.losses,
-                          "evals": [{"step": e["step"], "loss": e["eval_loss"]} for e in r.evals],
-                          "trainable_params": r.trainable_params})
-            del model
-        results.append({"run": name, "method": method, "position": "own" if method == "solar" else position,
-                        "new_layers": report["new_layers"], "layers": len(grown.layers), "grow_seconds": grow_s,
-                        "after_growth": after_growth, "trainable_params": seeds[0]["trainable_params"],
-                        "seeds": seeds})
-        del grown
-
-    summary = {"config": dataclasses.asdict(config), "data": data_info, "environment": environment(),
-               "device": str(device), "base": {"layers": L, "held_out": base_eval}, "results": results,
-               "elapsed_s": time.perf_counter() - t_start, "plots": []}
+    top = [r for r in results if r["position"] in ("top", "own")]
+    summary = {"config": dataclasses.asdict(config), "data": data_info,
+               "reproducibility": reproducibility(data_info["corpus_sha256"]), "environment": environment(),
+               "device": str(device), "base": {"layers": L, "held_out": prepared.base_eval}, "results": results,
+               "comparisons": paired_comparisons({r["method"]: [s["after_training"]["loss"] for s in r["seeds"]]
+                                                  for r in top}),
+               "elapsed_s": time.perf_counter() - t_start, "jobs": jobs, "plots": []}
     if folder is not None:
         (folder / "summary.md").write_text(summary_markdown(summary))
         summary["plots"] = plot(summary, folder, log)
@@ -270,7 +335,11 @@ def _ppl(r) -> list[float]:
 def summary_markdown(summary: dict) -> str:
     c, data = summary["config"], summary["data"]
     n = len(c["seeds"])
-    text = (f"Base {Path(c['base']).name}: {summary['base']['layers']} layers, grown by {c['new_layers']}. "
+    rep = summary["reproducibility"]
+    text = (f"Python {rep['python']}, torch {rep['torch']}, corpus sha256 `{rep['corpus_sha256']}`; "
+            f"{summary['environment']['processor']}, wall time {summary['elapsed_s']:.0f} s with {summary['jobs']} "
+            f"worker process(es).\n\n"
+            f"Base {Path(c['base']).name}: {summary['base']['layers']} layers, grown by {c['new_layers']}. "
             f"Continued pre-training: {c['steps']} steps of {c['batch_size']} x {c['block_size']} tokens, lr {c['lr']}, "
             f"only the new layers trainable, seeds {', '.join(map(str, c['seeds']))} (mean ± sample std over {n}). "
             f"Held-out: {data['eval_tokens']:,} tokens of {Path(data['held_out_file']).name}. Device: {summary['device']}.\n\n"
@@ -281,11 +350,26 @@ def summary_markdown(summary: dict) -> str:
              fmt_pm([s["mean_step_s"] for s in r["seeds"]], 3), fmt(r["trainable_params"])]
             for r in summary["results"] if r["position"] in ("top", "own")]
     text += markdown_table(headers, rows)
-    text += "\n### OpT-DeUS (structured) by position\n\n"
-    headers = ["position", "new layers", "ppl after growth", "ppl after training", "s/step", "tokens/s"]
+    text += (f"\n### Paired by seed: final held-out loss (nats/token) minus the baseline's (negative: better), "
+             f"mean over {n} seeds [95% t-interval]\n\n")
+    headers = ["method", "zero-init", "final loss (mean ± sd)", "Δ vs avg-zero", "Δ vs llama-pro"]
+    rows = []
+    for r in summary["results"]:
+        if r["position"] not in ("top", "own"):
+            continue
+        comp = summary["comparisons"][r["method"]]
+        rows.append([r["method"], "yes" if r["zero_init"] else "no",
+                     fmt_pm([s["after_training"]["loss"] for s in r["seeds"]], 4),
+                     fmt_interval(comp["avg-zero"]) if "avg-zero" in comp else "",
+                     fmt_interval(comp["llama-pro"]) if "llama-pro" in comp else ""])
+    text += markdown_table(headers, rows)
     rows = [[r["position"], _layers(r["new_layers"]), fmt(r["after_growth"]["perplexity"], 3), fmt_pm(_ppl(r), 3),
              fmt_pm([s["mean_step_s"] for s in r["seeds"]], 3), fmt_pm([s["tokens_per_s"] for s in r["seeds"]], 0)]
             for r in summary["results"] if r["method"] == "opt-structured"]
+    if len(rows) < 2:
+        return text
+    text += "\n### OpT-DeUS (structured) by position\n\n"
+    headers = ["position", "new layers", "ppl after growth", "ppl after training", "s/step", "tokens/s"]
     return text + markdown_table(headers, rows)
 
 
@@ -301,8 +385,17 @@ def _layers(indices: list[int]) -> str:
 def plot(summary: dict, folder: Path, log) -> list[str]:
     fig, axes = new_figure(1)
     if fig is None:
-        log("matplotlib is not installed: skipping the plots (pip install matplotlib)")
+        log("matplotlib is not installed: skipping the plots (pip install matplotlib, or the `plots` extra)")
         return []
+    top = [r for r in summary["results"] if r["position"] in ("top", "own")]
+    rep = summary["reproducibility"]
+    made = plot_paired_curves(
+        folder / "curves.png",
+        {r["method"]: ([e["step"] for e in r["seeds"][0]["evals"]],
+                       np.array([[e["loss"] for e in s["evals"]] for s in r["seeds"]])) for r in top},
+        {r["method"]: r["zero_init"] for r in top},
+        f"experiments/smollm2.py: Python {rep['python']}, corpus sha256 {rep['corpus_sha256'][:16]}…, "
+        f"{len(summary['config']['seeds'])} seeds", "loss (nats/token)", log)
     ax = axes[0]
     for r in summary["results"]:
         losses = np.mean([s["losses"] for s in r["seeds"]], axis=0)
@@ -310,6 +403,8 @@ def plot(summary: dict, folder: Path, log) -> list[str]:
     ax.set(title="training loss after growth (mean over seeds, EMA)", xlabel="step", ylabel="loss (nats/token)")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
+    stamp = f"Python {rep['python']}, corpus sha256 {rep['corpus_sha256'][:16]}…"
+    fig.suptitle(stamp, fontsize=8)
     save_figure(fig, folder / "loss_curves.png")
 
     fig, axes = new_figure(1, width=5.0)
@@ -319,8 +414,9 @@ def plot(summary: dict, folder: Path, log) -> list[str]:
     ax.bar([r["position"] for r in rows], [m for m, _ in stats], yerr=[s for _, s in stats], capsize=4)
     ax.set(title="time per step by position of the new layers (opt-structured)", ylabel="seconds per step")
     ax.grid(alpha=0.3, axis="y")
+    fig.suptitle(stamp, fontsize=8)
     save_figure(fig, folder / "step_time_by_position.png")
-    return ["loss_curves.png", "step_time_by_position.png"]
+    return made + ["loss_curves.png", "step_time_by_position.png"]
 
 
 # ----------------------------------------------------------------------------------------------
@@ -341,7 +437,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--held-out", default="emma", help="the file held out for perplexity (its name before the first dot)")
     p.add_argument("--new-layers", type=int, default=15)
     p.add_argument("--methods", default=",".join(METHODS), help="comma list, grown at the top positions")
-    p.add_argument("--positions", default="top,middle,bottom", help="comma list, for opt-structured")
+    p.add_argument("--positions", default=None,
+                   help="comma list, for opt-structured (preset; default top,middle,bottom; 'none' for none)")
     p.add_argument("--seeds", default=None, help="comma list (preset)")
     p.add_argument("--steps", type=int, default=None, help="(preset)")
     p.add_argument("--lr", type=float, default=None, help="(preset)")
@@ -354,6 +451,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--threads", type=int, default=1,
                    help="CPU threads for torch (0: torch's default, all cores). On a small or busy machine, "
                         "OpenMP threads competing with other processes can be many times slower than one")
+    p.add_argument("--jobs", type=int, default=1, help="grown models trained in this many worker processes, one "
+                                                       "thread each")
     p.add_argument("--out", default="runs/smollm2", help="results folder (replaced)")
     return p
 
@@ -378,11 +477,17 @@ def config_from_args(args) -> SmolConfig:
             preset["seeds"] = tuple(int(s) for s in parse_list(args.seeds, "--seeds"))
         except ValueError:
             raise ExperimentError(f"--seeds {args.seeds!r}: expected comma-separated integers") from None
+    if args.positions is None:
+        positions = tuple(preset.get("positions", ("top", "middle", "bottom")))
+    elif args.positions.strip() == "none":
+        positions = ()
+    else:
+        positions = tuple(parse_list(args.positions, "--positions", POSITIONS))
     if str(preset["device"]).startswith("cuda") and not torch.cuda.is_available():
         raise ExperimentError(f"device {preset['device']}: CUDA is not available (use --preset cpu or --device cpu)")
     return SmolConfig(base=args.base, data=list(args.data), held_out=args.held_out, new_layers=args.new_layers,
                       methods=tuple(parse_list(args.methods, "--methods", METHODS)),
-                      positions=tuple(parse_list(args.positions, "--positions", POSITIONS)),
+                      positions=positions,
                       seeds=tuple(preset["seeds"]), steps=preset["steps"], lr=preset["lr"],
                       block_size=preset["block_size"], batch_size=preset["batch_size"],
                       micro_batch_size=preset["micro_batch_size"], eval_tokens=preset["eval_tokens"],
@@ -393,11 +498,11 @@ def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     try:
         config = config_from_args(args)
-        if args.threads < 0:
-            raise ExperimentError("--threads must be >= 0")
+        if args.threads < 0 or args.jobs < 1:
+            raise ExperimentError("--threads must be >= 0 and --jobs >= 1")
         if args.threads:
             torch.set_num_threads(args.threads)  # this process only, from the command line only
-        run_smollm2(config, args.out, log=lambda *a: print(*a, flush=True))
+        run_smollm2(config, args.out, log=lambda *a: print(*a, flush=True), jobs=args.jobs)
     except KeyboardInterrupt:
         print("smollm2.py: interrupted; nothing written", file=sys.stderr)
         return 130

@@ -1,83 +1,200 @@
-"""experiments/compare.py at a tiny size: every method reported, finite numbers, function
-preservation of the zero-init methods, determinism, and the files it writes."""
+"""The study (experiments/compare.py) at its tiny preset: every arm, paired comparisons, function
+preservation, the flatness criterion, exact chunked base training, reproducibility records, files.
+And the pieces of experiments/smollm2.py that run without the checkpoint."""
 
+import dataclasses
 import json
 import math
+import platform
+import statistics
 import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
-from experiments import compare  # noqa: E402
-from experiments.common import METHODS  # noqa: E402
+from experiments import common, compare  # noqa: E402
 
-ZERO_INIT = ("opt-structured", "opt-paper", "avg-zero", "llama-pro")
-
-
-def tiny_config(**kw) -> compare.CompareConfig:
-    base = dict(layers=4, hidden=32, heads=2, kv_heads=1, head_dim=16, intermediate=64, block_size=32,
-                new_layers=2, batch_size=4, base_steps=2, grow_steps=2, evals=1, train_bytes=20_000, eval_blocks=4)
-    return compare.CompareConfig(**{**base, **kw})
+NOT_PRESERVING = ("avg", "solar")
 
 
 def numbers(summary: dict) -> list[float]:
-    out = [summary["base"]["held_out"]["loss"], *summary["base"]["losses"]]
-    for r in summary["results"]:
-        out += [r["after_growth"]["loss"], r["after_training"]["loss"], *r["losses"], *(e["loss"] for e in r["evals"])]
+    out = []
+    for s in summary["seeds"]:
+        out += [s["base"]["held_out"]["loss"], *(p["loss"] for p in s["base"]["curve"])]
+        for r in s["arms"].values():
+            out += [r["after_growth"]["loss"], r["after_training"]["loss"], *r["losses"]]
+            out += [e["loss"] for e in r["evals"]]
     return out
 
 
 @pytest.fixture(scope="module")
 def tiny_run(tmp_path_factory):
     out = tmp_path_factory.mktemp("compare") / "out"
-    return compare.run_compare(tiny_config(), out, log=lambda *a: None), out
+    return compare.run_compare(compare.preset_config("tiny"), out, log=lambda *a: None), out
 
 
-def test_every_method_reported_with_finite_numbers(tiny_run):
+def test_every_arm_on_every_seed_with_finite_numbers(tiny_run):
     summary, _ = tiny_run
-    assert [r["method"] for r in summary["results"]] == [*METHODS, "base+train"]
+    expected = [*common.available_methods(tuple(common.METHODS), log=lambda *a: None), compare.REFERENCE]
+    assert summary["arms"] == expected
+    assert [s["seed"] for s in summary["seeds"]] == [0, 1]
     assert all(math.isfinite(x) for x in numbers(summary))
-    for r in summary["results"]:
-        assert r["layers"] == (4 if r["method"] == "base+train" else 6)
-        assert r["trainable_params"] > 0 and r["mean_step_s"] > 0
+    for s in summary["seeds"]:
+        assert list(s["arms"]) == expected
+        for name, r in s["arms"].items():
+            assert r["layers"] == (4 if name == compare.REFERENCE else 6)
+            assert r["trainable_params"] > 0 and r["mean_step_s"] > 0
 
 
-def test_zero_init_methods_preserve_the_base_function(tiny_run):
+def test_zero_init_arms_start_exactly_at_the_base(tiny_run):
     summary, _ = tiny_run
-    base = summary["base"]["held_out"]["loss"]
-    by_method = {r["method"]: r for r in summary["results"]}
-    for name in ZERO_INIT:
-        assert abs(by_method[name]["after_growth"]["loss"] - base) < 1e-5, name
-    # avg and solar copy or average weights without zeroing: a different function.
-    assert abs(by_method["avg"]["after_growth"]["loss"] - base) > 1e-5
+    for s in summary["seeds"]:
+        base = s["base"]["held_out"]["loss"]
+        for name, r in s["arms"].items():
+            assert r["zero_init"] == (name not in NOT_PRESERVING), name
+            if r["zero_init"]:
+                assert r["after_growth"]["loss"] == base, name  # exactly, not approximately
+                assert r["evals"][0] == {"step": 0, "loss": base}, name
+            else:
+                assert abs(r["after_growth"]["loss"] - base) > 1e-5, name
 
 
 def test_only_new_layers_train(tiny_run):
     summary, _ = tiny_run
-    for r in summary["results"]:
-        if r["method"] != "base+train":
-            assert r["trainable_layers"] == r["growth"]["new_layers"]
+    for s in summary["seeds"]:
+        for name, r in s["arms"].items():
+            if name != compare.REFERENCE:
+                assert r["trainable_layers"] == r["growth"]["new_layers"]
 
 
-def test_outputs_written(tiny_run):
+def test_comparisons_are_paired_by_seed(tiny_run):
+    summary, _ = tiny_run
+    for arm, by_baseline in summary["comparisons"].items():
+        assert set(by_baseline) == {b for b in common.BASELINES if b != arm}
+        for baseline, d in by_baseline.items():
+            diffs = [s["arms"][arm]["after_training"]["loss"] - s["arms"][baseline]["after_training"]["loss"]
+                     for s in summary["seeds"]]
+            assert d["n"] == 2 and d["mean"] == pytest.approx(statistics.fmean(diffs), abs=1e-12)
+            half = common.t_quantile_975(1) * statistics.stdev(diffs) / math.sqrt(2)
+            assert (d["lo"], d["hi"]) == pytest.approx((d["mean"] - half, d["mean"] + half), abs=1e-12)
+
+
+def test_paired_difference_and_t_quantiles():
+    d = common.paired_difference([3.0, 5.0, 7.0], [2.0, 3.0, 4.0])  # differences 1, 2, 3: mean 2, sd 1
+    assert d["mean"] == 2.0 and d["sd"] == 1.0
+    assert (d["lo"], d["hi"]) == pytest.approx((2 - 4.303 / math.sqrt(3), 2 + 4.303 / math.sqrt(3)))
+    assert common.paired_difference([1.0], [0.5])["lo"] is None
+    with pytest.raises(ValueError):
+        common.paired_difference([1.0, 2.0], [1.0])
+    # Student's t: 12.706 at df 1, decreasing towards the normal 1.960; the expansion beyond the table
+    # joins it (exact: 2.0395 at df 31, 2.0003 at df 60, 1.9799 at df 120).
+    qs = [common.t_quantile_975(df) for df in range(1, 200)]
+    assert qs[0] == 12.706 and all(a > b for a, b in zip(qs, qs[1:])) and qs[-1] > 1.96
+    assert [common.t_quantile_975(df) for df in (31, 60, 120)] == pytest.approx([2.0395, 2.0003, 1.9799], abs=5e-4)
+
+
+def test_flatness_criterion():
+    dropping = [(s, 2.0 - 0.001 * s) for s in range(0, 400, 50)]
+    assert not compare.flat_at(dropping, window=100, tol=0.01)  # 0.1 per 100 steps
+    plateau = [(s, 1.0 + (0.003 if s % 100 else 0.0)) for s in range(0, 400, 50)]  # noise, no progress
+    assert compare.flat_at(plateau, window=100, tol=0.01)
+    assert not compare.flat_at(plateau[:2], window=100, tol=0.01)  # shorter than the window
+    progress = [(0, 2.0), (50, 1.5), (100, 1.6), (150, 1.2)]  # a noisy point does not hide progress
+    assert not compare.flat_at(progress, window=100, tol=0.01)
+    spike = [(0, 1.0), (50, 1.0), (100, 1.05), (150, 1.0), (200, 1.0)]  # nor does a spike fake any
+    assert compare.flat_at(spike, window=100, tol=0.01)
+
+
+def test_base_trained_in_chunks_equals_one_run():
+    # flat_window beyond the budget: never flat, so both run base_max_steps; the chunked run resumes
+    # from a checkpoint every 2 steps and must end with the same weights as the one-chunk run.
+    config = compare.preset_config("tiny", flat_window=100, anneal_fraction=0.5)
+    train_tokens, eval_tokens, _ = compare.load_corpus(config)
+    runs = []
+    for check_every in (2, config.base_max_steps):
+        chunked = dataclasses.replace(config, check_every=check_every)
+        base = compare.make_base(chunked, 0)
+        record = compare.train_base(base, train_tokens, eval_tokens, chunked, 0, None, lambda *a: None)
+        runs.append((record, base.state_dict()))
+    (a, wa), (b, wb) = runs
+    assert a["steps"] == b["steps"] == 6 + 3 and not a["flattened"] and not b["flattened"]
+    assert all(torch.equal(wa[k], wb[k]) for k in wa)
+
+
+def test_outputs_record_python_and_corpus(tiny_run):
     summary, out = tiny_run
-    assert (out / "summary.md").read_text().count("\n| ") >= len(METHODS) + 2
+    rep = summary["reproducibility"]
+    assert rep["python"] == platform.python_version() and len(rep["corpus_sha256"]) == 64
+    assert rep["corpus_sha256"] == summary["data"]["corpus_sha256"]
+    text = (out / "summary.md").read_text()
+    assert rep["python"] in text and rep["corpus_sha256"] in text
+    assert text.count("\n| ") >= len(summary["arms"]) + 2
     saved = json.loads((out / "summary.json").read_text())
-    assert numbers(saved) == numbers(summary)
-    for name in [*METHODS, "base", "base+train"]:
-        rows = [json.loads(line) for line in (out / "runs" / f"{name}.jsonl").read_text().splitlines()]
-        assert any("loss" in row for row in rows)
+    assert numbers(saved) == numbers(summary) and saved["reproducibility"] == rep
+    for seed in (0, 1):
+        for name in ["base", *summary["arms"]]:
+            lines = (out / "runs" / f"seed{seed}" / f"{name}.jsonl").read_text().splitlines()
+            first = json.loads(lines[0])["run"]
+            assert first["python"] == rep["python"] and first["corpus_sha256"] == rep["corpus_sha256"]
+            assert first["seed"] == seed
+            assert any("loss" in json.loads(line) for line in lines[1:])
+    pytest.importorskip("matplotlib")
+    assert summary["plots"] == ["curves.png"] and (out / "curves.png").stat().st_size > 10_000
     assert not [p for p in out.parent.iterdir() if p.name.startswith(".")]  # no temporary folder left
 
 
-def test_deterministic(tiny_run):
+def test_deterministic_and_arms_independent(tiny_run):
+    # Seed 0 again with two arms only: the same base and the same numbers for those arms, to the bit.
     summary, _ = tiny_run
-    again = compare.run_compare(tiny_config(), None, log=lambda *a: None)
-    assert numbers(again) == numbers(summary)
+    config = compare.preset_config("tiny", seeds=(0,), methods=("opt-paper", "avg-zero"), reference=False)
+    again = compare.run_compare(config, None, log=lambda *a: None)["seeds"][0]
+    first = summary["seeds"][0]
+    assert again["base"]["held_out"] == first["base"]["held_out"]
+    for name in ("opt-paper", "avg-zero"):
+        for key in ("after_growth", "after_training", "losses", "evals"):
+            assert again["arms"][name][key] == first["arms"][name][key], (name, key)
+
+
+def test_shared_base_is_the_first_seeds_base(tiny_run, tmp_path):
+    # --shared-base: seed 0's base, trained once, grown by both seeds; seed 0's arm is then the very
+    # run of the per-seed study, and seed 1's arm reads its own data order from the same start.
+    summary, _ = tiny_run
+    config = compare.preset_config("tiny", shared_base=True, methods=("avg-zero",), reference=False)
+    shared = compare.run_compare(config, tmp_path / "out", log=lambda *a: None)
+    first = summary["seeds"][0]
+    for s in shared["seeds"]:
+        assert s["base"]["held_out"] == first["base"]["held_out"] and s["base"]["shared_from_seed"] == 0
+    assert shared["seeds"][0]["arms"]["avg-zero"]["losses"] == first["arms"]["avg-zero"]["losses"]
+    assert shared["seeds"][1]["arms"]["avg-zero"]["losses"] != first["arms"]["avg-zero"]["losses"]
+    assert (tmp_path / "out" / "runs" / "shared-base" / "base.jsonl").is_file()
+    assert "shared by seeds 0, 1" in (tmp_path / "out" / "summary.md").read_text()
+
+
+def test_a_zero_init_arm_that_moves_the_function_stops_the_study(monkeypatch):
+    grow = compare.grow_by_name
+
+    def nudged(model, name, num_new, position):
+        grown, report = grow(model, name, num_new, position)
+        with torch.no_grad():
+            grown.layers[report["new_layers"][0]].mlp.down_proj.weight.add_(1e-2)
+        return grown, report
+
+    monkeypatch.setattr(compare, "grow_by_name", nudged)
+    config = compare.preset_config("tiny", seeds=(0,), methods=("avg-zero",), reference=False)
+    with pytest.raises(common.ExperimentError, match="avg-zero.*exactly"):
+        compare.run_compare(config, None, log=lambda *a: None)
+
+
+def test_missing_method_is_skipped_with_a_note(monkeypatch):
+    monkeypatch.setitem(common.METHODS, "opt-nope", dict(method="opt", align="no-such-alignment"))
+    notes = []
+    kept = common.available_methods(("opt-nope", "avg-zero"), log=notes.append)
+    assert kept == ("avg-zero",) and "opt-nope" in notes[0]
 
 
 def test_cli_errors_exit_2(capsys):
@@ -85,10 +202,12 @@ def test_cli_errors_exit_2(capsys):
     assert "nope" in capsys.readouterr().err
     assert compare.main(["--layers", "8", "--new-layers", "9", "--out", "unused"]) == 2  # solar: K > L
     assert "solar" in capsys.readouterr().err
+    assert compare.main(["--seeds", "1,1", "--out", "unused"]) == 2
+    assert "seeds" in capsys.readouterr().err
 
 
 # ----------------------------------------------------------------------------------------------
-# experiments/smollm2.py: the pieces that run without the checkpoint
+# experiments/smollm2.py
 
 
 def test_smollm2_plan():
@@ -105,3 +224,18 @@ def test_smollm2_cli_errors_exit_2(tmp_path, capsys):
     assert smollm2.main(["--base", str(tmp_path), "--data", str(tmp_path), "--preset", "gpu", "--device", "cpu",
                          "--methods", "nope"]) == 2
     assert "nope" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_smollm2_study_on_the_real_checkpoint(smollm2_dir, austen_dir, tmp_path):
+    from experiments import smollm2
+    config = smollm2.SmolConfig(base=str(smollm2_dir), data=[str(austen_dir)], new_layers=2, positions=(),
+                                seeds=(0, 1), steps=2, block_size=32, batch_size=1, micro_batch_size=1,
+                                eval_tokens=64, evals=1)
+    summary = smollm2.run_smollm2(config, tmp_path / "out", log=lambda *a: None)
+    base = summary["base"]["held_out"]["loss"]
+    for r in summary["results"]:
+        assert (r["after_growth"]["loss"] == base) == r["zero_init"], r["method"]
+    assert set(summary["comparisons"]["opt-structured"]) == set(common.BASELINES)
+    first = json.loads((tmp_path / "out" / "runs" / "opt-structured@top-seed0.jsonl").read_text().splitlines()[0])
+    assert first["run"]["corpus_sha256"] == summary["reproducibility"]["corpus_sha256"]

@@ -344,7 +344,7 @@ def bad(args, match, saved_model, tmp_path):
     p = run_cli(*args, "--out", tmp_path / "run", "--cache-dir", tmp_path / "cache", "--steps", 2, *TINY_FLAGS)
     assert p.returncode == 2, p.stderr
     last = p.stderr.strip().splitlines()[-1]
-    assert last.startswith("error: ") and match in last and "Traceback" not in p.stderr
+    assert last.startswith("opt-deus-train: error: ") and match in last and "Traceback" not in p.stderr
     assert not list((tmp_path / "run").glob("checkpoint-*")) if (tmp_path / "run").exists() else True
 
 
@@ -379,14 +379,14 @@ def test_cli_bad_resume_and_nan(saved_model, tmp_path):
     assert p.returncode == 2 and "does not match" in p.stderr.strip().splitlines()[-1]
 
     # A poisoned weight: the loss goes nan, the run stops with exit 2 and writes nothing.
-    poisoned = tmp_path / "poisoned"
+    poisoned = tmp_path / "poisoned"  # resumed into its own run folder (tmp_path)
     model = Transformer.from_pretrained(checkpoint)
     with torch.no_grad():
         model.embed_tokens.weight.fill_(float("inf"))
-    model.save_pretrained(poisoned)
+    model.save_pretrained(poisoned, check_finite=False)
     for name in ("trainer_state.json", "optimizer.pt", "rng_state.pt"):
         (poisoned / name).write_bytes((checkpoint / name).read_bytes())
-    p = run_cli("--resume", poisoned, "--out", out)
+    p = run_cli("--resume", poisoned)
     last = p.stderr.strip().splitlines()[-1]
     assert p.returncode == 2 and "not finite" in last and "Last good checkpoint" in last, p.stderr
     assert [c.name for c in train.find_checkpoints(out)] == ["checkpoint-000002"]
