@@ -654,15 +654,16 @@ SCRATCH_HOST = re.sub(r"[^A-Za-z0-9_-]", "_", os.uname().nodename if hasattr(os,
 _SCRATCH = re.compile(r"\.(?P<name>.+)\.(?:tmp|old)-(?P<host>[A-Za-z0-9_-]+)-(?P<pid>\d+)")
 
 
-def remove_stale_scratch(folder: Path, name: str):
+def remove_stale_scratch(folder: Path, name: str | None):
     # Scratch folders `.NAME.tmp-HOST-PID` / `.NAME.old-HOST-PID` of a run on this host that was
-    # killed (SIGKILL, OOM killer) before it could clean up. Another host's, or a live process's,
-    # are left alone: on a shared file system that run may still be writing.
+    # killed (SIGKILL, OOM killer) before it could clean up (name None: whatever NAME, for a folder
+    # that only one run writes into). Another host's, or a live process's, are left alone: on a
+    # shared file system that run may still be writing.
     if not folder.is_dir():
         return
     for entry in folder.iterdir():
         m = _SCRATCH.fullmatch(entry.name)
-        if m and m["name"] == name and m["host"] == SCRATCH_HOST and (int(m["pid"]) != os.getpid()) \
+        if m and name in (None, m["name"]) and m["host"] == SCRATCH_HOST and (int(m["pid"]) != os.getpid()) \
                 and not _pid_alive(int(m["pid"])):
             _remove(entry)
 

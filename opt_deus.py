@@ -11,7 +11,7 @@ Zero-initialising a new layer's o_proj and down_proj makes it the identity map (
 so the grown model computes exactly the base model's function; that is the default for opt and
 llama-pro and a flag for every method.
 
-Two alignments for `opt`:
+Three alignments for `opt`:
   paper       Algorithm 1 as the public code implements it: a Sinkhorn plan over the rows of each of
               q, k, v, o independently (cost = Euclidean distance between rows, epsilon = 0.06
               absolute), T_in = (T_o + I)/2 for the post-attention norm, gate and up aligned on their
@@ -264,8 +264,9 @@ def paper_fuse(A: dict, B: dict, options: GrowthOptions) -> tuple[dict, dict]:
         align_rows(key, A[key], B[key])
     coupling_o = align_rows("self_attn.o_proj.weight", A["self_attn.o_proj.weight"], B["self_attn.o_proj.weight"])
 
-    # The residual stream "aligned" by o_proj's plan: T_in = (T_o + I) / 2 on the norm's gain and on
-    # the input side of gate and up (Algorithm 1; both layers in fact share this basis).
+    # The residual stream "aligned" by o_proj's plan (Algorithm 1 line 6; both layers in fact share
+    # this basis): T_in = (T_o + I) / 2 on the norm's gain, T_o itself on the input side of gate and
+    # up, as the public code does.
     t_in = (coupling_o + torch.eye(coupling_o.shape[0], device=coupling_o.device)) / 2
     key = "post_attention_layernorm.weight"
     aligned_norm = A[key] @ t_in
@@ -292,7 +293,8 @@ def published_fuse(A: dict, B: dict, options: GrowthOptions) -> tuple[dict, dict
         # it aborted; its transpose applied as it is (cf. Algorithm 1 line 8), then averaged (line 9).
         plan, stats = published_sinkhorn(torch.cdist(a, b, p=2), options.epsilon, options.max_iter)
         if options.strict and not stats["converged"]:
-            where = f"at iteration {stats['abort_iteration']}" if stats["aborted"] else f"in {stats['iterations']} iterations"
+            where = (f"at iteration {stats['abort_iteration']}" if stats["aborted"]
+                     else f"in {stats['iterations']} iterations")
             raise GrowthError(f"{name}: the published solver did not converge ({where}) and --strict is set")
         aligned = plan.T @ a
         report[name] = {**stats, "plan_mass": plan.sum().item(), "sharpness": plan_sharpness(plan).mean().item(),
@@ -536,6 +538,10 @@ def grow_checkpoint(base: str | Path, out: str | Path, num_new: int | None = Non
     out = Path(out)
     # --out may not be, contain or lie inside --base (with --overwrite that would delete the base).
     check_output_folder(out, [("--base", base)], overwrite)
+    # --overwrite replaces an earlier output, not whatever folder a mistyped --out names.
+    if overwrite and out.is_dir() and any(out.iterdir()) and not (out / "config.json").is_file():
+        raise CheckpointError(f"--out {out}: holds files but no config.json, so it is not an earlier output; "
+                              f"--overwrite only replaces a model folder (choose a new or empty folder)")
     if not any((Path(base) / name).is_file() for name in ("tokenizer.json", "tokenizer.model")):
         log(f"note: {base} has no tokenizer.json or tokenizer.model; {out} will have none either")
     out_dtype = dtype or reader.dtype("model.embed_tokens.weight")
@@ -649,7 +655,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="where the K new layers go (llama-pro: uniform is LLaMA Pro's block expansion, a copy "
                         "after the last layer of each of K groups)")
     p.add_argument("--insert-after", type=_int_list, default=None,
-                   help="explicit base-layer indices i (a new layer between i and i+1), e.g. 7,9,11")
+                   help="explicit base-layer indices i (a new layer between i and i+1; llama-pro: a copy of i "
+                        "right after it, the top layer included), e.g. 7,9,11")
     p.add_argument("--align", choices=ALIGNMENTS, default="structured",
                    help="alignment for --method opt; published reproduces the public code's float32 numbers "
                         "(a reproduction, not a recommendation: its solver aborts on real weights)")
@@ -663,7 +670,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--zero-init", action=argparse.BooleanOptionalAction, default=None,
                    help="zero o_proj and down_proj of new layers; None: on for opt and llama-pro, off otherwise")
     p.add_argument("--max-iter", type=_positive_int, default=10000, help="Sinkhorn iterations at most, per problem")
-    p.add_argument("--tol", type=_finite_float, default=1e-4, help="Sinkhorn stops at this relative marginal error")
+    p.add_argument("--tol", type=_finite_float, default=1e-4,
+                   help="Sinkhorn stops at this relative marginal error (--align published: POT's own stopping rule)")
     p.add_argument("--strict", action="store_true", help="fail if a Sinkhorn problem does not converge")
     p.add_argument("--device", default="cpu", help="where the alignment is computed (cpu, cuda, cuda:1, ...)")
     p.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), default=None,

@@ -32,6 +32,7 @@ import signal
 import sys
 import threading
 import time
+import uuid
 from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -875,6 +876,10 @@ def find_checkpoints(out_dir) -> list[Path]:
     return sorted(p for p in Path(out_dir).glob("checkpoint-*") if (p / "trainer_state.json").is_file())
 
 
+def checkpoint_run_id(path) -> str | None:
+    return read_trainer_state(path).get("run", {}).get("run_id")
+
+
 def resolve_checkpoint(path) -> Path:
     # A checkpoint folder, or a run folder (its newest checkpoint).
     path = Path(path)
@@ -962,7 +967,7 @@ def _trim_metrics(path: Path, last_step: int):
     if not path.is_file():
         return
     rows = [line for line in path.read_text().splitlines() if line.strip() and json.loads(line).get("step", 0) <= last_step]
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    tmp = path.with_name(f".{path.name}.tmp-{SCRATCH_HOST}-{os.getpid()}")
     tmp.write_text("".join(r + "\n" for r in rows))
     os.replace(tmp, path)
 
@@ -1006,17 +1011,20 @@ def train(model: Transformer, train_tokens, config: TrainConfig, eval_tokens=Non
         resumed = load_resume_state(resume_from, named_params, optimizer, len(train_data), device)
         start_step, last_checkpoint = resumed["step"], resumed["path"]
         if start_step >= config.steps:
-            raise TrainError(f"{resumed['path']}: already at step {start_step} of {config.steps}; raise steps to continue")
+            raise TrainError(f"{resumed['path']}: already at step {start_step} of --steps {config.steps}; "
+                             f"pass a larger --steps to continue")
         log(f"resumed from {resumed['path']} at step {start_step}")
     stop_step = min(config.steps, config.stop_after) if config.stop_after else config.steps
     if stop_step <= start_step:
-        raise TrainError(f"stop_after={config.stop_after} is not beyond the resumed step {start_step}")
+        raise TrainError(f"--stop-after {config.stop_after} is not beyond the resumed step {start_step}")
 
     step_loss_fn = sharded if sharded is not None else lambda x, y, prefix: loss_fn(model, x, y, prefix)
     order = SampleOrder(len(train_data), config.seed)
     out_dir = Path(config.out_dir) if config.out_dir else None  # every rank joins a save; rank 0 writes
     if on_start is not None and is_main:
         on_start()
+    if out_dir is not None and is_main:
+        remove_stale_scratch(out_dir, None)  # checkpoints, metrics and run.json of a killed run into this folder
     metrics = None
     if metrics_path is not None and is_main:
         metrics_path = Path(metrics_path)
@@ -1049,8 +1057,10 @@ def train(model: Transformer, train_tokens, config: TrainConfig, eval_tokens=Non
                  "losses": losses[-1:], "time": time.strftime("%Y-%m-%dT%H:%M:%S"), **(extra_state or {})}
         path = save_checkpoint(out_dir / f"checkpoint-{step:06d}", model, optimizer, state, copy_files_from)
         if config.keep_checkpoints and is_main:
-            # The newest N by step; never the one just written (validate_config refuses N < 0).
-            for old in find_checkpoints(out_dir)[: -config.keep_checkpoints]:
+            # The newest N by step of this run (another run's, if any, stay); never the one just written.
+            run_id = (extra_state or {}).get("run", {}).get("run_id")
+            ours = [c for c in find_checkpoints(out_dir) if checkpoint_run_id(c) in (None, run_id)]
+            for old in ours[: -config.keep_checkpoints]:
                 if old.resolve() != Path(path).resolve():
                     shutil.rmtree(old, ignore_errors=True)
         log(f"saved {path}")
@@ -1186,8 +1196,9 @@ def train(model: Transformer, train_tokens, config: TrainConfig, eval_tokens=Non
 
 
 SIGNALS_HELP = ("SIGINT (Ctrl-C) or SIGTERM (a scheduler's stop): the run says so at once, stops at the next "
-                "micro-batch (the unfinished step is dropped), saves a checkpoint of the last finished step, and "
-                "exits with 130 or 143; --resume continues from it exactly. A second signal stops at once. "
+                "micro-batch (the unfinished step is dropped; under torchrun, at the end of the step), saves a "
+                "checkpoint of the last finished step, and exits with 130 or 143; --resume continues from it "
+                "exactly. A second signal stops at once. "
                 "Exit code 2: a bad request (one line on stderr; nothing written, no input touched).")
 
 
@@ -1216,7 +1227,8 @@ def build_train_parser() -> argparse.ArgumentParser:
     p.add_argument("--warmup-steps", type=int, default=d.warmup_steps, help="linear warmup steps (< --steps)")
     p.add_argument("--schedule", choices=["wsd", "cosine"], default=d.schedule, help="learning-rate schedule")
     p.add_argument("--decay-fraction", type=float, default=d.decay_fraction, help="wsd: share of steps spent decaying")
-    p.add_argument("--batch-tokens", type=int, default=d.batch_tokens, help="tokens per optimizer step")
+    p.add_argument("--batch-tokens", type=int, default=d.batch_tokens,
+                   help="tokens per optimizer step (under torchrun: over all processes)")
     p.add_argument("--micro-batch-size", type=int, default=d.micro_batch_size, help="sequences per forward/backward")
     p.add_argument("--block-size", type=int, default=d.block_size,
                    help="tokens per sequence (at most the model's max_position_embeddings)")
@@ -1234,7 +1246,8 @@ def build_train_parser() -> argparse.ArgumentParser:
                    help="steps between checkpoints (0: only at the end)")
     p.add_argument("--keep-checkpoints", type=int, default=d.keep_checkpoints,
                    help="keep the newest N checkpoints (0: all); the last one written is never deleted")
-    p.add_argument("--stop-after", type=int, default=d.stop_after, help="end after this many steps (schedule unchanged)")
+    p.add_argument("--stop-after", type=int, default=d.stop_after,
+                   help="end once this step is done, as if stopped (schedule unchanged)")
     p.add_argument("--resume", help="checkpoint folder (or run folder: its newest) to continue exactly, writing "
                                     "into the folder that holds it")
     p.add_argument("--dist-timeout", type=float, default=1800.0,
@@ -1290,6 +1303,9 @@ def load_data(paths, task: str, tokenizer, block_size: int, cache_dir, log=print
 
 def run_training(args: argparse.Namespace, explicit: set[str]) -> TrainResult:
     log = lambda *a: print(*a, file=sys.stderr, flush=True)  # noqa: E731  (stdout stays for results)
+    if not (math.isfinite(args.dist_timeout) and args.dist_timeout > 0):
+        raise TrainError(f"--dist-timeout {args.dist_timeout} must be a number of seconds > 0 (default --dist-timeout "
+                         f"{build_train_parser().get_default('dist_timeout')})")
     resume = None
     if args.resume:
         resume = resolve_checkpoint(args.resume)
@@ -1303,6 +1319,9 @@ def run_training(args: argparse.Namespace, explicit: set[str]) -> TrainResult:
         # stop_after belongs to the run that stopped, not to the training: a resumed run goes on to `steps`.
         config = dataclasses.replace(config, stop_after=None)
         config = dataclasses.replace(config, **{k: getattr(args, k) for k in _RESUME_OVERRIDES if k in explicit})
+        if isinstance(config.steps, int) and config.steps <= saved["step"]:  # before the checks that --steps bounds
+            raise TrainError(f"--resume {args.resume}: already at step {saved['step']} of --steps {config.steps}; "
+                             f"pass a larger --steps to continue")
         model_dir, task = resume, run.get("task", "cpt")
         data_paths = args.data or run.get("data")
         eval_paths = args.eval_data or run.get("eval_data")
@@ -1316,6 +1335,13 @@ def run_training(args: argparse.Namespace, explicit: set[str]) -> TrainResult:
         if out.resolve() != run_dir.resolve() and (find_checkpoints(out) if out.is_dir() else []):
             raise TrainError(f"--out {out}: already holds checkpoints of another run; leave --out out to continue "
                              f"in {run_dir}, or choose an empty folder")
+        # Each run's checkpoints carry its run_id (a copied run keeps it). A checkpoint of another run in
+        # the folder would be replaced or pruned by --keep-checkpoints: refuse (none recorded: older runs).
+        run_id = run.get("run_id")
+        foreign = [c.name for c in find_checkpoints(out) if run_id and checkpoint_run_id(c) not in (None, run_id)]
+        if foreign:
+            raise TrainError(f"--resume {args.resume}: {out} also holds {', '.join(foreign)} of another run, which "
+                             f"this run could replace or delete; pass --out with an empty folder")
         config = dataclasses.replace(config, out_dir=str(out))
         inputs = [("--data", p) for p in data_paths or []] + [("--eval-data", p) for p in eval_paths or []]
         inputs += [("--resume", resume)] if out.resolve() != run_dir.resolve() else []
@@ -1335,6 +1361,7 @@ def run_training(args: argparse.Namespace, explicit: set[str]) -> TrainResult:
             checkpoint_every=args.checkpoint_every, keep_checkpoints=args.keep_checkpoints,
             out_dir=args.out, stop_after=args.stop_after)
         model_dir, task, data_paths, eval_paths = Path(args.model), args.task, args.data, args.eval_data
+        run_id = None
         eval_fraction, cache_dir, copy_from = args.eval_fraction, args.cache_dir, Path(args.model)
         if find_checkpoints(args.out) if Path(args.out).is_dir() else []:
             raise TrainError(f"--out {args.out}: already holds checkpoints; pass --resume {args.out} or choose "
@@ -1343,6 +1370,16 @@ def run_training(args: argparse.Namespace, explicit: set[str]) -> TrainResult:
                                        *[("--eval-data", p) for p in eval_paths or []]], overwrite=True)
     if not data_paths:
         raise TrainError("--data is required")
+    if task == "cpt":
+        # The token cache is written into: never into an input folder (a cache inside a --data folder
+        # would be read back as training data by the next run, one inside --model would change it).
+        cache = Path(cache_dir).resolve()
+        for flag, source in [("--model", model_dir), *[("--data", p) for p in data_paths],
+                             *[("--eval-data", p) for p in eval_paths or []]]:
+            source_path = Path(source).resolve()
+            if cache == source_path or source_path in cache.parents:
+                raise TrainError(f"--cache-dir {cache_dir}: is {'' if cache == source_path else 'inside '}the "
+                                 f"input {flag} {source}; choose a cache folder outside every input")
     if not 0 <= eval_fraction < 1:
         raise TrainError(f"--eval-fraction {eval_fraction} must be in [0, 1)")
     validate_config(config)
@@ -1388,12 +1425,13 @@ def run_training(args: argparse.Namespace, explicit: set[str]) -> TrainResult:
     out = Path(config.out_dir)
     run_info = {"task": task, "data": [str(p) for p in data_paths], "eval_data": eval_paths,
                 "eval_fraction": eval_fraction, "cache_dir": str(cache_dir), "copy_files_from": str(copy_from),
-                "model": str(model_dir), "tokenizer": tokenizer.name, "world_size": world}
+                "model": str(model_dir), "tokenizer": tokenizer.name, "world_size": world,
+                "run_id": run_id or uuid.uuid4().hex}  # rank 0's is the one saved
 
     def write_run_json():
         # Only once train() has accepted everything: a failed start writes (and rewrites) nothing.
         out.mkdir(parents=True, exist_ok=True)
-        tmp = out / f".run.json.tmp-{os.getpid()}"
+        tmp = out / f".run.json.tmp-{SCRATCH_HOST}-{os.getpid()}"
         tmp.write_text(json.dumps({"config": dataclasses.asdict(config), "run": run_info}, indent=2) + "\n")
         os.replace(tmp, out / "run.json")
 
@@ -1425,7 +1463,19 @@ def _fail_on(e: BaseException, prog: str) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    argv = sys.argv[1:] if argv is None else list(argv)
+    code = _train_main(sys.argv[1:] if argv is None else list(argv))
+    if argv is None and "WORLD_SIZE" in os.environ:
+        # The command line under torchrun (`python train.py` or the opt-deus-train script): leave
+        # without interpreter teardown, where gloo's threads now and then abort a rank that has finished
+        # ("terminate called without an active exception", SIGABRT; 1 in 25 CPU runs here) and torchrun
+        # then reports the whole run failed. The process group is destroyed already.
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
+    return code
+
+
+def _train_main(argv: list[str]) -> int:
     if argv[:1] == ["eval"]:
         return eval_main(argv[1:])
     if argv[:1] == ["train"]:
@@ -1534,6 +1584,8 @@ def eval_main(argv: list[str] | None = None) -> int:
             json_path = Path(args.json)
             if json_path.is_dir():
                 raise TrainError(f"--json {args.json}: is a folder")
+            if not json_path.absolute().parent.is_dir():  # found out now, not after the evaluation
+                raise TrainError(f"--json {args.json}: no such folder {json_path.absolute().parent}")
             for flag, source in (("--text", args.text), ("--model", args.model)):
                 source_path = Path(source).resolve()
                 if json_path.resolve() == source_path or source_path in json_path.resolve().parents:
@@ -1561,12 +1613,4 @@ def eval_main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    code = main()
-    if "WORLD_SIZE" in os.environ:
-        # Under torchrun, leave without interpreter teardown: there gloo's threads now and then abort a
-        # rank that has finished ("terminate called without an active exception", SIGABRT; 1 in 25
-        # CPU runs here), and torchrun then reports the whole run failed. The group is destroyed already.
-        sys.stdout.flush()
-        sys.stderr.flush()
-        os._exit(code)
-    sys.exit(code)
+    sys.exit(main())

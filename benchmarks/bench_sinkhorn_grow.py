@@ -1,6 +1,6 @@
 """SmolLM2 30 -> 45 growth time with this sinkhorn.py and an older one, alternating, in one run.
 
-    git show HEAD:sinkhorn.py > /tmp/sinkhorn_before.py
+    git show dd3185f:sinkhorn.py > /tmp/sinkhorn_before.py   # the solver before issue 14
     python benchmarks/bench_sinkhorn_grow.py --before /tmp/sinkhorn_before.py
 
 Each run is the `opt-deus` command line in a child process (`--method opt --align A --new-layers 15

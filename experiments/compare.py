@@ -1,6 +1,6 @@
 """The study: what does optimal transport add to depth up-scaling, at equal training budget?
 
-    python experiments/compare.py --jobs 2                # default: 2 seeds, short budgets (~9 min idle)
+    python experiments/compare.py --jobs 2                # default: 2 seeds, short budgets (~10 min)
     python experiments/compare.py --preset study --jobs 2 # the full CPU study (6 seeds; see docs/RESULTS.md)
     python experiments/compare.py --preset gpu --device cuda
 
@@ -83,15 +83,15 @@ class CompareConfig:
     reference: bool = True            # also continue training the un-grown base (all layers)
     # The base: constant lr after warmup until flat (or base_max_steps), then a linear anneal
     batch_size: int = 16              # sequences per step (one micro-batch)
-    base_max_steps: int = 300
-    base_warmup: int = 30
+    base_max_steps: int = 250
+    base_warmup: int = 25
     base_lr: float = 3e-3
-    check_every: int = 25             # held-out evaluation interval (base and arms)
+    check_every: int = 20             # held-out evaluation interval (base and arms)
     flat_window: int = 200            # flattened: held-out loss fell < flat_tol over this many steps
     flat_tol: float = 0.01            # nats per byte
     anneal_fraction: float = 0.25     # anneal steps = this x the steps run at constant lr
     # The arms: every grown model (and the reference) for the same budget, WSD schedule
-    grow_steps: int = 100
+    grow_steps: int = 80
     grow_lr: float = 1e-3
     trainable: str = "new"            # "new" (the paper) or "all", for the grown models
     # Data: the stdlib's .py files (or --data-dir), a fixed subset
@@ -132,8 +132,8 @@ class CompareConfig:
 
 
 # Presets: CompareConfig fields that differ from the defaults. The defaults are README command 1:
-# two seeds, a base too short to flatten (the tables say so); with --jobs 2, 17 min 16 s of CPU time
-# in all (measured at load 1-6 on 2 cores: 25.5 min wall), about 9 minutes on 2 idle cores.
+# two seeds, a base too short to flatten (the tables say so); sized for 10 minutes with --jobs 2 on
+# 2 cores (measured time: README.md).
 PRESETS = {
     "default": {},
     # The full CPU study, with --jobs 2: one shared base trained until flat (at most 3000 steps: a

@@ -103,6 +103,8 @@ def ws(tmp_path_factory):
     (data / "sft.json").write_text(json.dumps([{"instruction": "say", "input": "", "output": " ".join(WORDS)}] * 8))
     (root / "empty.txt").write_text("")
     (root / "a_file.txt").write_text("not a folder")
+    (root / "notes").mkdir()  # a folder of the user's that is no model
+    (root / "notes" / "todo.txt").write_text("keep me")
 
     tiny_model(vocab=1000).save_pretrained(root / "big_vocab")  # a real-size vocabulary, no tokenizer.json
     tiny_model(eos_token_id=0).save_pretrained(root / "other_tokenizer")
@@ -129,6 +131,11 @@ def ws(tmp_path_factory):
                                      "--cache-dir", cache, *TINY, "--steps", 4, "--stop-after", 2,
                                      "--checkpoint-every", 1])
     assert code == 0, err
+    # A folder holding a checkpoint of runA beside one of another run (a checkpoint copied in).
+    for step in (1, 2):
+        shutil.copytree(root / "runA" / f"checkpoint-00000{step}", root / "mixed" / f"checkpoint-00000{step}")
+    edit_state = root / "mixed" / "checkpoint-000001" / "trainer_state.json"
+    edit_state.write_text(json.dumps({**json.loads(edit_state.read_text()), "run": {"run_id": "another run"}}))
     return {"root": root, "cache": cache, "base": base, "data": data, "text": data / "text.txt",
             "runA": root / "runA", "grown": root / "grown"}
 
@@ -166,6 +173,7 @@ def opt_deus_cases(ws):
         ("out-symlink-to-base+overwrite", [*grow_args, "--out", r / "link_to_base", "--overwrite"], "is the input"),
         ("out-earlier-output", [*grow_args, "--out", ws["grown"]], "already exists"),
         ("out-is-a-file+overwrite", [*grow_args, "--out", r / "a_file.txt", "--overwrite"], "is a file"),
+        ("out-not-a-model+overwrite", [*grow_args, "--out", r / "notes", "--overwrite"], "no config.json"),
         # flags
         ("new-layers-0", ["--base", base, "--new-layers", 0, "--out", r / "o"], "positive integer"),
         ("new-layers-text", ["--base", base, "--new-layers", "two", "--out", r / "o"], "--new-layers"),
@@ -262,6 +270,13 @@ def train_cases(ws):
         ("out-holds-another-run", [*start, "--out", run_a], "already holds checkpoints"),
         ("keep-checkpoints-negative", fresh("--keep-checkpoints=-1"), "--keep-checkpoints -1"),
         ("resume-out-inside-checkpoint", [*resume, "--out", run_a / "checkpoint-000002" / "x"], "is inside"),
+        ("resume-beside-another-run", ["--resume", r / "mixed" / "checkpoint-000002", "--cache-dir", cache],
+         "also holds checkpoint-000001 of another run"),
+        # the token cache is written too: not into an input (inside --data it would be read back as data)
+        ("cache-dir-inside-data", ["--model", base, "--data", ws["data"], "--cache-dir", ws["data"] / "cache",
+                                   "--out", r / "new_run", *TINY], "--cache-dir"),
+        ("cache-dir-is-model", ["--model", base, "--data", text, "--cache-dir", base, "--out", r / "new_run", *TINY],
+         "is the input --model"),
         # silent wrong output
         ("batch-tokens-0", fresh("--batch-tokens", 0), "--batch-tokens 0"),
         ("batch-tokens-negative", fresh("--batch-tokens=-128"), "--batch-tokens -128"),
@@ -273,6 +288,8 @@ def train_cases(ws):
         ("resume-changed-seed", [*resume, "--seed", 3], "--seed 3"),
         ("resume-with-model", [*resume, "--model", base], "--model"),
         ("resume-already-done", [*resume, "--steps", 2], "already at step 2"),
+        ("resume-steps-below-checkpoint", [*resume, "--steps", 1], "already at step 2 of --steps 1"),
+        ("resume-stop-after-behind", [*resume, "--stop-after", 1], "--stop-after 1 is not beyond"),
         ("no-tokenizer-big-vocab", ["--model", r / "big_vocab", "--data", text, "--out", r / "new_run",
                                     "--cache-dir", cache, *TINY], "tokenizer.json: missing"),
         ("tokenizer-ids-beyond-vocab", ["--model", r / "other_tokenizer", "--data", text, "--out", r / "new_run",
@@ -291,6 +308,8 @@ def train_cases(ws):
         ("eval-fraction-1.5", fresh("--eval-fraction", 1.5), "--eval-fraction"),
         ("eval-every-negative", fresh("--eval-every=-1"), "--eval-every"),
         ("stop-after-0", fresh("--stop-after", 0), "--stop-after"),
+        ("dist-timeout-negative", fresh("--dist-timeout=-5"), "--dist-timeout -5"),
+        ("dist-timeout-nan", fresh("--dist-timeout", "nan"), "--dist-timeout nan"),
         ("steps-text", fresh("--steps", "many"), "--steps"),
         ("device-bogus", fresh("--device", "tpu9"), "--device"),
         ("trainable-out-of-range", fresh("--trainable", 9), "out of range"),
@@ -323,11 +342,20 @@ def test_resumed_copy_writes_only_into_its_own_folder(ws, tmp_path):
     # cp -r runs/A runs/B; --resume runs/B: B continues, A (whose path is saved inside B) is untouched.
     run_b = tmp_path / "runB"
     shutil.copytree(ws["runA"], run_b)
+    # What a run killed by SIGKILL left in its folder (a checkpoint this run will not write again, a
+    # run.json) is removed; another host's is left alone.
+    from model import SCRATCH_HOST
+    stale = [run_b / f".checkpoint-000009.tmp-{SCRATCH_HOST}-999999999",
+             run_b / f".run.json.tmp-{SCRATCH_HOST}-999999999"]
+    stale[0].mkdir()
+    stale[1].write_text("{")
+    (run_b / ".checkpoint-000009.tmp-otherhost-999999999").mkdir()
     before = tree_hash(ws["root"])
     code, out, err = call(train.main, ["--resume", run_b, "--cache-dir", ws["cache"], "--keep-checkpoints", 1])
     assert code == 0, err
     assert tree_hash(ws["root"]) == before
     assert [c.name for c in train.find_checkpoints(run_b)] == ["checkpoint-000004"]
+    assert not any(p.exists() for p in stale) and (run_b / ".checkpoint-000009.tmp-otherhost-999999999").is_dir()
     assert json.loads((run_b / "run.json").read_text())["config"]["out_dir"] == str(run_b)
     assert json.loads(out.strip().splitlines()[-1])["step"] == 4
 
@@ -349,6 +377,7 @@ def eval_cases(ws):
         ("json-over-text", [*ok, "--json", text], "would overwrite the input --text"),
         ("json-into-model", [*ok, "--json", base / "report.json"], "would overwrite the input --model"),
         ("json-is-a-folder", [*ok, "--json", ws["data"]], "is a folder"),
+        ("json-folder-missing", [*ok, "--json", r / "nope" / "report.json"], "--json"),
         ("text-missing", ["--model", base, "--text", r / "nope.txt"], "no such file"),
         ("text-empty", ["--model", base, "--text", r / "empty.txt"], "empty"),
         ("model-missing", ["--model", r / "nope", "--text", text], "not a folder"),

@@ -6,6 +6,7 @@ so these tests also cover process-group setup, sharded checkpoints and signal ha
 
 import json
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -171,3 +172,20 @@ def test_sigterm_to_launcher_leaves_one_resumable_checkpoint(setup, tmp_path):
     # Resumable: one more step from it (by one process) continues the run.
     run(1, "--resume", checkpoint, "--out", out, "--stop-after", step + 1)
     assert json.loads((out / f"checkpoint-{step + 1:06d}" / "trainer_state.json").read_text())["step"] == step + 1
+
+
+def test_command_line_under_torchrun_skips_interpreter_teardown(tmp_path):
+    # Under torchrun gloo's threads now and then abort a finished rank at interpreter teardown (SIGABRT,
+    # and torchrun reports the run failed), so main() leaves with os._exit there, whichever entry point
+    # started it: `python train.py` or the installed opt-deus-train script. An atexit hook shows whether
+    # teardown ran. No --data: refused before any process group, so no launcher is needed.
+    (tmp_path / "sitecustomize.py").write_text("import atexit\natexit.register(print, 'teardown ran')\n")
+    env = {**ENV, "PYTHONPATH": f"{tmp_path}{os.pathsep}{REPO}"}
+    script = shutil.which("opt-deus-train", path=str(Path(sys.executable).parent))
+    entries = [[sys.executable, str(REPO / "train.py")], *([[script]] if script else [])]
+    for entry, torchrun in [(e, True) for e in entries] + [(entries[0], False)]:
+        extra = {"WORLD_SIZE": "2", "RANK": "0", "LOCAL_RANK": "0"} if torchrun else {}
+        p = subprocess.run([*entry, "--model", tmp_path / "model", "--out", tmp_path / "run"], capture_output=True,
+                           text=True, env={**env, **extra}, timeout=120)
+        assert p.returncode == 2 and "--data is required" in p.stderr, (entry, p.stderr)
+        assert ("teardown ran" in p.stdout) != torchrun, (entry, torchrun, p.stdout)
