@@ -59,16 +59,41 @@ def test_paper_default_positions():
 
 
 @given(base=st.integers(2, 40), new=st.integers(1, 90),
-       position=st.sampled_from(["top", "bottom", "middle", "top-bottom", "uniform"]))
-def test_positions_are_valid_and_balanced(base, new, position):
-    gaps = insert_after_for(position, base, new)
-    assert len(gaps) == new and gaps == sorted(gaps)
-    assert all(0 <= g < base - 1 for g in gaps)
-    counts = [gaps.count(g) for g in range(base - 1)]
-    assert max(counts) - min(counts) <= 1 or new % (base - 1)  # extra layers only beyond full rounds
-    layout = plan_layout("opt", base, gaps)
+       position=st.sampled_from(["top", "bottom", "middle", "top-bottom", "uniform"]),
+       method=st.sampled_from(["opt", "llama-pro"]))
+def test_positions_fill_every_gap_equally_and_place_the_remainder_where_named(base, new, position, method):
+    # insert_after_for's contract: with S slots (the L - 1 gaps; LLaMA Pro's block expansion,
+    # llama-pro `uniform`, also the slot above the top layer), new = full * S + rest puts `full`
+    # layers in every slot and one more in `rest` distinct slots, chosen by the position.
+    after = insert_after_for(position, base, new, method)
+    block_expansion = method == "llama-pro" and position == "uniform"
+    slots = base if block_expansion else base - 1
+    assert len(after) == new and after == sorted(after)
+    assert all(0 <= i < slots for i in after)
+    full, rest = divmod(new, slots)
+    counts = [after.count(i) for i in range(slots)]
+    assert sorted(counts) == [full] * (slots - rest) + [full + 1] * rest  # balanced: counts differ by <= 1
+    extra = [i for i in range(slots) if counts[i] == full + 1]  # rest distinct slots
+    if position == "top":
+        assert extra == list(range(slots - rest, slots))
+    elif position == "bottom":
+        assert extra == list(range(rest))
+    elif position == "top-bottom":  # the odd one at the bottom
+        assert extra == list(range(rest - rest // 2)) + list(range(slots - rest // 2, slots))
+    elif position == "middle" and rest:  # contiguous, as many slots left below as above (one more above)
+        below, above = extra[0], slots - 1 - extra[-1]
+        assert extra == list(range(extra[0], extra[-1] + 1)) and 0 <= above - below <= 1
+    elif block_expansion:  # a copy after the last layer of each of `rest` equal groups (32 -> 48: 1, 3, .., 31)
+        assert extra == [(j + 1) * slots // rest - 1 for j in range(rest)]
+    elif position == "uniform":
+        # the j-th extra slot is the one holding the centre (j + 1/2) S / rest of the j-th of `rest`
+        # equal segments: slot i covers [i, i + 1), so i <= (j + 1/2) S / rest < i + 1 (times 2 rest)
+        for j, i in enumerate(extra):
+            assert 2 * rest * i <= (2 * j + 1) * slots < 2 * rest * (i + 1), (j, i)
+    layout = plan_layout(method, base, after)
     assert len(layout) == base + new
     assert [s.sources[0] for s in layout if not s.new] == list(range(base))
+    assert sum(s.new for s in layout) == new
 
 
 @pytest.mark.parametrize("call, message", [

@@ -210,7 +210,7 @@ def test_tiny_epsilon_no_nan(dtype):
     assert torch.equal(plan_to_permutation(r.plan), hard_assignment(C))
 
 
-def test_batched_equals_per_problem():
+def test_batch_solves_each_problem_as_alone_and_reports_the_worst_marginal_error():
     g = _gen(4)
     n, m = 5, 7
     C = torch.rand(3, 2, n, m, generator=g, dtype=torch.float64) * torch.tensor([1.0, 3.0])[:, None, None]
@@ -361,31 +361,42 @@ def test_real_like_cost_matches_float64_reference_plan():
     assert plain.converged and fast.converged and fast.iterations * 3 < plain.iterations
 
 
-def test_tf32_enabled_by_caller_changes_nothing_and_stays_set():
-    C = torch.rand(32, 48, generator=_gen(9))
-    base = sinkhorn(C, epsilon=0.05)
-    flags = lambda: (  # noqa: E731
-        torch.backends.cuda.matmul.allow_tf32,
-        torch.backends.cudnn.allow_tf32,
-        torch.get_float32_matmul_precision(),
-        torch.get_default_dtype(),
-        torch.is_grad_enabled(),
-    )
-    before = flags()
-    saved = before[:3]
+def _numerics_switches():
+    return (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32,
+            torch.get_float32_matmul_precision(), torch.get_default_dtype(), torch.is_grad_enabled())
+
+
+def _solve_with_tf32_enabled(C: torch.Tensor):
+    # The caller turns TF32 on; returns the result and the switches as the solver left them.
+    saved = _numerics_switches()
     try:
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
         torch.set_float32_matmul_precision("medium")
-        enabled = flags()
         r = sinkhorn(C, epsilon=0.05)
-        assert flags() == enabled  # the solver did not reset the caller's choice
+        return r, _numerics_switches()
     finally:
         torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = saved[:2]
         torch.set_float32_matmul_precision(saved[2])
-    assert torch.equal(r.plan, base.plan) and torch.equal(r.f, base.f)
+
+
+def test_solver_leaves_the_callers_numerics_switches_as_set():
+    # No global numerics switches: the solver neither resets a caller's TF32 choice nor sets its own.
+    C = torch.rand(32, 48, generator=_gen(9))
+    before = _numerics_switches()
+    _, during = _solve_with_tf32_enabled(C)
+    assert during == (True, True, "medium", *before[3:])
     sinkhorn(C, epsilon=0.05)
-    assert flags() == before
+    assert _numerics_switches() == before
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="TF32 only changes CUDA matmuls; on a CPU this cannot fail")
+def test_tf32_enabled_by_caller_leaves_the_cuda_plan_unchanged():
+    # The solver's iterations are log-sum-exps, not matmuls, so TF32 must not change a bit of the plan.
+    C = torch.rand(32, 48, generator=_gen(9)).cuda()
+    base = sinkhorn(C, epsilon=0.05)
+    r, _ = _solve_with_tf32_enabled(C)
+    assert torch.equal(r.plan, base.plan) and torch.equal(r.f, base.f)
 
 
 # ----------------------------------------------------------------------------------------------

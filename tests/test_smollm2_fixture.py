@@ -11,6 +11,10 @@ import pytest
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 
+# These test tests/smollm2.py's GGUF converter against transformers and exercise no project code,
+# so they stay out of the default suite (run them with -m slow after changing the converter).
+pytestmark = pytest.mark.slow
+
 # Plain English prose used when ../shared/data/austen is absent.
 FALLBACK_PROSE = """\
 The village stood at the edge of a wide valley, where the river slowed and spread into a chain of
@@ -42,7 +46,7 @@ def tokenizer(smollm2_dir):
     return transformers.AutoTokenizer.from_pretrained(smollm2_dir)
 
 
-def test_folder_contents(smollm2_dir):
+def test_converted_folder_is_smollm2_135m_as_a_tied_float32_llama_checkpoint(smollm2_dir):
     from safetensors import safe_open
 
     config = json.loads((smollm2_dir / "config.json").read_text())
@@ -60,7 +64,7 @@ def test_folder_contents(smollm2_dir):
         assert (smollm2_dir / name).is_file()
 
 
-def test_answers_capital_of_france(model, tokenizer):
+def test_converted_model_answers_paris_for_the_capital_of_france(model, tokenizer):
     messages = [{"role": "user", "content": "What is the capital of France?"}]
     text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
     ids = tokenizer(text, return_tensors="pt").input_ids
@@ -80,7 +84,7 @@ def _real_text(austen_dir_or_none) -> str:
     return text[start:start + 3000]
 
 
-def test_perplexity_on_english(model, tokenizer, request):
+def test_converted_model_perplexity_on_english_prose_is_below_100(model, tokenizer, request):
     try:
         austen = request.getfixturevalue("austen_dir")
     except pytest.skip.Exception:
@@ -138,7 +142,7 @@ def _reference_logits(smollm2_dir, ids: list[int]):
     return x @ emb.T  # tied lm_head
 
 
-def test_logits_match_float64_reference(model, tokenizer, smollm2_dir):
+def test_converted_model_logits_match_a_float64_reference_forward(model, tokenizer, smollm2_dir):
     ids = tokenizer("The quick brown fox jumps over the lazy dog because it").input_ids
     ref = _reference_logits(smollm2_dir, ids)
     with torch.no_grad():
