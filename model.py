@@ -423,10 +423,6 @@ def to_hf_key(name: str) -> str:
     return name if name.startswith("lm_head.") else "model." + name
 
 
-def from_hf_key(key: str) -> str:
-    return key if key.startswith("lm_head.") else key.removeprefix("model.")
-
-
 def dtype_name(dtype: torch.dtype) -> str:
     return str(dtype).removeprefix("torch.")
 
