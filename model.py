@@ -419,6 +419,17 @@ class OneLineArgumentParser(argparse.ArgumentParser):
         self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
 
 
+def positive_int(text: str) -> int:
+    # argparse type for counts: "0", "-3" and "abc" all end in the same one-line error.
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
+    return value
+
+
 def to_hf_key(name: str) -> str:
     return name if name.startswith("lm_head.") else "model." + name
 
@@ -662,6 +673,15 @@ def remove_stale_scratch(folder: Path, name: str | None):
         if m and name in (None, m["name"]) and m["host"] == SCRATCH_HOST and (int(m["pid"]) != os.getpid()) \
                 and not _pid_alive(int(m["pid"])):
             _remove(entry)
+
+
+def write_text_atomic(path, text: str):
+    # One file written whole or not at all: a hidden scratch file beside it (cleaned by
+    # remove_stale_scratch if the process is killed), then a rename.
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp-{SCRATCH_HOST}-{os.getpid()}")
+    tmp.write_text(text)
+    os.replace(tmp, path)
 
 
 class AtomicFolder:

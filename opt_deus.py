@@ -52,7 +52,8 @@ import torch
 import torch.nn.functional as F
 
 from model import (BLOCK_KEYS, CheckpointError, CheckpointReader, CheckpointWriter, Interrupted, ModelArgs,
-                   OneLineArgumentParser, Transformer, check_device, check_output_folder, dtype_name, parse_size)
+                   OneLineArgumentParser, Transformer, check_device, check_output_folder, dtype_name, parse_size,
+                   positive_int)
 from sinkhorn import (SinkhornError, hard_assignment, normalize_plan, plan_sharpness, published_sinkhorn,
                       sinkhorn)
 
@@ -620,16 +621,6 @@ def _size(text: str) -> int:
         raise argparse.ArgumentTypeError(str(e)) from None
 
 
-def _positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        value = 0
-    if value <= 0:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
-    return value
-
-
 def _finite_float(text: str) -> float:
     try:
         value = float(text)
@@ -650,7 +641,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--base", required=True, help="base model: a Hugging Face LLaMA folder")
     p.add_argument("--out", required=True, help="output folder for the grown model")
     p.add_argument("--method", choices=METHODS, default="opt", help="how new layers are made")
-    p.add_argument("--new-layers", type=_positive_int, default=None, help="how many layers to add (K)")
+    p.add_argument("--new-layers", type=positive_int, default=None, help="how many layers to add (K)")
     p.add_argument("--position", choices=POSITIONS, default="top",
                    help="where the K new layers go (llama-pro: uniform is LLaMA Pro's block expansion, a copy "
                         "after the last layer of each of K groups)")
@@ -669,7 +660,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "(always so under --align published)")
     p.add_argument("--zero-init", action=argparse.BooleanOptionalAction, default=None,
                    help="zero o_proj and down_proj of new layers; None: on for opt and llama-pro, off otherwise")
-    p.add_argument("--max-iter", type=_positive_int, default=10000, help="Sinkhorn iterations at most, per problem")
+    p.add_argument("--max-iter", type=positive_int, default=10000, help="Sinkhorn iterations at most, per problem")
     p.add_argument("--tol", type=_finite_float, default=1e-4,
                    help="Sinkhorn stops at this relative marginal error (--align published: POT's own stopping rule)")
     p.add_argument("--strict", action="store_true", help="fail if a Sinkhorn problem does not converge")

@@ -42,7 +42,8 @@ import numpy as np
 import torch
 
 from model import (SCRATCH_HOST, AtomicFolder, CheckpointError, Interrupted, OneLineArgumentParser, Transformer,
-                   check_device, check_output_folder, remove_stale_scratch, rope_cos_sin)
+                   check_device, check_output_folder, positive_int, remove_stale_scratch, rope_cos_sin,
+                   write_text_atomic)
 
 
 class TrainError(ValueError):
@@ -967,9 +968,7 @@ def _trim_metrics(path: Path, last_step: int):
     if not path.is_file():
         return
     rows = [line for line in path.read_text().splitlines() if line.strip() and json.loads(line).get("step", 0) <= last_step]
-    tmp = path.with_name(f".{path.name}.tmp-{SCRATCH_HOST}-{os.getpid()}")
-    tmp.write_text("".join(r + "\n" for r in rows))
-    os.replace(tmp, path)
+    write_text_atomic(path, "".join(r + "\n" for r in rows))
 
 
 def train(model: Transformer, train_tokens, config: TrainConfig, eval_tokens=None, metrics_path=None,
@@ -1431,9 +1430,8 @@ def run_training(args: argparse.Namespace, explicit: set[str]) -> TrainResult:
     def write_run_json():
         # Only once train() has accepted everything: a failed start writes (and rewrites) nothing.
         out.mkdir(parents=True, exist_ok=True)
-        tmp = out / f".run.json.tmp-{SCRATCH_HOST}-{os.getpid()}"
-        tmp.write_text(json.dumps({"config": dataclasses.asdict(config), "run": run_info}, indent=2) + "\n")
-        os.replace(tmp, out / "run.json")
+        write_text_atomic(out / "run.json", json.dumps({"config": dataclasses.asdict(config), "run": run_info},
+                                                       indent=2) + "\n")
 
     # The run description travels in every checkpoint's trainer_state.json, so --resume needs nothing else.
     result = train(model, data, config, eval_data, metrics_path=out / "metrics.jsonl", log=log,
@@ -1506,16 +1504,6 @@ def _train_main(argv: list[str]) -> int:
     return 0
 
 
-def _positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        value = 0
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected an integer >= 1, got {text!r}")
-    return value
-
-
 EVAL_BLOCK_SIZE = 2048  # opt-deus-eval's window when the model allows it
 
 
@@ -1528,10 +1516,10 @@ def build_eval_parser() -> argparse.ArgumentParser:
                                      "130/143: stopped by SIGINT/SIGTERM.")
     p.add_argument("--model", required=True, help="Hugging Face checkpoint folder")
     p.add_argument("--text", required=True, help="UTF-8 text file (.gz ok)")
-    p.add_argument("--block-size", type=_positive_int, default=None,
+    p.add_argument("--block-size", type=positive_int, default=None,
                    help="tokens per window (non-overlapping); None: the model's max_position_embeddings, at most "
                         f"{EVAL_BLOCK_SIZE}")
-    p.add_argument("--batch-size", type=_positive_int, default=4, help="windows per forward pass")
+    p.add_argument("--batch-size", type=positive_int, default=4, help="windows per forward pass")
     p.add_argument("--device", default="auto", help="auto (cuda if available, else cpu), cpu, cuda, cuda:1, ...")
     p.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32", help="weights' dtype")
     p.add_argument("--byte-tokenizer", action="store_true",

@@ -46,6 +46,7 @@ if str(ROOT) not in sys.path:
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
 import bench_grow  # noqa: E402
+import bench_sinkhorn  # noqa: E402
 import bench_train  # noqa: E402
 
 SECTIONS = ("hardware", "parity", "sinkhorn", "grow", "train", "study")
@@ -107,22 +108,15 @@ def sync(device: torch.device):
 
 def device_time(fn, device: torch.device, warmup: int, repeats: int) -> float:
     """Median seconds of fn() after warm-up: CUDA events on a GPU, the wall clock elsewhere."""
+    if device.type == "cuda":
+        return bench_sinkhorn.cuda_time(fn, warmup, repeats)
     for _ in range(warmup):
         fn()
-    sync(device)
     times = []
     for _ in range(repeats):
-        if device.type == "cuda":
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            fn()
-            end.record()
-            end.synchronize()
-            times.append(start.elapsed_time(end) / 1e3)
-        else:
-            t0 = time.perf_counter()
-            fn()
-            times.append(time.perf_counter() - t0)
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
     return statistics.median(times)
 
 

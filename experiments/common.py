@@ -7,6 +7,7 @@ points; this module only keeps them short.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import math
 import os
@@ -17,7 +18,7 @@ from pathlib import Path
 
 import torch
 
-from model import AtomicFolder
+from model import AtomicFolder, write_text_atomic
 from opt_deus import GrowthError, GrowthOptions, grow
 
 # The methods compared (the study's arms), by the name used in tables and file names -> GrowthOptions
@@ -101,11 +102,24 @@ def output_folder(out):
         folder.commit()
 
 
+def run_study(config, run, out, log, jobs: int) -> dict:
+    """The entry point both experiments share: validate, drop arms this opt_deus.py cannot build,
+    then run(config, folder, log, jobs) into a temporary folder that replaces `out` on success (or
+    into no folder when `out` is None). Returns the summary (what summary.json holds)."""
+    config.validate()
+    config = dataclasses.replace(config, methods=available_methods(config.methods, log))
+    if not config.methods:
+        raise ExperimentError("no method left to run")
+    if out is None:
+        return run(config, None, log, jobs)
+    with output_folder(out) as tmp:
+        summary = run(config, tmp, log, jobs)
+    log(f"wrote {Path(out)}/summary.md, summary.json, runs/" + "".join(", " + p for p in summary["plots"]))
+    return summary
+
+
 def write_json(path, obj):
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(json.dumps(obj, indent=2, allow_nan=False) + "\n")
-    os.replace(tmp, path)
+    write_text_atomic(path, json.dumps(obj, indent=2, allow_nan=False) + "\n")
 
 
 def reproducibility(corpus_sha256: str) -> dict:
@@ -117,10 +131,7 @@ def reproducibility(corpus_sha256: str) -> dict:
 
 def stamp_jsonl(path, record: dict):
     """Puts {"run": record} as the first line of a metrics file train() wrote."""
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(json.dumps({"run": record}) + "\n" + path.read_text())
-    os.replace(tmp, path)
+    write_text_atomic(path, json.dumps({"run": record}) + "\n" + Path(path).read_text())
 
 
 def one_thread():

@@ -50,10 +50,10 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))  # so `python experiments/compare.py` works without `pip install -e .`
 
-from experiments.common import (METHODS, ExperimentError, available_methods, environment, fmt,  # noqa: E402
+from experiments.common import (METHODS, ExperimentError, environment, fmt,  # noqa: E402
                                 fmt_interval, fmt_pm, grow_by_name, growth_options, map_jobs, markdown_table,
-                                mean_std, output_folder, paired_comparisons, parse_list, plot_paired_curves,
-                                reproducibility, stamp_jsonl, write_json)
+                                mean_std, paired_comparisons, parse_list, plot_paired_curves,
+                                reproducibility, run_study, stamp_jsonl, write_json)
 from model import CheckpointError, ModelArgs, Transformer  # noqa: E402
 from opt_deus import POSITIONS, GrowthError  # noqa: E402
 from train import TrainConfig, TrainError, ByteTokenizer, evaluate, train  # noqa: E402
@@ -426,16 +426,7 @@ def run_compare(config: CompareConfig, out=None, log=print, jobs: int = 1) -> di
     """Runs the study and returns the summary (what summary.json holds). With `out`, writes
     summary.md, summary.json, runs/ and curves.png there (replacing it). jobs > 1 runs seeds in
     that many worker processes (one torch thread each)."""
-    config.validate()
-    config = dataclasses.replace(config, methods=available_methods(config.methods, log))
-    if not config.methods:
-        raise ExperimentError("no method left to run")
-    if out is None:
-        return _run(config, None, log, jobs)
-    with output_folder(out) as tmp:
-        summary = _run(config, tmp, log, jobs)
-    log(f"wrote {Path(out)}/summary.md, summary.json, runs/" + "".join(", " + p for p in summary["plots"]))
-    return summary
+    return run_study(config, _run, out, log, jobs)
 
 
 def _run(config: CompareConfig, folder: Path | None, log, jobs: int) -> dict:

@@ -44,10 +44,10 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))  # so `python experiments/smollm2.py` works without `pip install -e .`
 
-from experiments.common import (METHODS, ExperimentError, available_methods, ema, environment, fmt,  # noqa: E402
+from experiments.common import (METHODS, ExperimentError, ema, environment, fmt,  # noqa: E402
                                 fmt_interval, fmt_pm, grow_by_name, growth_options, map_jobs, markdown_table,
-                                mean_std, new_figure, output_folder, paired_comparisons, parse_list,
-                                plot_paired_curves, reproducibility, save_figure, stamp_jsonl, write_json)
+                                mean_std, new_figure, paired_comparisons, parse_list,
+                                plot_paired_curves, reproducibility, run_study, save_figure, stamp_jsonl, write_json)
 from model import CheckpointError, Transformer  # noqa: E402
 from opt_deus import POSITIONS, GrowthError  # noqa: E402
 from train import (HFTokenizer, TrainConfig, TrainError, evaluate, iter_documents, list_data_files,  # noqa: E402
@@ -201,16 +201,7 @@ def run_smollm2(config: SmolConfig, out=None, log=print, jobs: int = 1) -> dict:
     """Runs the experiment and returns the summary (what summary.json holds). With `out`, writes
     everything there (replacing it) through a temporary folder. jobs > 1 runs the grown models in
     that many worker processes (one torch thread each)."""
-    config.validate()
-    config = dataclasses.replace(config, methods=available_methods(config.methods, log))
-    if not config.methods:
-        raise ExperimentError("no method left to run")
-    if out is None:
-        return _run(config, None, log, jobs)
-    with output_folder(out) as tmp:
-        summary = _run(config, tmp, log, jobs)
-    log(f"wrote {Path(out)}/summary.md, summary.json, runs/" + "".join(", " + p for p in summary["plots"]))
-    return summary
+    return run_study(config, _run, out, log, jobs)
 
 
 @dataclass
