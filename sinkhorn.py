@@ -29,6 +29,8 @@ import numpy as np
 import torch
 from torch import Tensor
 
+OMEGA_CAP = 1.95  # (3) converges locally for w < 2 (Lehmann et al.); the cap keeps a margin below it
+
 
 class SinkhornWarning(RuntimeWarning):
     """Sinkhorn stopped before its marginals met the tolerance (or the iterates went non-finite)."""
@@ -144,20 +146,25 @@ def sinkhorn(cost: Tensor, a: Tensor | None = None, b: Tensor | None = None, *, 
              tol: float | None = None, max_iter: int = 1000, check_every: int = 10,
              eps_scaling: float | None = 0.5, strict: bool = False, warn: bool = True,
              compile: bool = False) -> SinkhornResult:
-    # cost: (..., n, m); a: (..., n) or (n,) [default uniform 1/n]; b: (..., m) or (m,) [1/m] -> SinkhornResult.
-    # tol: relative L1 marginal error the returned plan must meet (None: see below). max_iter: full iterations,
-    # epsilon-scaling stages included. check_every: the most iterations between error checks (a host sync each
-    # on GPU). eps_scaling: ratio of the epsilon schedule (None or 1: off). strict: raise SinkhornError instead
-    # of warning; warn=False: neither. compile: torch.compile the iteration block. The cost is detached.
+    """Solve (1) for a batch of costs: log-domain Sinkhorn (2), epsilon-scaled, over-relaxed (3).
+
+    cost (..., n, m), detached: float64 is solved in float64, other dtypes in float32 (with a float64 finish if
+    float32's rounding stalls). a (..., n) or (n,), b (..., m) or (m,): positive marginals of equal mass (None:
+    uniform). epsilon > 0, in cost units. tol: relative L1 marginal error the plan must meet (None: by dtype,
+    below). max_iter counts epsilon-scaling stages too. check_every: most iterations between error checks (a host
+    sync each on GPU). eps_scaling: the schedule's ratio (None or 1: off). strict: raise SinkhornError if not
+    converged, else warn unless warn=False. compile: torch.compile the block of iterations. Returns a
+    SinkhornResult: plan (..., n, m) in the solve's dtype, potentials f (..., n), g (..., m), error, iterations.
+    """
     epsilon = float(epsilon) if isinstance(epsilon, Tensor) else epsilon
     C, CT, a, b, mass, centre, spread = _prepare(cost, a, b, epsilon, tol, max_iter, check_every, eps_scaling)
     dtype, device, batch, m = C.dtype, C.device, C.shape[:-2], C.shape[-1]
     log_a, log_b = a.log(), b.log()
-    floor = 0.5 * torch.finfo(dtype).eps / 2 * (spread / epsilon)  # error reachable in dtype (docs: measured)
+    floor = 0.5 * torch.finfo(dtype).eps / 2 * (spread / epsilon)  # reachable error (docs/BENCHMARKS_SINKHORN.md)
     if tol is None:  # 1e-6 (float32) / 1e-10 (float64), raised to 4x the rounding floor but never above 1e-4
         tol = max(1e-6 if dtype == torch.float32 else 1e-10, min(1e-4, 4 * floor))
-    # Epsilon scaling (Kosowsky & Yuille 1994; Schmitzer 2019, sec. 3.2): one iteration of (2) per stage
-    # along eps = 2 spread, 2 spread r, ... > epsilon, warm-starting f (cost units, so it carries over).
+    # Epsilon scaling (Kosowsky & Yuille 1994; Schmitzer 2019, sec. 3.2): f from (2b) at g = 0, then one iteration
+    # of (2) per stage along eps = 2 spread, 2 spread r, ... > epsilon, warm-starting f (cost units, carried over).
     schedule = []
     if eps_scaling is not None and eps_scaling < 1:
         e = 2 * spread  # the cost's range: at this eps the plan is already close to a b^T
@@ -171,8 +178,7 @@ def sinkhorn(cost: Tensor, a: Tensor | None = None, b: Tensor | None = None, *, 
     it, g, inv_eps, omega = len(schedule), None, 1.0 / epsilon, 1.0
     step = _get_compiled() if compile else _iterate
     best, best_it, previous, stalled, measured = math.inf, it, None, False, None
-    omega_cap = 1.95  # (3) converges locally for w < 2 (Lehmann et al.); the cap keeps a margin below it
-    omega_max = omega_cap
+    omega_max = OMEGA_CAP
     while True:
         # k iterations of (2a), (2b), (3) in blocks of 1, 1, 2, 4, ... check_every: easy problems stop early.
         k = min(check_every, max(1, it - len(schedule)), max_iter - it)
@@ -182,9 +188,8 @@ def sinkhorn(cost: Tensor, a: Tensor | None = None, b: Tensor | None = None, *, 
         estimate = float(err.max())  # NaN propagates: one host sync covers divergence too
         if not math.isfinite(estimate) or it >= max_iter:
             break
-        # The estimate has a rounding floor of its own (~u |f| / eps, above the plan's): once it has
-        # stalled (omega_max lowered below), or when it says done, measure the plan itself (one pass).
-        if estimate <= tol or omega_max < omega_cap:
+        # The estimate has its own rounding floor (~u |f| / eps): once stalled, or when it says done, measure the plan.
+        if estimate <= tol or omega_max < OMEGA_CAP:
             measured = _plan_and_error(f_plan, g, C, a, b, inv_eps, dtype)
             if measured[1] <= tol:
                 break
@@ -202,7 +207,7 @@ def sinkhorn(cost: Tensor, a: Tensor | None = None, b: Tensor | None = None, *, 
             elif C.dtype == torch.float32 and device.type != "mps" and tol > 2e-7:
                 # float32 cannot get there: finish in float64 (the plan stays float32, hence tol > 2e-7).
                 C, CT, a, b, log_a, log_b, f, g = (x.double() for x in (C, CT, a, b, log_a, log_b, f, g))
-                omega_max, omega, previous = omega_cap, 1.0, None
+                omega_max, omega, previous = OMEGA_CAP, 1.0, None
             else:
                 stalled = True
                 break
@@ -210,7 +215,7 @@ def sinkhorn(cost: Tensor, a: Tensor | None = None, b: Tensor | None = None, *, 
     plan, worst = measured or _plan_and_error(f_plan, g, C, a, b, inv_eps, dtype)
     converged = math.isfinite(worst) and worst <= tol
     plan = plan.mul_(mass[..., None, None])  # back to the caller's mass
-    # Undo the centring and unit mass (f + g = f~ + g~ + centre - eps log M), gauge fixed by <a, f> = <b, g>.
+    # Undo the centring and unit mass (f + g = f~ + g~ + centre - eps log(mass)), gauge fixed by <a, f> = <b, g>.
     f_out = f_plan + (centre - epsilon * mass.log())[..., None]
     shift = ((a * f_out).sum(-1) - (b * g).sum(-1)) / 2  # (...,)
     result = SinkhornResult(plan, (f_out - shift[..., None]).to(dtype), (g + shift[..., None]).to(dtype), it, worst,
@@ -299,11 +304,6 @@ def hard_assignment(cost: Tensor) -> Tensor:
     flat = c.reshape(math.prod(batch), n, m)
     out = np.stack([_assign(x) for x in flat]) if n and len(flat) else np.zeros((len(flat), n), np.int64)
     return torch.from_numpy(out.reshape(*batch, n)).to(cost.device)
-
-
-def plan_to_permutation(plan: Tensor) -> Tensor:
-    # plan (..., n, m), n <= m -> (..., n) long: the assignment carrying the most plan mass.
-    return hard_assignment(-plan)
 
 
 def normalize_plan(plan: Tensor, b: Tensor | None = None) -> Tensor:

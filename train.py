@@ -2,23 +2,23 @@
 
 OpT-DeUS grows a pretrained model by inserting layers; this script then trains those layers on
 plain text (continued pre-training, CPT) or on Alpaca-style instructions (SFT), with everything
-else frozen. Read top to bottom: tokenizers, data, the loss, trainable selection, schedules, the
-training loop, checkpoints, evaluation, command lines.
+else frozen. Read top to bottom: tokenizers, data, the loss, trainable selection, configuration
+and schedule, the distributed path, evaluation, checkpoints, the training loop, command lines.
 
     python train.py --model grown/ --data corpus/ --steps 1000            # train the new layers
     python train.py --resume runs/train/checkpoint-000500                  # continue exactly
     python train.py eval --model runs/train/checkpoint-001000 --text test.txt
+    torchrun --nproc_per_node 8 train.py --model grown/ --data corpus/   # one model, FSDP2 over 8 GPUs
 
 Exit codes: 0 done; 2 a user error (bad path, empty data, bad resume state, non-finite loss: one
 line on stderr, nothing half-written); 130/143 stopped by SIGINT/SIGTERM after saving a checkpoint;
 1 under torchrun when another rank died or a collective waited past --dist-timeout.
-
-    torchrun --nproc_per_node 8 train.py --model grown/ --data corpus/   # one model, FSDP2 over 8 GPUs
 """
 
 from __future__ import annotations
 
 import argparse
+import copy
 import dataclasses
 import datetime
 import gzip
@@ -26,7 +26,6 @@ import hashlib
 import json
 import math
 import os
-import random
 import shutil
 import signal
 import sys
@@ -36,10 +35,11 @@ import uuid
 from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Iterable, Iterator
+from typing import Callable, Iterator
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 
 from model import (SCRATCH_HOST, AtomicFolder, CheckpointError, Interrupted, OneLineArgumentParser, Transformer,
                    check_device, check_output_folder, positive_int, remove_stale_scratch, rope_cos_sin,
@@ -72,51 +72,42 @@ class ByteTokenizer:
     def encode(self, text: str) -> list[int]:
         return list(text.encode("utf-8"))
 
-    def encode_batch(self, texts: list[str]) -> list[list[int]]:
-        return [self.encode(t) for t in texts]
-
 
 class HFTokenizer:
-    def __init__(self, path: Path, eos_id: int, bos_id: int | None):
-        from tokenizers import Tokenizer
-        self.tokenizer = Tokenizer.from_file(str(path))
-        self.eos_id, self.bos_id = eos_id, bos_id
-        self.vocab_size = self.tokenizer.get_vocab_size(with_added_tokens=True)
-        # The cache key must change when the tokenizer does, so hash the file, not its path.
-        self.name = "hf-" + hashlib.sha256(path.read_bytes()).hexdigest()[:16]
+    def __init__(self, tokenizer, name: str, eos_id: int, bos_id: int | None):
+        self.tokenizer, self.name, self.eos_id, self.bos_id = tokenizer, name, eos_id, bos_id
+        self.vocab_size = tokenizer.get_vocab_size(with_added_tokens=True)
 
     def encode(self, text: str) -> list[int]:
         return self.tokenizer.encode(text, add_special_tokens=False).ids
 
-    def encode_batch(self, texts: list[str]) -> list[list[int]]:
-        return [e.ids for e in self.tokenizer.encode_batch(texts, add_special_tokens=False)]
+
+def _json_object(path: Path) -> dict:
+    # {} when the file is absent; a file that is present must hold a JSON object.
+    if not path.is_file():
+        return {}
+    try:
+        value = json.loads(path.read_text())
+    except ValueError:
+        value = None
+    if not isinstance(value, dict):
+        raise TrainError(f"{path}: not a JSON object")
+    return value
 
 
 def _special_id(model_dir: Path, key: str, tokenizer) -> int | None:
     # config.json's <key>_token_id (an int, or a list whose first entry is the main one), else
     # tokenizer_config.json's <key>_token string looked up in the vocabulary.
     for name in ("config.json", "generation_config.json"):
-        path = model_dir / name
-        if path.is_file():
-            try:
-                value = json.loads(path.read_text()).get(f"{key}_token_id")
-            except (ValueError, AttributeError):
-                raise TrainError(f"{path}: not a JSON object") from None
-            if isinstance(value, list) and value:
-                value = value[0]
-            if isinstance(value, int):
-                return value
-    path = model_dir / "tokenizer_config.json"
-    if path.is_file():
-        try:
-            token = json.loads(path.read_text()).get(f"{key}_token")
-        except (ValueError, AttributeError):
-            raise TrainError(f"{path}: not a JSON object") from None
-        if isinstance(token, dict):
-            token = token.get("content")
-        if isinstance(token, str):
-            return tokenizer.token_to_id(token)
-    return None
+        value = _json_object(model_dir / name).get(f"{key}_token_id")
+        if isinstance(value, list) and value:
+            value = value[0]
+        if isinstance(value, int):
+            return value
+    token = _json_object(model_dir / "tokenizer_config.json").get(f"{key}_token")
+    if isinstance(token, dict):
+        token = token.get("content")
+    return tokenizer.token_to_id(token) if isinstance(token, str) else None
 
 
 # A model made for the byte tokenizer has a vocabulary of 257 (maybe padded); a real subword
@@ -124,22 +115,13 @@ def _special_id(model_dir: Path, key: str, tokenizer) -> int | None:
 BYTE_VOCAB_LIMIT = 512
 
 
-def _config_vocab_size(model_dir: Path) -> int | None:
-    try:
-        value = json.loads((model_dir / "config.json").read_text()).get("vocab_size")
-    except (OSError, ValueError, AttributeError):
-        return None
-    return value if isinstance(value, int) else None
-
-
 def load_tokenizer(model_dir, byte_tokenizer: bool = False) -> ByteTokenizer | HFTokenizer:
-    # tokenizer.json when the folder has one; UTF-8 bytes for a model made for them (vocab_size <=
-    # BYTE_VOCAB_LIMIT) or when asked for (byte_tokenizer, --byte-tokenizer). Anything else is an
-    # error: a 49k-vocabulary model fed bytes trains "fine" and evaluates to nonsense.
+    # Bytes are refused for a real vocabulary unless asked for (--byte-tokenizer): a 49k-vocabulary
+    # model fed bytes trains "fine" and evaluates to nonsense.
     model_dir = Path(model_dir)
     path = model_dir / "tokenizer.json"
-    vocab_size = _config_vocab_size(model_dir)
-    made_for_bytes = byte_tokenizer or (vocab_size is not None and vocab_size <= BYTE_VOCAB_LIMIT)
+    vocab_size = _json_object(model_dir / "config.json").get("vocab_size")
+    made_for_bytes = byte_tokenizer or (isinstance(vocab_size, int) and vocab_size <= BYTE_VOCAB_LIMIT)
     if not path.is_file():
         if made_for_bytes:
             return ByteTokenizer()
@@ -152,26 +134,22 @@ def load_tokenizer(model_dir, byte_tokenizer: bool = False) -> ByteTokenizer | H
             return ByteTokenizer()
         raise TrainError(f"{path}: reading it needs the `tokenizers` package (pip install tokenizers)") from None
     try:
-        probe = Tokenizer.from_file(str(path))
+        tokenizer = Tokenizer.from_file(str(path))
     except Exception as e:  # the tokenizers library raises plain Exceptions on bad files
         raise TrainError(f"{path}: cannot read tokenizer ({e})") from None
-    eos_id = _special_id(model_dir, "eos", probe)
+    eos_id = _special_id(model_dir, "eos", tokenizer)
     if eos_id is None:
         raise TrainError(f"{model_dir}: no eos_token_id in config.json nor eos_token in tokenizer_config.json")
-    return HFTokenizer(path, eos_id, _special_id(model_dir, "bos", probe))
-
-
-def check_vocab(tokenizer, vocab_size: int, where: str):
-    if tokenizer.vocab_size > vocab_size and isinstance(tokenizer, ByteTokenizer):
-        raise TrainError(f"{where}: the byte tokenizer needs vocab_size >= {tokenizer.vocab_size}, "
-                         f"the model has {vocab_size} (ship a tokenizer.json with the checkpoint)")
+    # The token cache's key must change when the tokenizer does: the name hashes the file, not its path.
+    name = "hf-" + hashlib.sha256(path.read_bytes()).hexdigest()[:16]
+    return HFTokenizer(tokenizer, name, eos_id, _special_id(model_dir, "bos", tokenizer))
 
 
 # ----------------------------------------------------------------------------------------------
 # Data: files -> documents -> one long uint32 token stream (cached) -> fixed blocks
 
 
-def list_data_files(paths: Iterable) -> list[Path]:
+def list_data_files(paths) -> list[Path]:
     # Folders are walked recursively in sorted order; hidden files (a cache, .DS_Store) are skipped.
     files = []
     for p in map(Path, paths):
@@ -222,17 +200,6 @@ def iter_documents(files: list[Path]) -> Iterator[str]:
             raise TrainError(f"{path}: cannot read ({e})") from None
 
 
-def _batched(items: Iterable, n: int) -> Iterator[list]:
-    batch = []
-    for item in items:
-        batch.append(item)
-        if len(batch) == n:
-            yield batch
-            batch = []
-    if batch:
-        yield batch
-
-
 def tokenize_to_cache(paths, tokenizer, cache_dir, log: Callable = print) -> np.ndarray:
     """Documents joined with EOS as one 1-D uint32 memmap, tokenised once and cached on disk."""
     files = list_data_files(paths)
@@ -243,26 +210,24 @@ def tokenize_to_cache(paths, tokenizer, cache_dir, log: Callable = print) -> np.
                                      "eos": tokenizer.eos_id, "version": 1}).encode()).hexdigest()[:24]
     cache_dir = Path(cache_dir)
     final = cache_dir / f"tokens-{key}.u32"
-    if not final.is_file():
-        cache_dir.mkdir(parents=True, exist_ok=True)
-        remove_stale_scratch(cache_dir, final.name)  # left by a tokenisation that was killed
-        tmp = cache_dir / f".{final.name}.tmp-{SCRATCH_HOST}-{os.getpid()}"
-        n_tokens, t0 = 0, time.time()
-        try:
-            with open(tmp, "wb") as f:
-                for docs in _batched(iter_documents(files), 64):
-                    for ids in tokenizer.encode_batch(docs):
-                        ids.append(tokenizer.eos_id)
-                        np.asarray(ids, dtype=np.uint32).tofile(f)
-                        n_tokens += len(ids)
-            if n_tokens == 0:
-                raise TrainError(f"{', '.join(map(str, paths))}: no text (the data files are empty)")
-            meta = {"files": stats, "tokenizer": tokenizer.name, "n_tokens": n_tokens}
-            (cache_dir / f"tokens-{key}.json").write_text(json.dumps(meta, indent=2) + "\n")
-            os.replace(tmp, final)  # the .u32 file appears only once complete
-        finally:
-            tmp.unlink(missing_ok=True)
-        log(f"tokenised {len(files)} file(s): {n_tokens:,} tokens in {time.time() - t0:.1f}s -> {final}")
+    if final.is_file():
+        return np.memmap(final, dtype=np.uint32, mode="r")
+    cache_dir.mkdir(parents=True, exist_ok=True)
+    remove_stale_scratch(cache_dir, final.name)  # left by a tokenisation that was killed
+    tmp = cache_dir / f".{final.name}.tmp-{SCRATCH_HOST}-{os.getpid()}"
+    n_tokens, t0 = 0, time.time()
+    try:
+        with open(tmp, "wb") as f:
+            for text in iter_documents(files):
+                ids = tokenizer.encode(text) + [tokenizer.eos_id]
+                np.asarray(ids, dtype=np.uint32).tofile(f)
+                n_tokens += len(ids)
+        if n_tokens == 0:
+            raise TrainError(f"{', '.join(map(str, paths))}: no text (the data files are empty)")
+        os.replace(tmp, final)  # the .u32 file appears only once complete
+    finally:
+        tmp.unlink(missing_ok=True)
+    log(f"tokenised {len(files)} file(s): {n_tokens:,} tokens in {time.time() - t0:.1f}s -> {final}")
     return np.memmap(final, dtype=np.uint32, mode="r")
 
 
@@ -270,18 +235,13 @@ class TokenBlocks:
     # Sample i is the block tokens[i*T : i*T + T + 1]: inputs its first T tokens, targets its last T.
     # Blocks overlap by the one token that is both the last target and the next block's first input.
     def __init__(self, tokens, block_size: int, what: str = "data"):
-        if isinstance(tokens, torch.Tensor):
-            tokens = tokens.cpu().numpy()
-        self.tokens, self.block_size = tokens, block_size
-        if tokens.ndim != 1:
-            raise TrainError(f"{what}: tokens must be a 1-D array, got shape {list(tokens.shape)}")
+        self.tokens, self.block_size = np.asarray(tokens), block_size  # numpy, memmap or CPU torch
         if len(tokens) < block_size + 1:
             raise TrainError(f"{what}: {len(tokens)} tokens is shorter than one block of {block_size + 1} "
                              f"(block size + 1); add data or lower --block-size")
-        self.n = (len(tokens) - 1) // block_size
 
     def __len__(self):
-        return self.n
+        return (len(self.tokens) - 1) // self.block_size
 
     def get(self, indices) -> tuple[torch.Tensor, torch.Tensor]:
         T = self.block_size
@@ -309,7 +269,8 @@ def format_prompt(example: dict) -> str:
 
 def sft_example(example: dict, tokenizer, block_size: int) -> tuple[np.ndarray, np.ndarray]:
     # -> ids, labels, both (L,) with L <= block_size + 1; labels are -100 on the prompt.
-    prompt = ([tokenizer.bos_id] if tokenizer.bos_id is not None else []) + tokenizer.encode(format_prompt(example))
+    bos = [tokenizer.bos_id] if tokenizer.bos_id is not None else []
+    prompt = bos + tokenizer.encode(format_prompt(example))
     response = tokenizer.encode(example["output"]) + [tokenizer.eos_id]
     ids = np.asarray(prompt + response, dtype=np.int64)[: block_size + 1]
     labels = ids.copy()
@@ -319,26 +280,19 @@ def sft_example(example: dict, tokenizer, block_size: int) -> tuple[np.ndarray, 
 
 def load_alpaca(path) -> list[dict]:
     path = Path(path)
-    if not path.is_file():
-        raise TrainError(f"{path}: no such file")
     try:
         with _open_text(path) as f:
-            if _is_jsonl(path):
-                records = [json.loads(line) for line in f if line.strip()]
-            else:
-                records = json.load(f)
+            records = [json.loads(line) for line in f if line.strip()] if _is_jsonl(path) else json.load(f)
     except json.JSONDecodeError as e:
         raise TrainError(f"{path}: not valid JSON ({e})") from None
     except UnicodeDecodeError:
         raise TrainError(f"{path}: not UTF-8 text") from None
-    if not isinstance(records, list):
-        raise TrainError(f"{path}: expected a JSON list of {{instruction, input, output}} records")
+    if not isinstance(records, list) or not records:
+        raise TrainError(f"{path}: expected a non-empty JSON list of {{instruction, input, output}} records")
     for i, r in enumerate(records):
-        if not (isinstance(r, dict) and isinstance(r.get("instruction"), str) and isinstance(r.get("output"), str)
-                and isinstance(r.get("input", ""), str)):
-            raise TrainError(f"{path}: record {i} needs string fields 'instruction' and 'output' (and optional 'input')")
-    if not records:
-        raise TrainError(f"{path}: no records")
+        ok = isinstance(r, dict) and "instruction" in r and "output" in r
+        if not (ok and all(isinstance(r.get(k, ""), str) for k in ("instruction", "input", "output"))):
+            raise TrainError(f"{path}: record {i} needs string fields 'instruction', 'output' (and optional 'input')")
     return records
 
 
@@ -347,25 +301,21 @@ class SFTDataset:
     # 64 (bounded set of shapes for torch.compile), with eos as pad and -100 as pad label.
     def __init__(self, examples: list[dict], tokenizer, block_size: int, what: str = "SFT data"):
         self.block_size, self.pad_id = block_size, tokenizer.eos_id
-        self.ids, self.labels = [], []
-        for example in examples:
-            ids, labels = sft_example(example, tokenizer, block_size)
-            if (labels[1:] != IGNORE_INDEX).any():  # prompts longer than a block teach nothing
-                self.ids.append(ids)
-                self.labels.append(labels)
-        self.dropped = len(examples) - len(self.ids)
+        pairs = [sft_example(example, tokenizer, block_size) for example in examples]
+        # A prompt that fills the whole block leaves no response to learn: dropped.
+        pairs = [(ids, labels) for ids, labels in pairs if (labels[1:] != IGNORE_INDEX).any()]
+        self.ids, self.labels = [ids for ids, _ in pairs], [labels for _, labels in pairs]
         if not self.ids:
             raise TrainError(f"{what}: no example has a response within the block size {block_size}")
 
     def __len__(self):
         return len(self.ids)
 
-    def split(self, n: int) -> tuple["SFTDataset", "SFTDataset"]:
+    def split(self, n: int) -> tuple[SFTDataset, SFTDataset]:
         # -> (the first n examples, the rest)
-        head, tail = object.__new__(SFTDataset), object.__new__(SFTDataset)
-        for part, sl in ((head, slice(None, n)), (tail, slice(n, None))):
-            part.block_size, part.pad_id, part.dropped = self.block_size, self.pad_id, 0
-            part.ids, part.labels = self.ids[sl], self.labels[sl]
+        head, tail = copy.copy(self), copy.copy(self)
+        head.ids, head.labels = self.ids[:n], self.labels[:n]
+        tail.ids, tail.labels = self.ids[n:], self.labels[n:]
         return head, tail
 
     def get(self, indices) -> tuple[torch.Tensor, torch.Tensor]:
@@ -389,82 +339,26 @@ class SampleOrder:
     # seeded by (seed, epoch): the sample at stream position p is a pure function of (seed, p),
     # so a resumed run reads exactly what an uninterrupted one would, with no iterator state.
     def __init__(self, n_samples: int, seed: int):
-        self.n, self.seed, self._perms = n_samples, seed, {}
-
-    def permutation(self, epoch: int) -> np.ndarray:
-        if epoch not in self._perms:
-            if len(self._perms) > 2:
-                self._perms.clear()
-            self._perms[epoch] = np.random.default_rng([self.seed, epoch]).permutation(self.n)
-        return self._perms[epoch]
+        self.n, self.seed, self.epoch, self.perm = n_samples, seed, None, None
 
     def indices(self, start: int, count: int) -> list[int]:
-        return [int(self.permutation(p // self.n)[p % self.n]) for p in range(start, start + count)]
+        out = []
+        for position in range(start, start + count):
+            if position // self.n != self.epoch:
+                self.epoch = position // self.n
+                self.perm = np.random.default_rng([self.seed, self.epoch]).permutation(self.n)
+            out.append(int(self.perm[position % self.n]))
+        return out
 
 
 # ----------------------------------------------------------------------------------------------
-# The loss: chunked, fused linear + cross-entropy
-
-
-LOSS_CHUNK_ELEMENTS = 2**27  # logits per chunk: 128M float32 = 512 MB, e.g. 1046 rows of a 128k vocab
-
-
-class _LinearCrossEntropy(torch.autograd.Function):
-    # sum over valid rows of -log softmax(h @ W^T)[target], without materialising the (N, V)
-    # float32 logits: each chunk's logits live only inside the loop, and the gradients w.r.t. h
-    # and W are computed right there (softmax - onehot), so backward has nothing to recompute.
-    @staticmethod
-    def forward(ctx, h, weight, targets, chunk_rows: int, need_h: bool, need_w: bool):
-        # h (N, D), weight (V, D), targets (N,) -> scalar float32
-        N = h.shape[0]
-        grad_h = torch.empty_like(h) if need_h else None
-        grad_w = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if need_w else None
-        total = torch.zeros((), dtype=torch.float32, device=h.device)
-        for start in range(0, N, chunk_rows):
-            hc, tc = h[start: start + chunk_rows], targets[start: start + chunk_rows]
-            logits = (hc @ weight.t()).float()  # (c, V)
-            lse = torch.logsumexp(logits, dim=-1)  # (c,)
-            valid = tc != IGNORE_INDEX
-            safe = torch.where(valid, tc, torch.zeros_like(tc))
-            target_logit = logits.gather(1, safe[:, None]).squeeze(1)
-            total = total + torch.where(valid, lse - target_logit, torch.zeros_like(lse)).sum()
-            if need_h or need_w:
-                g = logits.sub_(lse[:, None]).exp_()  # softmax, in place: (c, V)
-                g.scatter_add_(1, safe[:, None], -torch.ones_like(lse)[:, None])
-                g = g.mul_(valid[:, None].float()).to(h.dtype)
-                if need_h:
-                    grad_h[start: start + chunk_rows] = g @ weight
-                if need_w:
-                    grad_w += (g.t() @ hc).float()
-        ctx.weight_dtype = weight.dtype
-        ctx.save_for_backward(grad_h, grad_w)
-        return total
-
-    @staticmethod
-    def backward(ctx, grad_out):
-        grad_h, grad_w = ctx.saved_tensors
-        grad_h = grad_h * grad_out.to(grad_h.dtype) if grad_h is not None else None
-        grad_w = (grad_w * grad_out).to(ctx.weight_dtype) if grad_w is not None else None
-        return grad_h, grad_w, None, None, None, None
-
-
-def linear_cross_entropy(h: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-    # h (N, D), weight (V, D), targets (N,) -> summed token loss over targets != -100 (float32).
-    device_type = h.device.type
-    if torch.is_autocast_enabled(device_type):  # compute the head in the autocast dtype, as F.linear would
-        dtype = torch.get_autocast_dtype(device_type)
-        h, weight = h.to(dtype), weight.to(dtype)
-    grad = torch.is_grad_enabled()
-    chunk_rows = max(1, LOSS_CHUNK_ELEMENTS // weight.shape[0])
-    with torch.autocast(device_type, enabled=False):
-        return _LinearCrossEntropy.apply(h, weight, targets, chunk_rows,
-                                         grad and h.requires_grad, grad and weight.requires_grad)
+# The loss
 
 
 def forward_loss(model: Transformer, x: torch.Tensor, y: torch.Tensor, frozen_prefix: int | None) -> torch.Tensor:
-    # x, y (B, T) -> summed token loss. The embeddings and the first `frozen_prefix` blocks run
-    # under no_grad: nothing below the lowest trainable block needs a gradient, so they store no
-    # activations and backward stops there. None: the embeddings train, everything runs with grad.
+    # x, y (B, T) -> loss summed over the targets that are not IGNORE_INDEX (float32). The embeddings and
+    # the first `frozen_prefix` blocks run under no_grad: nothing below the lowest trainable block needs a
+    # gradient, so they store no activations and backward stops there. None: the embeddings train.
     with torch.no_grad() if frozen_prefix is not None else nullcontext():
         h = model.embed_tokens(x)  # (B, T, D)
         cos, sin = rope_cos_sin(model.args, torch.arange(x.shape[1], device=x.device), h.dtype)
@@ -472,9 +366,9 @@ def forward_loss(model: Transformer, x: torch.Tensor, y: torch.Tensor, frozen_pr
             h = block(h, cos, sin)
     for block in model.layers[frozen_prefix or 0:]:
         h = block(h, cos, sin)
-    h = model.norm(h)
     weight = model.embed_tokens.weight if model.lm_head is None else model.lm_head.weight
-    return linear_cross_entropy(h.flatten(0, 1), weight, y.flatten())
+    logits = F.linear(model.norm(h), weight).float()  # (B, T, V); float32 even under bf16 autocast
+    return F.cross_entropy(logits.flatten(0, 1), y.flatten(), ignore_index=IGNORE_INDEX, reduction="sum")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -487,8 +381,8 @@ def parse_trainable(spec: str | list[int]) -> str | list[int]:
             spec = [int(s) for s in spec.split(",") if s.strip()]
         except ValueError:
             raise TrainError(f"--trainable {spec!r}: expected 'new', 'all' or comma-separated layer indices") from None
-        if not spec:
-            raise TrainError("--trainable: empty layer list")
+    if not spec:
+        raise TrainError("--trainable: empty layer list")
     return spec
 
 
@@ -498,12 +392,10 @@ def set_trainable(model: Transformer, spec: str | list[int]) -> list[int]:
     spec = parse_trainable(spec)
     n_layers = len(model.layers)
     if spec == "all":
-        for p in model.parameters():
-            p.requires_grad_(True)
+        model.requires_grad_(True)
         return list(range(n_layers))
     if spec == "new":
-        record = model.args.extra.get("opt_deus") or {}
-        spec = record.get("new_layers")
+        spec = (model.args.extra.get("opt_deus") or {}).get("new_layers")
         if not spec:
             raise TrainError("--trainable new: the checkpoint records no new layers (config.json has no "
                              "opt_deus.new_layers); pass --trainable all or a comma list of layer indices")
@@ -511,11 +403,9 @@ def set_trainable(model: Transformer, spec: str | list[int]) -> list[int]:
     bad = [i for i in layers if not isinstance(i, int) or not 0 <= i < n_layers]
     if bad:
         raise TrainError(f"trainable layer {bad[0]} is out of range: the model has {n_layers} layers")
-    for p in model.parameters():
-        p.requires_grad_(False)
+    model.requires_grad_(False)
     for i in layers:
-        for p in model.layers[i].parameters():
-            p.requires_grad_(True)
+        model.layers[i].requires_grad_(True)
     return layers
 
 
@@ -530,37 +420,43 @@ def frozen_prefix_of(model: Transformer) -> int | None:
 
 
 # ----------------------------------------------------------------------------------------------
-# Configuration and schedules
+# Configuration and schedule
+
+
+def _option(default, flag_help: str | None = None, **argparse_kwargs):
+    # A TrainConfig field; with a help text it is also an opt-deus-train flag (the name with dashes),
+    # whose default is the field's: one source of truth for the Python API and the command line.
+    return field(default=default, metadata={"help": flag_help, **argparse_kwargs})
 
 
 @dataclass
 class TrainConfig:
-    steps: int = 1000                 # optimizer steps the schedule spans
-    lr: float = 2e-4                  # peak learning rate
-    min_lr_ratio: float = 0.1         # final lr = lr * min_lr_ratio
-    warmup_steps: int = 100           # linear warmup from lr/warmup_steps to lr
-    schedule: str = "wsd"             # "wsd" (warmup-stable-decay, linear decay) or "cosine"
-    decay_fraction: float = 0.2       # wsd: the last fraction of steps decays linearly to min lr
-    batch_tokens: int = 65536         # tokens per optimizer step (all ranks)
-    micro_batch_size: int = 4         # sequences per forward/backward
-    block_size: int = 2048            # tokens per sequence
-    grad_clip: float = 1.0            # max global grad norm; 0 = no clipping
-    weight_decay: float = 0.1         # on matrices only, never on norm gains
-    beta1: float = 0.9
-    beta2: float = 0.95
-    eps: float = 1e-8
-    trainable: str | list[int] | None = "new"  # "new", "all", layer list; None: keep requires_grad as is
-    eval_every: int = 200             # steps between held-out evaluations (0: only at the end)
-    eval_batches: int = 20            # micro-batches per evaluation
-    log_every: int = 10               # steps between progress lines
-    seed: int = 0                     # data order is a function of (seed, step)
-    compile: bool = False             # torch.compile the loss computation (the saved module is uncompiled)
-    device: str = "auto"              # "auto": cuda if available (LOCAL_RANK under torchrun), else cpu
-    checkpoint_every: int = 500       # steps between checkpoints (0: only at the end); needs out_dir
-    keep_checkpoints: int = 2         # keep the newest N checkpoints (0: all)
-    out_dir: str | None = None        # where checkpoints go; None: no checkpoints
-    stop_after: int | None = None     # end this run after this many steps, as if interrupted
-    timing_skip_steps: int = 2        # first steps left out of the mean step time (warm-up, compile)
+    steps: int = _option(1000, "optimizer steps the schedule spans")
+    lr: float = _option(2e-4, "peak learning rate")
+    min_lr_ratio: float = _option(0.1, "final lr = lr x this")
+    warmup_steps: int = _option(100, "linear warmup from lr/warmup_steps to lr (< --steps)")
+    schedule: str = _option("wsd", "learning-rate schedule: warmup-stable-decay or cosine", choices=["wsd", "cosine"])
+    decay_fraction: float = _option(0.2, "wsd: the last fraction of the steps decays linearly to the final lr")
+    batch_tokens: int = _option(65536, "tokens per optimizer step (under torchrun: over all processes)")
+    micro_batch_size: int = _option(4, "sequences per forward/backward")
+    block_size: int = _option(2048, "tokens per sequence (at most the model's max_position_embeddings)")
+    grad_clip: float = _option(1.0, "max global gradient norm (0: no clipping)")
+    weight_decay: float = _option(0.1, "AdamW weight decay (matrices only, never norm gains)")
+    beta1: float = _option(0.9, "AdamW beta1, in [0, 1)")
+    beta2: float = _option(0.95, "AdamW beta2, in [0, 1)")
+    eps: float = _option(1e-8)  # AdamW epsilon (no flag)
+    trainable: str | list[int] = _option("new", "'new' (config.json opt_deus.new_layers), 'all', or e.g. '3,7,11'")
+    eval_every: int = _option(200, "steps between held-out evaluations (0: only at the end)")
+    eval_batches: int = _option(20, "micro-batches per evaluation")
+    log_every: int = _option(10, "steps between progress lines")
+    seed: int = _option(0, "data order seed (>= 0): the data order is a function of (seed, step)")
+    compile: bool = _option(False, "torch.compile the loss computation (the saved module is uncompiled)")
+    device: str = _option("auto", "auto (cuda if available, else cpu; LOCAL_RANK under torchrun), cpu, cuda:1, ...")
+    checkpoint_every: int = _option(500, "steps between checkpoints (0: only at the end)")
+    keep_checkpoints: int = _option(2, "keep the newest N checkpoints (0: all); the last one written is never deleted")
+    out_dir: str | None = _option(None)  # where checkpoints go; None: no checkpoints (the CLI's --out)
+    stop_after: int | None = _option(None, "end once this step is done, as if stopped (schedule unchanged)")
+    timing_skip_steps: int = _option(2)  # first steps left out of the mean step time (warm-up, compile)
 
 
 def _flag(name: str) -> str:
@@ -570,31 +466,26 @@ def _flag(name: str) -> str:
 def validate_config(c: TrainConfig):
     # The one check of every training hyperparameter, for the command line and the Python API alike.
     # Messages name the flag (a TrainConfig field is its flag without dashes) and its default.
-    defaults = TrainConfig()
-
-    def number(name, kind=float):
-        value = getattr(c, name)
-        ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
-        if not ok or (kind is int and not isinstance(value, int)):
-            raise TrainError(f"{_flag(name)} {value!r}: expected {'an integer' if kind is int else 'a finite number'}")
-        return value
+    for f in dataclasses.fields(c):
+        value = getattr(c, f.name)
+        if value is None and f.type.endswith("| None"):
+            continue
+        is_number = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+        if f.type.startswith("int") and not (is_number and isinstance(value, int)):
+            raise TrainError(f"{_flag(f.name)} {value!r}: expected an integer")
+        if f.type == "float" and not is_number:
+            raise TrainError(f"{_flag(f.name)} {value!r}: expected a finite number")
 
     def require(ok: bool, name: str, rule: str):
         if not ok:
             raise TrainError(f"{_flag(name)} {getattr(c, name)} {rule} "
-                             f"(default {_flag(name)} {getattr(defaults, name)})")
+                             f"(default {_flag(name)} {getattr(TrainConfig, name)})")
 
-    for name in ("steps", "warmup_steps", "batch_tokens", "micro_batch_size", "block_size", "eval_every",
-                 "eval_batches", "log_every", "seed", "checkpoint_every", "keep_checkpoints", "timing_skip_steps"):
-        number(name, int)
-    for name in ("lr", "min_lr_ratio", "decay_fraction", "grad_clip", "weight_decay", "beta1", "beta2", "eps"):
-        number(name)
     require(c.steps >= 1, "steps", "must be >= 1")
     require(c.lr > 0, "lr", "must be > 0")
     require(0 <= c.min_lr_ratio <= 1, "min_lr_ratio", "must be in [0, 1]")
     require(0 <= c.warmup_steps < c.steps, "warmup_steps", f"must be >= 0 and below --steps {c.steps}")
-    if c.schedule not in ("wsd", "cosine"):
-        raise TrainError(f"--schedule {c.schedule!r}: expected 'wsd' or 'cosine'")
+    require(c.schedule in ("wsd", "cosine"), "schedule", "must be 'wsd' or 'cosine'")
     require(0 <= c.decay_fraction <= 1, "decay_fraction", "must be in [0, 1]")
     require(c.block_size >= 1, "block_size", "must be >= 1")
     require(c.micro_batch_size >= 1, "micro_batch_size", "must be >= 1")
@@ -611,9 +502,7 @@ def validate_config(c: TrainConfig):
     require(c.seed >= 0, "seed", "must be >= 0")
     require(c.checkpoint_every >= 0, "checkpoint_every", "must be >= 0 (0: only at the end)")
     require(c.keep_checkpoints >= 0, "keep_checkpoints", "must be >= 0 (0: keep all)")
-    if c.stop_after is not None and (isinstance(c.stop_after, bool) or not isinstance(c.stop_after, int)
-                                     or c.stop_after < 1):
-        raise TrainError(f"--stop-after {c.stop_after!r}: must be an integer >= 1")
+    require(c.stop_after is None or c.stop_after >= 1, "stop_after", "must be >= 1")
 
 
 def lr_at(step: int, config: TrainConfig) -> float:
@@ -633,16 +522,6 @@ def lr_at(step: int, config: TrainConfig) -> float:
     return peak + (floor - peak) * progress
 
 
-def batch_geometry(config: TrainConfig, world_size: int = 1) -> tuple[int, int]:
-    # -> (sequences per step on this rank, micro-batches per step = gradient accumulation)
-    per_micro = config.block_size * config.micro_batch_size * world_size
-    if config.batch_tokens % per_micro:
-        raise TrainError(f"--batch-tokens {config.batch_tokens} is not a multiple of --block-size x --micro-batch-size"
-                         f"{' x world size' if world_size > 1 else ''} = {per_micro}")
-    accum = config.batch_tokens // per_micro
-    return accum * config.micro_batch_size, accum
-
-
 def resolve_device(name: str) -> torch.device:
     if name == "auto":
         name = "cuda" if torch.cuda.is_available() else "cpu"
@@ -655,14 +534,27 @@ def resolve_device(name: str) -> torch.device:
     return device
 
 
-def rank_and_world() -> tuple[int, int]:
-    if torch.distributed.is_available() and torch.distributed.is_initialized():
-        return torch.distributed.get_rank(), torch.distributed.get_world_size()
-    return 0, 1
+def autocast_for(device: torch.device):
+    # bf16 autocast on CUDA (float32 master weights and optimizer state); plain float32 elsewhere.
+    return torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else nullcontext()
+
+
+def make_optimizer(named_params: list[tuple[str, torch.nn.Parameter]], config: TrainConfig, device: torch.device):
+    matrices = [p for _, p in named_params if p.ndim >= 2]
+    gains = [p for _, p in named_params if p.ndim < 2]  # RMSNorm weights: no decay
+    groups = [{"params": matrices, "weight_decay": config.weight_decay}, {"params": gains, "weight_decay": 0.0}]
+    return torch.optim.AdamW(groups, lr=lr_at(0, config), betas=(config.beta1, config.beta2), eps=config.eps,
+                             fused=device.type == "cuda")
 
 
 # ----------------------------------------------------------------------------------------------
 # Distributed (torchrun + FSDP2): one model sharded over all processes; the training loop is the same
+
+
+def rank_and_world() -> tuple[int, int]:
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        return torch.distributed.get_rank(), torch.distributed.get_world_size()
+    return 0, 1
 
 
 def init_distributed(device_name: str, timeout_s: float) -> bool:
@@ -672,11 +564,11 @@ def init_distributed(device_name: str, timeout_s: float) -> bool:
     if "WORLD_SIZE" not in os.environ or torch.distributed.is_initialized():
         return torch.distributed.is_initialized()
     device = resolve_device(device_name)
-    if device.type == "cuda":
+    cuda = device.type == "cuda"
+    if cuda:
         torch.cuda.set_device(device)
-    torch.distributed.init_process_group("nccl" if device.type == "cuda" else "gloo",
-                                         timeout=datetime.timedelta(seconds=timeout_s),
-                                         device_id=device if device.type == "cuda" else None)
+    torch.distributed.init_process_group("nccl" if cuda else "gloo", timeout=datetime.timedelta(seconds=timeout_s),
+                                         device_id=device if cuda else None)
     return True
 
 
@@ -695,21 +587,20 @@ class ShardedLoss(torch.nn.Module):
 def shard_model(model: Transformer, device: torch.device, loss_fn: Callable) -> ShardedLoss:
     # fully_shard each block, then the root (embeddings, final norm, head): every rank keeps 1/N of
     # every float32 weight and gathers one block at a time. Frozen blocks are sharded too rather than
-    # replicated (they are most of the model: 8B of 11.5B); FSDP2 gives parameters with
-    # requires_grad=False no gradient and no reduce-scatter, and the frozen prefix still runs under
-    # no_grad in forward_loss, so it keeps no activations and backward never reaches it.
+    # replicated (they are most of the model); FSDP2 gives parameters with requires_grad=False no
+    # gradient and no reduce-scatter, and the frozen prefix runs under no_grad in forward_loss.
     # CUDA: blocks are gathered in bf16 (what autocast would cast them to anyway) and their gradients
-    # reduced in float32; their inputs are not cast, and the root (embeddings, final norm, head) is
-    # gathered in float32, so the residual stream stays float32 under autocast exactly as in the plain
-    # path. The sharded master weights and AdamW state are float32. CPU (gloo): all float32.
+    # reduced in float32; the root is gathered in float32, so the residual stream stays float32 under
+    # autocast exactly as in the plain path. CPU (gloo): all float32.
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
     mesh = init_device_mesh(device.type, (torch.distributed.get_world_size(),))
-    cuda = device.type == "cuda"
-    block_policy = MixedPrecisionPolicy(torch.bfloat16, torch.float32, cast_forward_inputs=False) if cuda else None
     root = ShardedLoss(model, loss_fn)
     for module in (*model.layers, root):
-        policy = block_policy if cuda and module is not root else MixedPrecisionPolicy(reduce_dtype=torch.float32)
+        if device.type == "cuda" and module is not root:
+            policy = MixedPrecisionPolicy(torch.bfloat16, torch.float32, cast_forward_inputs=False)
+        else:
+            policy = MixedPrecisionPolicy(reduce_dtype=torch.float32)
         fully_shard(module, mesh=mesh, mp_policy=policy)
         # Each rank's loss is already divided by the whole step's target count: sum, don't average
         # (a plain SUM collective: gloo has no PREMUL_SUM).
@@ -733,42 +624,25 @@ def gather_full(state, keep: bool):
 
 
 def shard_optimizer_state(saved: dict, params: list[torch.nn.Parameter]) -> dict:
-    # A full optimizer state (what one process saves; state i belongs to the i-th trainable
-    # parameter) -> this rank's shards, laid out like each parameter. Every rank reads the file
-    # (memory-mapped) and keeps its own rows: no communication.
+    # A full optimizer state (what one process saves; state i belongs to the i-th trainable parameter)
+    # -> this rank's shards, laid out like each parameter. Every rank reads the file (memory-mapped)
+    # and keeps its own rows: no communication.
     from torch.distributed.tensor import distribute_tensor
-    state = {i: {k: v if k == "step" else distribute_tensor(v.to(params[i].device), params[i].device_mesh,
-                                                              params[i].placements, src_data_rank=None)
-                 for k, v in s.items()} for i, s in saved["state"].items()}
+    state = {}
+    for i, s in saved["state"].items():
+        p = params[i]
+        state[i] = {k: v if k == "step" else distribute_tensor(v.to(p.device), p.device_mesh, p.placements,
+                                                               src_data_rank=None) for k, v in s.items()}
     return {**saved, "state": state}
-
-
-def agreed_signal(stop_signal: list[int], device: torch.device) -> int:
-    # The signal every rank acts on (0: none). Ranks receive a signal at slightly different moments,
-    # so they agree (max) before any of them leaves the loop; one process just reads its own flag.
-    signum = stop_signal[0] if stop_signal else 0
-    if torch.distributed.is_initialized():
-        flag = torch.tensor([signum], device=device)
-        torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
-        signum = int(flag.item())
-    return signum
-
-
-def autocast_for(device: torch.device):
-    # bf16 autocast on CUDA (float32 master weights and optimizer state); plain float32 elsewhere.
-    return torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else nullcontext()
-
-
-def make_optimizer(named_params: list[tuple[str, torch.nn.Parameter]], config: TrainConfig, device: torch.device):
-    matrices = [p for _, p in named_params if p.ndim >= 2]
-    gains = [p for _, p in named_params if p.ndim < 2]  # RMSNorm weights: no decay
-    groups = [{"params": matrices, "weight_decay": config.weight_decay}, {"params": gains, "weight_decay": 0.0}]
-    return torch.optim.AdamW(groups, lr=lr_at(0, config), betas=(config.beta1, config.beta2), eps=config.eps,
-                             fused=device.type == "cuda")
 
 
 # ----------------------------------------------------------------------------------------------
 # Evaluation
+
+
+def _format_eta(seconds: float) -> str:
+    seconds = int(max(0, seconds))
+    return f"{seconds // 3600}:{seconds % 3600 // 60:02d}:{seconds % 60:02d}"
 
 
 @torch.no_grad()
@@ -776,32 +650,29 @@ def evaluate(model: Transformer, tokens, block_size: int, batch_size: int, max_b
              sharded: ShardedLoss | None = None, log: Callable | None = None) -> dict:
     """Mean loss and perplexity on contiguous non-overlapping blocks (each token predicted once) of a
     1-D token array (or an SFTDataset). With max_batches=None the whole array is read, the last
-    partial block too. sharded: the FSDP root of `model` under torchrun; ranks then split the batches."""
+    partial block too. sharded: the FSDP root of `model` under torchrun; ranks then split the batches.
+    log: progress of a long evaluation (opt-deus-eval), at most one line every 10 s."""
     device = next(model.parameters()).device
     data = as_dataset(tokens, block_size, "evaluation data")
     n = len(data) if max_batches is None else min(len(data), max_batches * batch_size)
-    total = torch.zeros((), dtype=torch.float64, device=device)
-    count = 0
     batches = [data.get(range(i, min(i + batch_size, n))) for i in range(0, n, batch_size)]
-    if max_batches is None and isinstance(data, TokenBlocks):
-        tail = np.asarray(data.tokens[n * block_size:], dtype=np.int64)
-        if len(tail) >= 2:
-            tail = torch.from_numpy(tail)[None]
-            batches.append((tail[:, :-1], tail[:, 1:]))
+    if max_batches is None and isinstance(data, TokenBlocks) and len(data.tokens) - n * block_size >= 2:
+        tail = torch.from_numpy(np.asarray(data.tokens[n * block_size:], dtype=np.int64))[None]
+        batches.append((tail[:, :-1], tail[:, 1:]))
     if sharded is not None:
         # Rank r takes batches r, r+N, ...; every rank runs the same number of forwards (FSDP gathers
         # are collectives), padding with a batch whose targets are all ignored: it adds nothing.
         rank, world = rank_and_world()
         x0, y0 = batches[0]
-        batches = batches[rank::world] + [(x0, torch.full_like(y0, IGNORE_INDEX))] * (
-            -(-len(batches) // world) - len(batches[rank::world]))
-    t_start, last_log = time.time(), time.time()
+        padding = [(x0, torch.full_like(y0, IGNORE_INDEX))] * (-(-len(batches) // world) - len(batches[rank::world]))
+        batches = batches[rank::world] + padding
+    total = torch.zeros((), dtype=torch.float64, device=device)
+    count, t_start, last_log = 0, time.time(), time.time()
     with autocast_for(device):
         for done, (x, y) in enumerate(batches, 1):
             x, y = x.to(device), y.to(device)
             total += (sharded(x, y, None) if sharded is not None else forward_loss(model, x, y, None)).double()
             count += int((y != IGNORE_INDEX).sum())
-            # log: progress of a long evaluation (opt-deus-eval), at most one line every 10 s.
             if log is not None and (time.time() - last_log >= 10 or done == len(batches)):
                 elapsed = time.time() - t_start
                 log(f"eval batch {done}/{len(batches)} | {count:,} tokens | elapsed {_format_eta(elapsed)} | "
@@ -816,56 +687,30 @@ def evaluate(model: Transformer, tokens, block_size: int, batch_size: int, max_b
 
 
 # ----------------------------------------------------------------------------------------------
-# Checkpoints
-
-
-def rng_state() -> dict:
-    np_state = np.random.get_state()
-    py_version, py_state, py_gauss = random.getstate()
-    # Plain tensors and numbers only, so torch.load(weights_only=True) can read it back.
-    return {
-        "torch": torch.get_rng_state(),
-        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
-        "numpy": {"keys": torch.from_numpy(np_state[1].astype(np.int64)), "pos": int(np_state[2]),
-                  "has_gauss": int(np_state[3]), "cached_gaussian": float(np_state[4])},
-        "python": {"version": py_version, "state": torch.tensor(py_state, dtype=torch.int64), "gauss_next": py_gauss},
-    }
-
-
-def set_rng_state(state: dict):
-    torch.set_rng_state(state["torch"])
-    if state["cuda"] and torch.cuda.is_available() and len(state["cuda"]) == torch.cuda.device_count():
-        torch.cuda.set_rng_state_all(state["cuda"])
-    n = state["numpy"]
-    np.random.set_state(("MT19937", n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"], n["cached_gaussian"]))
-    p = state["python"]
-    random.setstate((p["version"], tuple(p["state"].tolist()), p["gauss_next"]))
+# Checkpoints: a Hugging Face folder plus trainer_state.json and optimizer.pt
 
 
 def save_checkpoint(path, model: Transformer, optimizer, trainer_state: dict, copy_files_from=None) -> Path:
-    """A Hugging Face folder (loadable by Transformer.from_pretrained) plus trainer_state.json,
-    optimizer.pt and rng_state.pt; built in a hidden temp folder and renamed into place.
-    Under torchrun every rank joins the gathers and rank 0 alone writes: the same folder one process writes."""
+    # Built in a hidden temporary folder and renamed into place (model.AtomicFolder). Under torchrun
+    # every rank joins the gathers and rank 0 alone writes the same folder one process writes: full
+    # state dicts rather than torch.distributed.checkpoint's per-rank shards, so any number of processes
+    # resumes from it (shard_optimizer_state). The cost: rank 0 holds the whole float32 model and AdamW
+    # state in CPU memory while it writes.
     path = Path(path).absolute()
+    optimizer_state = optimizer.state_dict()
     distributed = torch.distributed.is_initialized()
     if distributed:
-        # Gathered full state dicts rather than torch.distributed.checkpoint's per-rank shards: the
-        # folder stays one HF model plus one optimizer.pt that a single process, or any number of
-        # processes (shard_optimizer_state), resumes from. The cost: rank 0 holds the whole float32
-        # model and AdamW state in CPU memory while it writes.
         keep = torch.distributed.get_rank() == 0
-        weights, optimizer_state = gather_full(model.state_dict(), keep), gather_full(optimizer.state_dict(), keep)
+        weights, optimizer_state = gather_full(model.state_dict(), keep), gather_full(optimizer_state, keep)
         if not keep:
             torch.distributed.barrier()  # no rank goes on (or exits) before the folder is in place
             return path
         with torch.device("meta"):
             model = Transformer(model.current_args())
         model.load_state_dict(weights, assign=True)
-    # model.AtomicFolder: written into a hidden temporary folder, renamed into place when complete.
     with AtomicFolder(path, overwrite=True) as folder:
         model.save_pretrained(folder.tmp, copy_files_from=copy_files_from, atomic=False)
-        torch.save(optimizer_state if distributed else optimizer.state_dict(), folder.tmp / "optimizer.pt")
-        torch.save(rng_state(), folder.tmp / "rng_state.pt")
+        torch.save(optimizer_state, folder.tmp / "optimizer.pt")
         (folder.tmp / "trainer_state.json").write_text(json.dumps(trainer_state, indent=2) + "\n")
         folder.commit()
     if distributed:
@@ -877,8 +722,14 @@ def find_checkpoints(out_dir) -> list[Path]:
     return sorted(p for p in Path(out_dir).glob("checkpoint-*") if (p / "trainer_state.json").is_file())
 
 
-def checkpoint_run_id(path) -> str | None:
-    return read_trainer_state(path).get("run", {}).get("run_id")
+def read_trainer_state(path) -> dict:
+    file = Path(path) / "trainer_state.json"
+    try:
+        state = json.loads(file.read_text())
+        assert isinstance(state, dict) and isinstance(state["step"], int)
+        return state
+    except (OSError, json.JSONDecodeError, AssertionError, KeyError) as e:
+        raise TrainError(f"{file}: unreadable trainer state ({e!r})") from None
 
 
 def resolve_checkpoint(path) -> Path:
@@ -892,17 +743,9 @@ def resolve_checkpoint(path) -> Path:
     return found[-1]
 
 
-def read_trainer_state(path) -> dict:
-    file = Path(path) / "trainer_state.json"
-    try:
-        state = json.loads(file.read_text())
-        assert isinstance(state, dict) and isinstance(state["step"], int)
-        return state
-    except (OSError, json.JSONDecodeError, AssertionError, KeyError) as e:
-        raise TrainError(f"{file}: unreadable trainer state ({e!r})") from None
-
-
 def load_resume_state(path, named_params, optimizer, n_samples: int, device) -> dict:
+    # No RNG state is restored: no training step draws from a global generator (the data order is
+    # SampleOrder's, seeded by (seed, epoch)), and the resume tests pin bitwise continuation.
     path = resolve_checkpoint(path)
     state = read_trainer_state(path)
     saved = [(n, list(s)) for n, s in state.get("trainable_params", [])]
@@ -914,18 +757,14 @@ def load_resume_state(path, named_params, optimizer, n_samples: int, device) -> 
     if state.get("data", {}).get("n_samples") != n_samples:
         raise TrainError(f"{path}: the checkpoint was trained on {state.get('data', {}).get('n_samples')} samples, "
                          f"the data given has {n_samples}: resuming would not continue the same data order")
+    sharded = torch.distributed.is_initialized()
     try:
-        sharded = torch.distributed.is_initialized()
+        # Memory-mapped under torchrun: the ranks of a node share one copy in the page cache.
         saved = torch.load(path / "optimizer.pt", map_location="cpu" if sharded else device, weights_only=True,
-                           mmap=sharded)  # mapped: the ranks of a node share one copy in the page cache
+                           mmap=sharded)
         optimizer.load_state_dict(shard_optimizer_state(saved, [p for _, p in named_params]) if sharded else saved)
-        set_rng_state(torch.load(path / "rng_state.pt", weights_only=True))
     except (OSError, RuntimeError, ValueError, KeyError) as e:
-        raise TrainError(f"{path}: cannot restore optimizer/RNG state ({str(e).splitlines()[0]})") from None
-    for (name, p) in named_params:
-        for key, t in optimizer.state.get(p, {}).items():
-            if key != "step" and t.shape != p.shape:
-                raise TrainError(f"{path}: optimizer state {key} of {name} has shape {list(t.shape)}, parameter {list(p.shape)}")
+        raise TrainError(f"{path}: cannot restore the optimizer state ({str(e).splitlines()[0]})") from None
     return {**state, "path": str(path)}
 
 
@@ -937,7 +776,7 @@ def load_resume_state(path, named_params, optimizer, n_samples: int, device) -> 
 class TrainResult:
     final_loss: float
     losses: list[float]                  # per optimizer step of this run
-    eval_loss: float | None = None       # last evaluation
+    eval_loss: float | None = None       # the evaluation of the final weights, if one ran
     eval_perplexity: float | None = None
     evals: list[dict] = field(default_factory=list)
     mean_step_s: float = float("nan")    # excluding the first timing_skip_steps
@@ -949,35 +788,18 @@ class TrainResult:
     checkpoint: str | None = None        # the last checkpoint written
 
 
-def _say_now(message: str):
-    # From a signal handler: straight to file descriptor 2, since a print() to a stream the main
-    # program is in the middle of writing would raise "reentrant call".
-    try:
-        os.write(2, (message + "\n").encode())
-    except OSError:
-        pass
-
-
-def _format_eta(seconds: float) -> str:
-    seconds = int(max(0, seconds))
-    return f"{seconds // 3600}:{seconds % 3600 // 60:02d}:{seconds % 60:02d}"
-
-
-def _trim_metrics(path: Path, last_step: int):
-    # On resume, drop rows a previous run wrote after the checkpoint we resume from.
-    if not path.is_file():
-        return
-    rows = [line for line in path.read_text().splitlines() if line.strip() and json.loads(line).get("step", 0) <= last_step]
-    write_text_atomic(path, "".join(r + "\n" for r in rows))
-
-
 def train(model: Transformer, train_tokens, config: TrainConfig, eval_tokens=None, metrics_path=None,
-          log: Callable = print, resume_from=None, copy_files_from=None, extra_state: dict | None = None,
-          on_start: Callable | None = None) -> TrainResult:
-    """Train `model` in place. train_tokens/eval_tokens: 1-D integer arrays (numpy, memmap, torch)
-    or SFTDatasets. resume_from: a checkpoint folder whose weights the model already holds.
-    extra_state: more JSON for every checkpoint's trainer_state.json. on_start: called (main rank)
-    once every check has passed, before anything is written; a failed start writes nothing."""
+          log: Callable = print, resume_from=None, run: dict | None = None) -> TrainResult:
+    """Train `model` in place and return a TrainResult (losses, evaluations, timing, where it stopped).
+
+    train_tokens, eval_tokens: 1-D integer token arrays of shape (n_tokens,) (numpy, memmap or CPU torch;
+    each step reads blocks of config.block_size + 1 tokens), or SFTDatasets. metrics_path: a JSONL file
+    that gets one row per step and per evaluation. resume_from: a checkpoint folder whose weights the
+    model already holds; its optimizer state and step are restored. run: the command line's description
+    of the run, saved into every checkpoint and, once every check has passed, with the config into
+    out_dir/run.json (a failed start writes nothing); its copy_files_from names the folder whose
+    tokenizer files every checkpoint gets. Under torchrun the model is sharded (FSDP2) over all ranks.
+    """
     validate_config(config)
     if config.block_size > model.args.max_position_embeddings:
         raise TrainError(f"--block-size {config.block_size} is beyond the model's max_position_embeddings "
@@ -987,23 +809,25 @@ def train(model: Transformer, train_tokens, config: TrainConfig, eval_tokens=Non
     if not is_main:
         log = lambda *a, **k: None  # noqa: E731
     device = resolve_device(config.device)
-    distributed = torch.distributed.is_initialized()  # under torchrun: FSDP2 shards the model below
+    distributed = torch.distributed.is_initialized()
     if not distributed:
         model.to(device)
     train_data = as_dataset(train_tokens, config.block_size, "training data")
-    eval_data = as_dataset(eval_tokens, config.block_size, "evaluation data") if eval_tokens is not None else None
-    layers = set_trainable(model, config.trainable) if config.trainable is not None else sorted(
-        {i for i, b in enumerate(model.layers) if any(p.requires_grad for p in b.parameters())})
-    if not any(p.requires_grad for p in model.parameters()):
-        raise TrainError("no trainable parameters")
+    eval_data = None if eval_tokens is None else as_dataset(eval_tokens, config.block_size, "evaluation data")
+    layers = set_trainable(model, config.trainable)
     frozen_prefix = frozen_prefix_of(model)
     loss_fn = torch.compile(forward_loss) if config.compile else forward_loss
     # After requires_grad is set (FSDP2 copies it into each shard); the shards replace the parameters.
     sharded = shard_model(model, device, loss_fn) if distributed else None
     named_params = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
-    samples_per_step, accum = batch_geometry(config, world)
+    params = [p for _, p in named_params]
+    per_micro_batch = config.block_size * config.micro_batch_size * world
+    if config.batch_tokens % per_micro_batch:
+        raise TrainError(f"--batch-tokens {config.batch_tokens} is not a multiple of --block-size x "
+                         f"--micro-batch-size{' x world size' if world > 1 else ''} = {per_micro_batch}")
+    accum = config.batch_tokens // per_micro_batch  # micro-batches per step on each rank
+    samples_per_step = accum * config.micro_batch_size  # on each rank
     optimizer = make_optimizer(named_params, config, device)
-    n_trainable = sum(p.numel() for _, p in named_params)
 
     start_step, last_checkpoint = 0, None
     if resume_from is not None:
@@ -1013,23 +837,25 @@ def train(model: Transformer, train_tokens, config: TrainConfig, eval_tokens=Non
             raise TrainError(f"{resumed['path']}: already at step {start_step} of --steps {config.steps}; "
                              f"pass a larger --steps to continue")
         log(f"resumed from {resumed['path']} at step {start_step}")
-    stop_step = min(config.steps, config.stop_after) if config.stop_after else config.steps
+    stop_step = min(config.steps, config.stop_after or config.steps)
     if stop_step <= start_step:
         raise TrainError(f"--stop-after {config.stop_after} is not beyond the resumed step {start_step}")
 
-    step_loss_fn = sharded if sharded is not None else lambda x, y, prefix: loss_fn(model, x, y, prefix)
-    order = SampleOrder(len(train_data), config.seed)
-    out_dir = Path(config.out_dir) if config.out_dir else None  # every rank joins a save; rank 0 writes
-    if on_start is not None and is_main:
-        on_start()
+    # Every check has passed: from here on the run writes (every rank joins a save; rank 0 writes).
+    out_dir = Path(config.out_dir) if config.out_dir else None
     if out_dir is not None and is_main:
-        remove_stale_scratch(out_dir, None)  # checkpoints, metrics and run.json of a killed run into this folder
+        remove_stale_scratch(out_dir, None)  # what a killed run left in this folder
+        if run is not None:
+            out_dir.mkdir(parents=True, exist_ok=True)
+            write_text_atomic(out_dir / "run.json",
+                              json.dumps({"config": dataclasses.asdict(config), "run": run}, indent=2) + "\n")
     metrics = None
     if metrics_path is not None and is_main:
         metrics_path = Path(metrics_path)
         metrics_path.parent.mkdir(parents=True, exist_ok=True)
-        if start_step:
-            _trim_metrics(metrics_path, start_step)
+        if start_step and metrics_path.is_file():  # drop rows written after the checkpoint resumed from
+            rows = [r for r in metrics_path.read_text().splitlines() if json.loads(r).get("step", 0) <= start_step]
+            write_text_atomic(metrics_path, "".join(r + "\n" for r in rows))
         metrics = open(metrics_path, "a" if start_step else "w")
 
     def write_row(row: dict):
@@ -1046,21 +872,23 @@ def train(model: Transformer, train_tokens, config: TrainConfig, eval_tokens=Non
         return row
 
     def checkpoint(step: int) -> str:
+        position = step * samples_per_step * world
         state = {"format": 1, "step": step, "config": dataclasses.asdict(config), "trainable_layers": layers,
                  "trainable_params": [(n, list(p.shape)) for n, p in named_params],
                  "data": {"n_samples": len(train_data), "samples_per_step": samples_per_step * world,
-                          "stream_position": step * samples_per_step * world, "seed": config.seed,
-                          "epoch": step * samples_per_step * world // len(train_data)},
-                 "schedule": {"name": config.schedule, "lr_last": lr_at(step - 1, config),
-                              "lr_next": lr_at(min(step, config.steps - 1), config)},
-                 "losses": losses[-1:], "time": time.strftime("%Y-%m-%dT%H:%M:%S"), **(extra_state or {})}
+                          "stream_position": position, "seed": config.seed, "epoch": position // len(train_data)},
+                 "losses": losses[-1:], "time": time.strftime("%Y-%m-%dT%H:%M:%S")}
+        if run is not None:
+            state["run"] = run
+        copy_files_from = run.get("copy_files_from") if run else None
         path = save_checkpoint(out_dir / f"checkpoint-{step:06d}", model, optimizer, state, copy_files_from)
         if config.keep_checkpoints and is_main:
-            # The newest N by step of this run (another run's, if any, stay); never the one just written.
-            run_id = (extra_state or {}).get("run", {}).get("run_id")
-            ours = [c for c in find_checkpoints(out_dir) if checkpoint_run_id(c) in (None, run_id)]
+            # The newest N of this run (another run's, if any, stay); never the one just written.
+            run_id = run.get("run_id") if run else None
+            ours = [c for c in find_checkpoints(out_dir)
+                    if read_trainer_state(c).get("run", {}).get("run_id") in (None, run_id)]
             for old in ours[: -config.keep_checkpoints]:
-                if old.resolve() != Path(path).resolve():
+                if old.resolve() != path.resolve():
                     shutil.rmtree(old, ignore_errors=True)
         log(f"saved {path}")
         return str(path)
@@ -1069,27 +897,29 @@ def train(model: Transformer, train_tokens, config: TrainConfig, eval_tokens=Non
     # dropped, nothing of it applied; under torchrun, at the end of the step, which all ranks agree on),
     # saves a checkpoint of the last whole step and ends. A second signal acts as usual.
     stop_signal: list[int] = []
-    previous = {}
+    previous_handlers = {}
 
     def on_signal(signum, frame):
         stop_signal.append(signum)
-        signal.signal(signum, previous[signum])
-        if is_main:
-            _say_now(f"{signal.Signals(signum).name} received: stopping at the next micro-batch and saving a "
-                     f"checkpoint of the last finished step (send it again to stop at once)")
+        signal.signal(signum, previous_handlers[signum])
+        if is_main:  # straight to fd 2: a print() interrupting a print() raises "reentrant call"
+            message = (f"{signal.Signals(signum).name} received: stopping at the next micro-batch and saving a "
+                       f"checkpoint of the last finished step (send it again to stop at once)\n")
+            os.write(2, message.encode())
 
     if threading.current_thread() is threading.main_thread():
         for s in (signal.SIGINT, signal.SIGTERM):
-            previous[s] = signal.signal(s, on_signal)
+            previous_handlers[s] = signal.signal(s, on_signal)
 
+    n_trainable = sum(p.numel() for p in params)
     log(f"training {n_trainable:,} parameters (layers {layers}) on {device}"
         f"{f' x {world} processes (FSDP2)' if distributed else ''}; {len(train_data):,} samples, "
-        f"{samples_per_step * world} x {config.block_size} tokens per step ({accum} micro-batches of {config.micro_batch_size})"
-        f"{'; layers below ' + str(frozen_prefix) + ' run without autograd' if frozen_prefix else ''}")
+        f"{samples_per_step * world} x {config.block_size} tokens per step ({accum} micro-batches of "
+        f"{config.micro_batch_size}){f'; layers below {frozen_prefix} run without autograd' if frozen_prefix else ''}")
+    order = SampleOrder(len(train_data), config.seed)
     losses, evals, step_times = [], [], []
     stopped = None
     t_start = time.time()
-    pin = device.type == "cuda"
     try:
         if eval_data is not None and config.eval_every > 0 and start_step == 0:
             evals.append(run_eval(0))
@@ -1098,13 +928,13 @@ def train(model: Transformer, train_tokens, config: TrainConfig, eval_tokens=Non
             lr = lr_at(step, config)
             for group in optimizer.param_groups:
                 group["lr"] = lr
-            first = (step * world + rank) * samples_per_step
-            indices = order.indices(first, samples_per_step)
+            indices = order.indices((step * world + rank) * samples_per_step, samples_per_step)
             batches = [train_data.get(indices[i: i + config.micro_batch_size])
                        for i in range(0, samples_per_step, config.micro_batch_size)]
-            # Normalise by the step's target count, so every token weighs the same whatever its micro-batch.
+            # Each micro-batch's loss is divided by the whole step's target count (over every rank), so
+            # every token weighs the same whatever its micro-batch or rank.
             n_targets = sum(int((y != IGNORE_INDEX).sum()) for _, y in batches)
-            if distributed:  # the whole step's targets, over every rank's share
+            if distributed:
                 counts = torch.tensor([n_targets], dtype=torch.float64, device=device)
                 torch.distributed.all_reduce(counts)
                 n_targets = int(counts.item())
@@ -1113,35 +943,32 @@ def train(model: Transformer, train_tokens, config: TrainConfig, eval_tokens=Non
             step_loss = torch.zeros((), device=device)
             dropped = False
             for x, y in batches:
-                if stop_signal and not distributed:  # a signal arrived: drop this unfinished step
+                if stop_signal and not distributed:  # a signal arrived: this unfinished step is dropped
                     dropped = True
                     break
-                if pin:
-                    x, y = x.pin_memory(), y.pin_memory()
-                x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+                x, y = x.to(device), y.to(device)
                 with autocast_for(device):
-                    loss = step_loss_fn(x, y, frozen_prefix) / n_targets
+                    loss = sharded(x, y, frozen_prefix) if distributed else loss_fn(model, x, y, frozen_prefix)
+                    loss = loss / n_targets
                 loss.backward()
                 step_loss += loss.detach()
             if dropped:
                 optimizer.zero_grad(set_to_none=True)
                 stopped = signal.Signals(stop_signal[0]).name
+                log(f"{stopped}: step {step + 1} dropped unfinished; stopping at step {step}")
                 saved_here = last_checkpoint is not None and Path(last_checkpoint).name == f"checkpoint-{step:06d}"
                 if out_dir is not None and step > start_step and not saved_here:
-                    log(f"{stopped}: step {step + 1} dropped unfinished; saving a checkpoint at step {step}")
                     last_checkpoint = checkpoint(step)
-                else:
-                    log(f"{stopped}: step {step + 1} dropped unfinished; stopping at step {step}")
                 break
-            params = [p for _, p in named_params]
-            grad_norm = torch.nn.utils.clip_grad_norm_(params, config.grad_clip if config.grad_clip > 0 else float("inf"))
+            grad_norm = torch.nn.utils.clip_grad_norm_(params, config.grad_clip or float("inf"))
             if distributed:  # FSDP2 summed the gradients; the norm is a DTensor over all shards
                 torch.distributed.all_reduce(step_loss)
                 grad_norm = grad_norm.full_tensor()
-            loss_value, grad_value = torch.stack([step_loss.float(), grad_norm.float()]).tolist()  # one sync per step
+            loss_value, grad_value = torch.stack([step_loss.float(), grad_norm.float()]).tolist()  # one sync
             if not (math.isfinite(loss_value) and math.isfinite(grad_value)):
-                raise NonFiniteLossError(f"step {step + 1}: loss {loss_value}, grad norm {grad_value}: not finite; stopped "
-                                         f"without applying it. Last good checkpoint: {last_checkpoint or 'none written'}")
+                raise NonFiniteLossError(f"step {step + 1}: loss {loss_value}, grad norm {grad_value}: not finite; "
+                                         f"stopped without applying it. Last good checkpoint: "
+                                         f"{last_checkpoint or 'none written'}")
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
             if device.type == "cuda":
@@ -1157,23 +984,27 @@ def train(model: Transformer, train_tokens, config: TrainConfig, eval_tokens=Non
                 mean = sum(recent) / len(recent)
                 log(f"step {done}/{config.steps} | loss {loss_value:.4f} | lr {lr:.2e} | grad {grad_value:.3f} | "
                     f"{n_inputs / mean:,.0f} tok/s | eta {_format_eta(mean * (stop_step - done))}")
-            skip_eval = bool(stop_signal) and not distributed  # stopping: no evaluation first
-            if eval_data is not None and not skip_eval and (
-                    (config.eval_every > 0 and done % config.eval_every == 0) or done == stop_step):
+            evaluate_now = (config.eval_every > 0 and done % config.eval_every == 0) or done == stop_step
+            stopping = stop_signal and not distributed  # a single process stops without evaluating first
+            if eval_data is not None and evaluate_now and not stopping:
                 evals.append(run_eval(done))
-            signum = agreed_signal(stop_signal, device)
+            signum = stop_signal[0] if stop_signal else 0
+            if distributed:  # ranks receive a signal at slightly different moments: agree (max) before any leaves
+                flag = torch.tensor([signum], device=device)
+                torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
+                signum = int(flag.item())
             if signum:
                 stopped = signal.Signals(signum).name
                 log(f"{stopped} received: saving a checkpoint at step {done} and stopping")
             elif done == stop_step and stop_step < config.steps:
                 stopped = "stop_after"
-            if out_dir is not None and (stopped or done == stop_step or
-                                        (config.checkpoint_every > 0 and done % config.checkpoint_every == 0)):
+            periodic = config.checkpoint_every > 0 and done % config.checkpoint_every == 0
+            if out_dir is not None and (stopped or done == stop_step or periodic):
                 last_checkpoint = checkpoint(done)
             if stopped:
                 break
     finally:
-        for s, handler in previous.items():
+        for s, handler in previous_handlers.items():
             signal.signal(s, handler)
         if metrics is not None:
             metrics.close()
@@ -1199,10 +1030,12 @@ SIGNALS_HELP = ("SIGINT (Ctrl-C) or SIGTERM (a scheduler's stop): the run says s
                 "checkpoint of the last finished step, and exits with 130 or 143; --resume continues from it "
                 "exactly. A second signal stops at once. "
                 "Exit code 2: a bad request (one line on stderr; nothing written, no input touched).")
+DIST_TIMEOUT_S = 1800.0  # --dist-timeout's default
+BYTE_TOKENIZER_HELP = ("use UTF-8 bytes when the model folder has no tokenizer.json (automatic for a vocabulary "
+                       f"of at most {BYTE_VOCAB_LIMIT})")
 
 
 def build_train_parser() -> argparse.ArgumentParser:
-    d = TrainConfig()
     p = OneLineArgumentParser(prog="opt-deus-train", formatter_class=argparse.ArgumentDefaultsHelpFormatter,
                               description="Train the new layers of a grown LLaMA (or any layers). "
                                           "`opt-deus-eval --help` for the evaluation command.",
@@ -1216,157 +1049,122 @@ def build_train_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default="runs/train", help="run folder: checkpoints, metrics.jsonl, run.json "
                                                        "(with --resume: the resumed run's folder)")
     p.add_argument("--cache-dir", default="runs/token_cache", help="where tokenised CPT data is cached")
-    p.add_argument("--trainable", default="new", help="'new' (config.json opt_deus.new_layers), 'all', or e.g. '3,7,11'")
-    p.add_argument("--byte-tokenizer", action="store_true",
-                   help="use UTF-8 bytes when the model folder has no tokenizer.json (automatic for a "
-                        f"vocabulary of at most {BYTE_VOCAB_LIMIT})")
-    p.add_argument("--steps", type=int, default=d.steps, help="optimizer steps the schedule spans")
-    p.add_argument("--lr", type=float, default=d.lr, help="peak learning rate")
-    p.add_argument("--min-lr-ratio", type=float, default=d.min_lr_ratio, help="final lr = lr x this")
-    p.add_argument("--warmup-steps", type=int, default=d.warmup_steps, help="linear warmup steps (< --steps)")
-    p.add_argument("--schedule", choices=["wsd", "cosine"], default=d.schedule, help="learning-rate schedule")
-    p.add_argument("--decay-fraction", type=float, default=d.decay_fraction, help="wsd: share of steps spent decaying")
-    p.add_argument("--batch-tokens", type=int, default=d.batch_tokens,
-                   help="tokens per optimizer step (under torchrun: over all processes)")
-    p.add_argument("--micro-batch-size", type=int, default=d.micro_batch_size, help="sequences per forward/backward")
-    p.add_argument("--block-size", type=int, default=d.block_size,
-                   help="tokens per sequence (at most the model's max_position_embeddings)")
-    p.add_argument("--grad-clip", type=float, default=d.grad_clip, help="max global gradient norm (0: no clipping)")
-    p.add_argument("--weight-decay", type=float, default=d.weight_decay, help="AdamW weight decay (matrices only)")
-    p.add_argument("--beta1", type=float, default=d.beta1, help="AdamW beta1, in [0, 1)")
-    p.add_argument("--beta2", type=float, default=d.beta2, help="AdamW beta2, in [0, 1)")
-    p.add_argument("--eval-every", type=int, default=d.eval_every, help="steps between evaluations (0: at the end)")
-    p.add_argument("--eval-batches", type=int, default=d.eval_batches, help="micro-batches per evaluation")
-    p.add_argument("--log-every", type=int, default=d.log_every, help="steps between progress lines")
-    p.add_argument("--seed", type=int, default=d.seed, help="data order seed (>= 0)")
-    p.add_argument("--compile", action="store_true", help="torch.compile the loss computation")
-    p.add_argument("--device", default=d.device, help="auto (cuda if available, else cpu), cpu, cuda, cuda:1, ...")
-    p.add_argument("--checkpoint-every", type=int, default=d.checkpoint_every,
-                   help="steps between checkpoints (0: only at the end)")
-    p.add_argument("--keep-checkpoints", type=int, default=d.keep_checkpoints,
-                   help="keep the newest N checkpoints (0: all); the last one written is never deleted")
-    p.add_argument("--stop-after", type=int, default=d.stop_after,
-                   help="end once this step is done, as if stopped (schedule unchanged)")
+    p.add_argument("--byte-tokenizer", action="store_true", help=BYTE_TOKENIZER_HELP)
+    # Every TrainConfig field with a help text is a flag, with the field's default.
+    for f in dataclasses.fields(TrainConfig):
+        if f.metadata["help"] is None:
+            continue
+        if f.type == "bool":
+            p.add_argument(_flag(f.name), action="store_true", **f.metadata)
+        else:
+            kind = {"int": int, "int | None": int, "float": float}.get(f.type, str)
+            p.add_argument(_flag(f.name), type=kind, default=f.default, **f.metadata)
     p.add_argument("--resume", help="checkpoint folder (or run folder: its newest) to continue exactly, writing "
                                     "into the folder that holds it")
-    p.add_argument("--dist-timeout", type=float, default=1800.0,
+    p.add_argument("--dist-timeout", type=float, default=DIST_TIMEOUT_S,
                    help="torchrun: seconds any collective may wait for the other ranks before the run fails")
     return p
 
 
 # Flags that may change on resume without changing what is computed; the rest come from the checkpoint.
-_RESUME_OVERRIDES = ("steps", "device", "compile", "log_every", "eval_every", "eval_batches", "checkpoint_every",
-                     "keep_checkpoints", "stop_after")
+RESUME_OVERRIDES = ("steps", "device", "compile", "log_every", "eval_every", "eval_batches", "checkpoint_every",
+                    "keep_checkpoints", "stop_after")
 
 
-def _explicit_flags(parser: argparse.ArgumentParser, argv: list[str]) -> set[str]:
-    # Which options the user actually typed (so a resumed run does not take argparse defaults).
-    probe = argparse.ArgumentParser(add_help=False)
-    for action in parser._actions:
-        if action.option_strings and action.dest != "help":
-            kwargs = {"nargs": action.nargs} if action.nargs is not None else {}
-            if isinstance(action, argparse._StoreTrueAction):
-                kwargs = {"action": "store_true"}
-            probe.add_argument(*action.option_strings, dest=action.dest, default=argparse.SUPPRESS, **kwargs)
-    return set(vars(probe.parse_known_args(argv)[0]))
-
-
-def _check_resume_flags(args: argparse.Namespace, explicit: set[str], saved: TrainConfig, run: dict):
-    # A resumed run continues the saved training exactly; a flag typed with --resume that would change
-    # it (--lr, --block-size, --seed ...) is refused by name rather than silently ignored.
+def resume_config(flags: argparse.Namespace, typed: set[str], checkpoint: Path, state: dict) -> TrainConfig:
+    # A resumed run continues the saved training exactly: its config is the checkpoint's, and a flag
+    # typed with --resume that would change what is computed (--lr, --block-size, --seed ...) is
+    # refused by name rather than silently ignored.
+    try:
+        saved = TrainConfig(**state["config"])
+    except TypeError as e:
+        raise TrainError(f"{checkpoint}/trainer_state.json: config does not fit this train.py ({e})") from None
+    run = state.get("run", {})
     conflicts = []
-    for name in explicit:
-        if name in _RESUME_OVERRIDES or not hasattr(saved, name):
-            continue
-        value = parse_trainable(args.trainable) if name == "trainable" else getattr(args, name)
-        if value != getattr(saved, name):
-            conflicts.append(f"{_flag(name)} {value} (checkpoint: {getattr(saved, name)})")
-    if "task" in explicit and args.task != run.get("task", "cpt"):
-        conflicts.append(f"--task {args.task} (checkpoint: {run.get('task', 'cpt')})")
-    if "eval_fraction" in explicit and args.eval_fraction != run.get("eval_fraction", args.eval_fraction):
-        conflicts.append(f"--eval-fraction {args.eval_fraction} (checkpoint: {run.get('eval_fraction')})")
-    if "model" in explicit:
+    for name in typed - set(RESUME_OVERRIDES):
+        if hasattr(saved, name):
+            value = parse_trainable(flags.trainable) if name == "trainable" else getattr(flags, name)
+            if value != getattr(saved, name):
+                conflicts.append(f"{_flag(name)} {value} (checkpoint: {getattr(saved, name)})")
+    if "task" in typed and flags.task != run.get("task", "cpt"):
+        conflicts.append(f"--task {flags.task} (checkpoint: {run.get('task', 'cpt')})")
+    if "eval_fraction" in typed and flags.eval_fraction != run.get("eval_fraction", flags.eval_fraction):
+        conflicts.append(f"--eval-fraction {flags.eval_fraction} (checkpoint: {run.get('eval_fraction')})")
+    if "model" in typed:
         conflicts.append("--model (the checkpoint is the model)")
     if conflicts:
-        raise TrainError(f"--resume {args.resume}: cannot change {'; '.join(sorted(conflicts))}. A resumed run "
-                         f"continues the saved one; only {', '.join(_flag(k) for k in _RESUME_OVERRIDES)}, --out, "
+        raise TrainError(f"--resume {flags.resume}: cannot change {'; '.join(sorted(conflicts))}. A resumed run "
+                         f"continues the saved one; only {', '.join(map(_flag, RESUME_OVERRIDES))}, --out, "
                          f"--data, --eval-data and --cache-dir may be given")
+    # stop_after belongs to the run that stopped, not to the training: a resumed run goes on to `steps`.
+    overrides = {k: getattr(flags, k) for k in RESUME_OVERRIDES if k in typed}
+    config = dataclasses.replace(saved, **{"stop_after": None, **overrides})
+    if isinstance(config.steps, int) and config.steps <= state["step"]:  # before the checks that --steps bounds
+        raise TrainError(f"--resume {flags.resume}: already at step {state['step']} of --steps {config.steps}; "
+                         f"pass a larger --steps to continue")
+    return config
 
 
 def load_data(paths, task: str, tokenizer, block_size: int, cache_dir, log=print):
     if task == "sft":
-        return SFTDataset([r for p in list_data_files(paths) for r in load_alpaca(p)], tokenizer, block_size,
-                          what=", ".join(map(str, paths)))
+        examples = [r for p in list_data_files(paths) for r in load_alpaca(p)]
+        return SFTDataset(examples, tokenizer, block_size, what=", ".join(map(str, paths)))
     return tokenize_to_cache(paths, tokenizer, cache_dir, log)
 
 
-def run_training(args: argparse.Namespace, explicit: set[str]) -> TrainResult:
+def run_training(flags: argparse.Namespace, typed: set[str]) -> TrainResult:
+    """The opt-deus-train command: every check of the request first, then train(). `typed`: the flags
+    given on the command line (a resumed run takes the checkpoint's values, not argparse's defaults)."""
     log = lambda *a: print(*a, file=sys.stderr, flush=True)  # noqa: E731  (stdout stays for results)
-    if not (math.isfinite(args.dist_timeout) and args.dist_timeout > 0):
-        raise TrainError(f"--dist-timeout {args.dist_timeout} must be a number of seconds > 0 (default --dist-timeout "
-                         f"{build_train_parser().get_default('dist_timeout')})")
-    resume = None
-    if args.resume:
-        resume = resolve_checkpoint(args.resume)
-        saved = read_trainer_state(resume)
-        try:
-            config = TrainConfig(**saved["config"])
-        except TypeError as e:
-            raise TrainError(f"{resume}/trainer_state.json: config does not fit this train.py ({e})") from None
-        run = saved.get("run", {})
-        _check_resume_flags(args, explicit, config, run)
-        # stop_after belongs to the run that stopped, not to the training: a resumed run goes on to `steps`.
-        config = dataclasses.replace(config, stop_after=None)
-        config = dataclasses.replace(config, **{k: getattr(args, k) for k in _RESUME_OVERRIDES if k in explicit})
-        if isinstance(config.steps, int) and config.steps <= saved["step"]:  # before the checks that --steps bounds
-            raise TrainError(f"--resume {args.resume}: already at step {saved['step']} of --steps {config.steps}; "
-                             f"pass a larger --steps to continue")
+    if not (math.isfinite(flags.dist_timeout) and flags.dist_timeout > 0):
+        raise TrainError(f"--dist-timeout {flags.dist_timeout} must be a number of seconds > 0 "
+                         f"(default --dist-timeout {DIST_TIMEOUT_S})")
+    resume, run = None, {}
+    if flags.resume:
+        resume = resolve_checkpoint(flags.resume)
+        state = read_trainer_state(resume)
+        config = resume_config(flags, typed, resume, state)
+        run = state.get("run", {})
         model_dir, task = resume, run.get("task", "cpt")
-        data_paths = args.data or run.get("data")
-        eval_paths = args.eval_data or run.get("eval_data")
-        eval_fraction = run.get("eval_fraction", args.eval_fraction)
-        cache_dir = run.get("cache_dir", args.cache_dir) if "cache_dir" not in explicit else args.cache_dir
+        data_paths = flags.data or run.get("data")
+        eval_paths = flags.eval_data or run.get("eval_data")
+        eval_fraction = run.get("eval_fraction", flags.eval_fraction)
+        cache_dir = flags.cache_dir if "cache_dir" in typed else run.get("cache_dir", flags.cache_dir)
         copy_from = run.get("copy_files_from") or resume
         # The resumed run writes into the run folder it is resumed from (the folder holding this
         # checkpoint), never the out_dir saved inside it: a copied run must not write into the original.
         run_dir = resume.parent
-        out = Path(args.out) if "out" in explicit else run_dir
-        if out.resolve() != run_dir.resolve() and (find_checkpoints(out) if out.is_dir() else []):
+        out = Path(flags.out) if "out" in typed else run_dir
+        if out.resolve() != run_dir.resolve() and out.is_dir() and find_checkpoints(out):
             raise TrainError(f"--out {out}: already holds checkpoints of another run; leave --out out to continue "
                              f"in {run_dir}, or choose an empty folder")
         # Each run's checkpoints carry its run_id (a copied run keeps it). A checkpoint of another run in
         # the folder would be replaced or pruned by --keep-checkpoints: refuse (none recorded: older runs).
         run_id = run.get("run_id")
-        foreign = [c.name for c in find_checkpoints(out) if run_id and checkpoint_run_id(c) not in (None, run_id)]
+        foreign = [c.name for c in find_checkpoints(out)
+                   if run_id and read_trainer_state(c).get("run", {}).get("run_id") not in (None, run_id)]
         if foreign:
-            raise TrainError(f"--resume {args.resume}: {out} also holds {', '.join(foreign)} of another run, which "
+            raise TrainError(f"--resume {flags.resume}: {out} also holds {', '.join(foreign)} of another run, which "
                              f"this run could replace or delete; pass --out with an empty folder")
         config = dataclasses.replace(config, out_dir=str(out))
         inputs = [("--data", p) for p in data_paths or []] + [("--eval-data", p) for p in eval_paths or []]
-        inputs += [("--resume", resume)] if out.resolve() != run_dir.resolve() else []
-        if copy_from is not None and Path(copy_from).resolve() != resume.resolve():
+        if out.resolve() != run_dir.resolve():
+            inputs.append(("--resume", resume))
+        if Path(copy_from).resolve() != resume.resolve():
             inputs.append(("model (the run's --model)", copy_from))
         check_output_folder(out, inputs, overwrite=True)
     else:
-        if not args.model:
+        if not flags.model:
             raise TrainError("--model is required (or --resume)")
-        config = TrainConfig(
-            steps=args.steps, lr=args.lr, min_lr_ratio=args.min_lr_ratio, warmup_steps=args.warmup_steps,
-            schedule=args.schedule, decay_fraction=args.decay_fraction, batch_tokens=args.batch_tokens,
-            micro_batch_size=args.micro_batch_size, block_size=args.block_size, grad_clip=args.grad_clip,
-            weight_decay=args.weight_decay, beta1=args.beta1, beta2=args.beta2,
-            trainable=parse_trainable(args.trainable), eval_every=args.eval_every, eval_batches=args.eval_batches,
-            log_every=args.log_every, seed=args.seed, compile=args.compile, device=args.device,
-            checkpoint_every=args.checkpoint_every, keep_checkpoints=args.keep_checkpoints,
-            out_dir=args.out, stop_after=args.stop_after)
-        model_dir, task, data_paths, eval_paths = Path(args.model), args.task, args.data, args.eval_data
-        run_id = None
-        eval_fraction, cache_dir, copy_from = args.eval_fraction, args.cache_dir, Path(args.model)
-        if find_checkpoints(args.out) if Path(args.out).is_dir() else []:
-            raise TrainError(f"--out {args.out}: already holds checkpoints; pass --resume {args.out} or choose "
+        values = {f.name: getattr(flags, f.name) for f in dataclasses.fields(TrainConfig) if f.metadata["help"]}
+        config = TrainConfig(**{**values, "trainable": parse_trainable(flags.trainable), "out_dir": flags.out})
+        model_dir, task, data_paths, eval_paths = Path(flags.model), flags.task, flags.data, flags.eval_data
+        eval_fraction, cache_dir, copy_from = flags.eval_fraction, flags.cache_dir, Path(flags.model)
+        if Path(flags.out).is_dir() and find_checkpoints(flags.out):
+            raise TrainError(f"--out {flags.out}: already holds checkpoints; pass --resume {flags.out} or choose "
                              f"another --out")
-        check_output_folder(args.out, [("--model", args.model), *[("--data", p) for p in data_paths or []],
-                                       *[("--eval-data", p) for p in eval_paths or []]], overwrite=True)
+        check_output_folder(flags.out, [("--model", flags.model), *[("--data", p) for p in data_paths or []],
+                                        *[("--eval-data", p) for p in eval_paths or []]], overwrite=True)
     if not data_paths:
         raise TrainError("--data is required")
     if task == "cpt":
@@ -1383,17 +1181,15 @@ def run_training(args: argparse.Namespace, explicit: set[str]) -> TrainResult:
         raise TrainError(f"--eval-fraction {eval_fraction} must be in [0, 1)")
     validate_config(config)
 
-    distributed = init_distributed(config.device, args.dist_timeout)
+    distributed = init_distributed(config.device, flags.dist_timeout)
     rank, world = rank_and_world()
     if rank:
         log = lambda *a: None  # noqa: E731  (only rank 0 prints)
-    device = resolve_device(config.device)
     # Under torchrun the weights load on the CPU and fully_shard moves each rank's shard to the device.
-    model = Transformer.from_pretrained(model_dir, dtype=torch.float32, device="cpu" if distributed else device)
+    device = "cpu" if distributed else resolve_device(config.device)
+    model = Transformer.from_pretrained(model_dir, dtype=torch.float32, device=device)
     # A run started with --byte-tokenizer resumes with it (run.json's tokenizer is "byte-v1").
-    byte_tokenizer = args.byte_tokenizer or (resume is not None and run.get("tokenizer") == ByteTokenizer.name)
-    tokenizer = load_tokenizer(model_dir, byte_tokenizer=byte_tokenizer)
-    check_vocab(tokenizer, model.args.vocab_size, str(model_dir))
+    tokenizer = load_tokenizer(model_dir, flags.byte_tokenizer or run.get("tokenizer") == ByteTokenizer.name)
     if rank:
         torch.distributed.barrier()  # rank 0 tokenises into the cache first; the others read it
     data = load_data(data_paths, task, tokenizer, config.block_size, cache_dir, log)
@@ -1401,8 +1197,9 @@ def run_training(args: argparse.Namespace, explicit: set[str]) -> TrainResult:
     if distributed and not rank:
         torch.distributed.barrier()
     for what, d in (("--data", data), ("--eval-data", eval_data)):
-        largest = (int(d.max()) if isinstance(d, np.ndarray) and len(d) else
-                   max(int(ids.max()) for ids in d.ids) if isinstance(d, SFTDataset) else -1)
+        if d is None:
+            continue
+        largest = max(int(ids.max()) for ids in d.ids) if task == "sft" else int(d.max())
         if largest >= model.args.vocab_size:
             raise TrainError(f"{what}: token id {largest} does not fit the model's vocab_size {model.args.vocab_size} "
                              f"(a tokenizer that does not belong to {model_dir}?)")
@@ -1421,22 +1218,13 @@ def run_training(args: argparse.Namespace, explicit: set[str]) -> TrainResult:
             split = (n - held) * config.block_size
             data, eval_data = data[: split + 1], data[split:]
 
-    out = Path(config.out_dir)
-    run_info = {"task": task, "data": [str(p) for p in data_paths], "eval_data": eval_paths,
-                "eval_fraction": eval_fraction, "cache_dir": str(cache_dir), "copy_files_from": str(copy_from),
-                "model": str(model_dir), "tokenizer": tokenizer.name, "world_size": world,
-                "run_id": run_id or uuid.uuid4().hex}  # rank 0's is the one saved
-
-    def write_run_json():
-        # Only once train() has accepted everything: a failed start writes (and rewrites) nothing.
-        out.mkdir(parents=True, exist_ok=True)
-        write_text_atomic(out / "run.json", json.dumps({"config": dataclasses.asdict(config), "run": run_info},
-                                                       indent=2) + "\n")
-
     # The run description travels in every checkpoint's trainer_state.json, so --resume needs nothing else.
-    result = train(model, data, config, eval_data, metrics_path=out / "metrics.jsonl", log=log,
-                   resume_from=resume, copy_files_from=copy_from, extra_state={"run": run_info},
-                   on_start=write_run_json)
+    run = {"task": task, "data": [str(p) for p in data_paths], "eval_data": eval_paths,
+           "eval_fraction": eval_fraction, "cache_dir": str(cache_dir), "copy_files_from": str(copy_from),
+           "model": str(model_dir), "tokenizer": tokenizer.name, "world_size": world,
+           "run_id": run.get("run_id") or uuid.uuid4().hex}  # rank 0's is the one saved
+    result = train(model, data, config, eval_data, metrics_path=Path(config.out_dir) / "metrics.jsonl", log=log,
+                   resume_from=resume, run=run)
     if not rank:
         print(json.dumps({"step": result.step, "final_loss": result.final_loss, "eval_loss": result.eval_loss,
                           "eval_perplexity": result.eval_perplexity, "tokens_per_s": result.tokens_per_s,
@@ -1444,94 +1232,74 @@ def run_training(args: argparse.Namespace, explicit: set[str]) -> TrainResult:
     return result
 
 
-def _fail(message: str, prog: str = "opt-deus-train", code: int = 2) -> int:
-    # The tools' one error line: what and where, on stderr, whatever the exception's text held.
-    print(f"{prog}: error: {' '.join(str(message).split())}", file=sys.stderr)
+def _one_line_errors(prog: str, command: Callable[[], int]) -> int:
+    # Every error a user can cause ends in one line on stderr (what and where) and a non-zero exit:
+    # a bad request, the file system (full disk, read-only folder), a signal before the training loop.
+    try:
+        return command()
+    except (TrainError, CheckpointError) as e:
+        message, code = str(e), 2
+    except OSError as e:
+        message, code = f"{e.filename}: {e.strerror or e}" if e.filename else str(e.strerror or e), 2
+    except Interrupted as e:
+        message, code = f"{e}; nothing written", 128 + e.signum
+    except KeyboardInterrupt:
+        message, code = "stopped by SIGINT; nothing written", 130
+    print(f"{prog}: error: {' '.join(message.split())}", file=sys.stderr)
     return code
 
 
-def _fail_on(e: BaseException, prog: str) -> int:
-    # Errors that are not a bad request but must still end in one line: the file system (full disk,
-    # read-only or unwritable folder), and a signal that arrived before the training loop.
-    if isinstance(e, OSError):
-        return _fail(f"{e.filename or ''}{': ' if e.filename else ''}{e.strerror or e}", prog)
-    if isinstance(e, Interrupted):
-        return _fail(f"{e}; nothing written", prog, 128 + e.signum)
-    return _fail("stopped by SIGINT; nothing written", prog, 130)
+def train_command(argv: list[str]) -> int:
+    parser = build_train_parser()
+    flags = parser.parse_args(argv)
+    # Which flags were typed: the same parser with every default suppressed.
+    for action in parser._actions:
+        action.default = argparse.SUPPRESS
+    typed = set(vars(parser.parse_args(argv)))
+    try:
+        result = run_training(flags, typed)
+        if torch.distributed.is_initialized():
+            torch.distributed.barrier()  # no rank exits (torchrun would stop the others) before all are done
+    except (torch.distributed.DistError, RuntimeError) as e:
+        # Another rank died or hung past --dist-timeout (gloo reports it as a RuntimeError): one line, exit 1.
+        message = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        lost = isinstance(e, torch.distributed.DistError) or any(
+            s in message for s in ("gloo", "NCCL", "Timed out", "Connection closed", "timeout"))
+        if not (torch.distributed.is_initialized() and lost):
+            raise
+        print(f"error: rank {rank_and_world()[0]}: lost the other processes ({message})", file=sys.stderr)
+        return 1
+    finally:
+        if torch.distributed.is_initialized():
+            torch.distributed.destroy_process_group()
+    return 128 + signal.Signals[result.stopped].value if result.stopped in ("SIGINT", "SIGTERM") else 0
 
 
 def main(argv: list[str] | None = None) -> int:
-    code = _train_main(sys.argv[1:] if argv is None else list(argv))
-    if argv is None and "WORLD_SIZE" in os.environ:
-        # The command line under torchrun (`python train.py` or the opt-deus-train script): leave
-        # without interpreter teardown, where gloo's threads now and then abort a rank that has finished
-        # ("terminate called without an active exception", SIGABRT; 1 in 25 CPU runs here) and torchrun
-        # then reports the whole run failed. The process group is destroyed already.
+    from_shell = argv is None
+    argv = sys.argv[1:] if from_shell else [str(a) for a in argv]
+    if argv[:1] == ["eval"]:
+        return eval_main(argv[1:])
+    if argv[:1] == ["train"]:
+        argv = argv[1:]
+    code = _one_line_errors("opt-deus-train", lambda: train_command(argv))
+    if from_shell and "WORLD_SIZE" in os.environ:
+        # The command line under torchrun: leave without interpreter teardown, where gloo's threads now
+        # and then abort a rank that has finished ("terminate called without an active exception",
+        # SIGABRT) and torchrun then reports the whole run failed. The process group is destroyed already.
         sys.stdout.flush()
         sys.stderr.flush()
         os._exit(code)
     return code
 
 
-def _train_main(argv: list[str]) -> int:
-    if argv[:1] == ["eval"]:
-        return eval_main(argv[1:])
-    if argv[:1] == ["train"]:
-        argv = argv[1:]
-    parser = build_train_parser()
-    args = parser.parse_args(argv)
-    try:
-        result = run_training(args, _explicit_flags(parser, argv))
-        if torch.distributed.is_initialized():
-            torch.distributed.barrier()  # no rank exits (torchrun would stop the others) before all are done
-    except (TrainError, CheckpointError) as e:
-        return _fail(str(e))
-    except (torch.distributed.DistError, RuntimeError) as e:
-        # Another rank died or hung past --dist-timeout (gloo reports it as a RuntimeError): one line, exit 1.
-        message = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        if not (torch.distributed.is_initialized() and (isinstance(e, torch.distributed.DistError) or any(
-                s in message for s in ("gloo", "NCCL", "Timed out", "Connection closed", "timeout")))):
-            raise
-        print(f"error: rank {rank_and_world()[0]}: lost the other processes ({message})", file=sys.stderr)
-        return 1
-    except (OSError, KeyboardInterrupt, Interrupted) as e:
-        return _fail_on(e, "opt-deus-train")
-    finally:
-        if torch.distributed.is_initialized():
-            torch.distributed.destroy_process_group()
-    if result.stopped in ("SIGINT", "SIGTERM"):
-        return 128 + signal.Signals[result.stopped].value
-    return 0
-
-
 EVAL_BLOCK_SIZE = 2048  # opt-deus-eval's window when the model allows it
-
-
-def build_eval_parser() -> argparse.ArgumentParser:
-    p = OneLineArgumentParser(prog="opt-deus-eval", formatter_class=argparse.ArgumentDefaultsHelpFormatter,
-                              description="Perplexity per token and per word (whitespace-separated) of a "
-                                          "checkpoint on a text file; every token is predicted once.",
-                              epilog="Progress goes to stderr (a line at most every 10 s), the report to stdout. "
-                                     "Exit code 2: a bad request (one line on stderr, nothing written); "
-                                     "130/143: stopped by SIGINT/SIGTERM.")
-    p.add_argument("--model", required=True, help="Hugging Face checkpoint folder")
-    p.add_argument("--text", required=True, help="UTF-8 text file (.gz ok)")
-    p.add_argument("--block-size", type=positive_int, default=None,
-                   help="tokens per window (non-overlapping); None: the model's max_position_embeddings, at most "
-                        f"{EVAL_BLOCK_SIZE}")
-    p.add_argument("--batch-size", type=positive_int, default=4, help="windows per forward pass")
-    p.add_argument("--device", default="auto", help="auto (cuda if available, else cpu), cpu, cuda, cuda:1, ...")
-    p.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32", help="weights' dtype")
-    p.add_argument("--byte-tokenizer", action="store_true",
-                   help="use UTF-8 bytes when the model folder has no tokenizer.json (automatic for a "
-                        f"vocabulary of at most {BYTE_VOCAB_LIMIT})")
-    p.add_argument("--json", help="also write the report here as JSON")
-    return p
 
 
 def evaluate_text(model_dir, text_path, block_size: int | None = None, batch_size: int = 4, device: str = "auto",
                   dtype: torch.dtype = torch.float32, byte_tokenizer: bool = False,
                   log: Callable | None = None) -> dict:
+    """Perplexity per token and per word (whitespace-separated) of a checkpoint on a text file."""
     for flag, value in (("--block-size", block_size), ("--batch-size", batch_size)):
         if value is None and flag == "--block-size":
             continue
@@ -1545,12 +1313,10 @@ def evaluate_text(model_dir, text_path, block_size: int | None = None, batch_siz
         raise TrainError(f"{text_path}: empty")
     model = Transformer.from_pretrained(model_dir, dtype=dtype, device=resolve_device(device))
     tokenizer = load_tokenizer(model_dir, byte_tokenizer=byte_tokenizer)
-    check_vocab(tokenizer, model.args.vocab_size, str(model_dir))
-    if block_size is None:
-        block_size = min(EVAL_BLOCK_SIZE, model.args.max_position_embeddings)
-    if block_size > model.args.max_position_embeddings:
-        raise TrainError(f"--block-size {block_size} is beyond the model's max_position_embeddings "
-                         f"{model.args.max_position_embeddings}")
+    max_positions = model.args.max_position_embeddings
+    block_size = block_size or min(EVAL_BLOCK_SIZE, max_positions)
+    if block_size > max_positions:
+        raise TrainError(f"--block-size {block_size} is beyond the model's max_position_embeddings {max_positions}")
     # The first token is predicted from a start token (bos, else the eos that separates documents
     # in training), so every token of the text is scored.
     start = tokenizer.bos_id if tokenizer.bos_id is not None else tokenizer.eos_id
@@ -1565,39 +1331,48 @@ def evaluate_text(model_dir, text_path, block_size: int | None = None, batch_siz
             "perplexity_per_word": math.exp(min(r["nll_sum"] / max(words, 1), 700.0))}
 
 
-def eval_main(argv: list[str] | None = None) -> int:
-    args = build_eval_parser().parse_args(sys.argv[1:] if argv is None else argv)
-    try:
-        if args.json:  # never over an input
-            json_path = Path(args.json)
-            if json_path.is_dir():
-                raise TrainError(f"--json {args.json}: is a folder")
-            if not json_path.absolute().parent.is_dir():  # found out now, not after the evaluation
-                raise TrainError(f"--json {args.json}: no such folder {json_path.absolute().parent}")
-            for flag, source in (("--text", args.text), ("--model", args.model)):
-                source_path = Path(source).resolve()
-                if json_path.resolve() == source_path or source_path in json_path.resolve().parents:
-                    raise TrainError(f"--json {args.json}: would overwrite the input {flag} {source}")
-        report = evaluate_text(args.model, args.text, args.block_size, args.batch_size, args.device,
-                               {"float32": torch.float32, "bfloat16": torch.bfloat16}[args.dtype],
-                               byte_tokenizer=args.byte_tokenizer,
-                               log=lambda *a: print(*a, file=sys.stderr, flush=True))
-        if args.json:
-            tmp = Path(args.json).with_name(f".{Path(args.json).name}.tmp-{os.getpid()}")
-            try:
-                tmp.write_text(json.dumps(report, indent=2) + "\n")
-                os.replace(tmp, args.json)
-            finally:
-                tmp.unlink(missing_ok=True)
-    except (TrainError, CheckpointError) as e:
-        return _fail(str(e), "opt-deus-eval")
-    except (OSError, KeyboardInterrupt, Interrupted) as e:
-        return _fail_on(e, "opt-deus-eval")
+def eval_command(flags: argparse.Namespace) -> int:
+    if flags.json:  # found out now, not after the evaluation; never over an input
+        json_path = Path(flags.json)
+        if json_path.is_dir():
+            raise TrainError(f"--json {flags.json}: is a folder")
+        if not json_path.absolute().parent.is_dir():
+            raise TrainError(f"--json {flags.json}: no such folder {json_path.absolute().parent}")
+        for flag, source in (("--text", flags.text), ("--model", flags.model)):
+            source_path = Path(source).resolve()
+            if json_path.resolve() == source_path or source_path in json_path.resolve().parents:
+                raise TrainError(f"--json {flags.json}: would overwrite the input {flag} {source}")
+    report = evaluate_text(flags.model, flags.text, flags.block_size, flags.batch_size, flags.device,
+                           getattr(torch, flags.dtype), flags.byte_tokenizer,
+                           log=lambda *a: print(*a, file=sys.stderr, flush=True))
+    if flags.json:
+        write_text_atomic(flags.json, json.dumps(report, indent=2) + "\n")
     print(f"{report['text']}: {report['tokens']:,} tokens, {report['words']:,} words")
     print(f"loss per token: {report['loss_per_token']:.4f}")
     print(f"perplexity per token: {report['perplexity_per_token']:.3f}")
     print(f"perplexity per word: {report['perplexity_per_word']:.3f}")
     return 0
+
+
+def eval_main(argv: list[str] | None = None) -> int:
+    p = OneLineArgumentParser(prog="opt-deus-eval", formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+                              description="Perplexity per token and per word (whitespace-separated) of a "
+                                          "checkpoint on a text file; every token is predicted once.",
+                              epilog="Progress goes to stderr (a line at most every 10 s), the report to stdout. "
+                                     "Exit code 2: a bad request (one line on stderr, nothing written); "
+                                     "130/143: stopped by SIGINT/SIGTERM.")
+    p.add_argument("--model", required=True, help="Hugging Face checkpoint folder")
+    p.add_argument("--text", required=True, help="UTF-8 text file (.gz ok)")
+    p.add_argument("--block-size", type=positive_int, default=None,
+                   help=f"tokens per window (non-overlapping); None: the model's max_position_embeddings, at most "
+                        f"{EVAL_BLOCK_SIZE}")
+    p.add_argument("--batch-size", type=positive_int, default=4, help="windows per forward pass")
+    p.add_argument("--device", default="auto", help="auto (cuda if available, else cpu), cpu, cuda, cuda:1, ...")
+    p.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32", help="weights' dtype")
+    p.add_argument("--byte-tokenizer", action="store_true", help=BYTE_TOKENIZER_HELP)
+    p.add_argument("--json", help="also write the report here as JSON")
+    flags = p.parse_args(sys.argv[1:] if argv is None else [str(a) for a in argv])
+    return _one_line_errors("opt-deus-eval", lambda: eval_command(flags))
 
 
 if __name__ == "__main__":

@@ -1,7 +1,7 @@
 """How sharp are the transport plans between two adjacent real layers, by alignment and epsilon?
 
 For each setting, fuses base layers A and B of a checkpoint and prints, per plan, its sharpness
-(mean row maximum of n*T: 1 for a permutation, 1/n for uniform) and the solver's iterations, and per
+(mean row maximum of the plan scaled by n: 1 for a permutation, 1/n for uniform) and the solver's iterations, and per
 weight the norm ratio of the aligned A to A (1 for a permutation, small for a blurred mix):
     python benchmarks/bench_alignment.py --base ~/.cache/opt-deus/smollm2-135m-instruct-hf
 
@@ -22,7 +22,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from model import BLOCK_KEYS, CheckpointReader  # noqa: E402
-from opt_deus import GrowthOptions, paper_fuse, published_fuse, structured_fuse  # noqa: E402
+from opt_deus import GrowthOptions, make_new_block  # noqa: E402
 
 # Which of structured alignment's plans move each weight's rows or columns.
 STRUCTURED_PLANS = {"q_proj": ("attention.query_heads", "attention.kv_groups"), "k_proj": ("attention.kv_groups",),
@@ -35,20 +35,16 @@ def composition(blocks: list[dict], args, gaps: list[int]) -> list[dict]:
     # One row per (mode, weight), means over the gaps: |Â|/|A|, the parts |Â/2|/|F| and |B/2|/|F| of
     # the fused weight, the plan's sharpness; the range of the plan's total mass; for published, in
     # how many gaps its solver aborted and at which iterations.
-    modes = {"published": GrowthOptions(align="published"), "paper": GrowthOptions(align="paper"),
-             "paper --no-normalize-plan": GrowthOptions(align="paper", normalize_plan=False),
-             "structured": GrowthOptions(align="structured")}
+    modes = {"published": GrowthOptions(align="published", zero_init=False),
+             "paper": GrowthOptions(align="paper", zero_init=False),
+             "paper --no-normalize-plan": GrowthOptions(align="paper", normalize_plan=False, zero_init=False),
+             "structured": GrowthOptions(align="structured", zero_init=False)}
     rows = []
     for mode, options in modes.items():
         sums, seconds = {}, time.perf_counter()
         for gap in gaps:
             A, B = blocks[gap], blocks[gap + 1]
-            if options.align == "published":
-                fused, report = published_fuse(A, B, options)
-            elif options.align == "paper":
-                fused, report = paper_fuse(A, B, options)
-            else:
-                fused, report = structured_fuse(A, B, args, options)
+            fused, report = make_new_block([A, B], args, options)
             for key in BLOCK_KEYS:
                 a_part = fused[key] - B[key] / 2  # Â/2
                 stats = report.get(key, {})
@@ -125,17 +121,15 @@ def main():
         align, epsilon = setting.split(":")
         options = GrowthOptions(align=align, epsilon=float(epsilon))
         start = time.perf_counter()
-        if align == "paper":
-            _, report = paper_fuse(A, B, options)
-        else:
-            _, report = structured_fuse(A, B, reader.args, options)
+        _, report = make_new_block([A, B], reader.args, options)
         seconds = time.perf_counter() - start
         rows.append({"align": align, "epsilon": float(epsilon), "seconds": seconds, "report": report})
         print(f"\n{align}, epsilon {epsilon}: {seconds:.1f}s")
         for name, stats in report.items():
             parts = []
             if "sharpness" in stats:
-                parts.append(f"sharpness {stats['sharpness']:.3f} ({stats['iterations']} it, converged {stats['converged']})")
+                parts.append(f"sharpness {stats['sharpness']:.3f} "
+                             f"({stats['iterations']} it, converged {stats['converged']})")
             if "norm_ratio" in stats:
                 parts.append(f"norm ratio {stats['norm_ratio']:.3f}")
             print(f"  {name:<34}" + ", ".join(parts))

@@ -64,10 +64,10 @@ def real_costs(layer: int) -> dict[str, tuple[torch.Tensor, float]]:
         A, B = block(layer), block(layer + 1)
     captured, real = [], O.transport
 
-    def spy(cost, options, relative):
+    def spy(cost, epsilon, relative, **solver):
         scale = cost.mean(dim=(-2, -1), keepdim=True).clamp_min(1e-30) if relative else 1.0
-        captured.append(((cost / scale).clone(), options.epsilon))
-        return real(cost, options, relative)
+        captured.append(((cost / scale).clone(), epsilon))
+        return real(cost, epsilon, relative, **solver)
 
     costs = {}
     O.transport = spy
@@ -77,8 +77,7 @@ def real_costs(layer: int) -> dict[str, tuple[torch.Tensor, float]]:
             for align, names in (("paper", "q k v o gate up down"),
                                  ("structured", "heads value_dims groups mlp_units")):
                 captured.clear()
-                options = O.GrowthOptions(align=align)
-                O.paper_fuse(A, B, options) if align == "paper" else O.structured_fuse(A, B, args, options)
+                O.make_new_block([A, B], args, O.GrowthOptions(align=align))
                 costs.update({f"{align}/{name}": c for name, c in zip(names.split(), captured)})
     finally:
         O.transport = real
@@ -169,33 +168,33 @@ def main(argv=None):
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--json", default=None, help="also write the results here")
     p.add_argument("--easy", action="store_true", help="only the easy random problem of bench_sinkhorn.py")
-    args = p.parse_args(argv)
-    torch.set_num_threads(args.threads)
-    solvers = [("ours", S)] + ([("before", load_module(args.before, "sinkhorn_before"))] if args.before else [])
-    print(f"CPU: {cpu_model()}, {os.cpu_count()} cores, torch threads {args.threads}, torch {torch.__version__}")
-    if args.easy:
-        results = {"cpu": cpu_model(), "threads": args.threads, "easy": run_easy(solvers, 9)}
-        if args.json:
-            Path(args.json).write_text(json.dumps(results, indent=1))
+    flags = p.parse_args(argv)
+    torch.set_num_threads(flags.threads)
+    solvers = [("ours", S)] + ([("before", load_module(flags.before, "sinkhorn_before"))] if flags.before else [])
+    print(f"CPU: {cpu_model()}, {os.cpu_count()} cores, torch threads {flags.threads}, torch {torch.__version__}")
+    if flags.easy:
+        results = {"cpu": cpu_model(), "threads": flags.threads, "easy": run_easy(solvers, 9)}
+        if flags.json:
+            Path(flags.json).write_text(json.dumps(results, indent=1))
         return
-    costs = real_costs(args.layer)
-    names = args.only.split(",") if args.only else list(costs)
-    results = {"cpu": cpu_model(), "threads": args.threads, "layer": args.layer, "pot_iters": args.pot_iters,
+    costs = real_costs(flags.layer)
+    names = flags.only.split(",") if flags.only else list(costs)
+    results = {"cpu": cpu_model(), "threads": flags.threads, "layer": flags.layer, "pot_iters": flags.pot_iters,
                "costs": {}}
     for name in names:
         C, eps = costs[name]
         spread = float(C.amax() - C.amin())
-        ref, ref_info = reference(name, C, eps, args.ref_tol, args.ref_max_iter)
+        ref, ref_info = reference(name, C, eps, flags.ref_tol, flags.ref_max_iter)
         row = {"shape": list(C.shape), "epsilon": eps, "range_over_eps": spread / eps, "reference": ref_info,
                "load_before": os.getloadavg()[0]}
-        plan, info = run_pot(C, eps, args.pot_iters)
+        plan, info = run_pot(C, eps, flags.pot_iters)
         row["pot"] = {**info, **accuracy(plan, ref)}
         target = row["pot"]["marginal_error"]
         row["target_tol"] = target
         # Ours at POT's accuracy, then at growth's tol, alternating with --before.
         for tol_name, tol in (("at_pot", target), ("at_1e-4", 1e-4)):
             for solver_name, module in solvers:
-                plan, info = run_ours(module, C, eps, tol, args.max_iter)
+                plan, info = run_ours(module, C, eps, tol, flags.max_iter)
                 row[f"{solver_name}_{tol_name}"] = {**info, **accuracy(plan, ref)}
         row["load_after"] = os.getloadavg()[0]
         results["costs"][name] = row
@@ -211,8 +210,8 @@ def main(argv=None):
             o = row[f"{solver_name}_at_1e-4"]
             print(f"{'':22s} tol 1e-4: {solver_name} {o['seconds']:.2f}s {o['iterations']} it err "
                   f"{o['marginal_error']:.2e} L1 {o['l1_to_ref']:.1e}", flush=True)
-        if args.json:
-            Path(args.json).write_text(json.dumps(results, indent=1))
+        if flags.json:
+            Path(flags.json).write_text(json.dumps(results, indent=1))
 
 
 if __name__ == "__main__":

@@ -340,3 +340,17 @@ def plot_paired_curves(path, curves: dict, zero_init: dict, note: str, ylabel: s
     fig.suptitle(note, fontsize=9)
     save_figure(fig, path)
     return [Path(path).name]
+
+
+def run_cli(prog: str, start, user_errors: tuple) -> int:
+    """The shared ending of the experiment scripts' main(): `start()` runs the study; a user error is
+    one line and exit 2, Ctrl-C / SIGTERM exit 130 with nothing written (the output folder is atomic)."""
+    try:
+        start()
+    except KeyboardInterrupt:
+        print(f"{prog}: interrupted; nothing written", file=sys.stderr)
+        return 130
+    except (ExperimentError, GrowthError, *user_errors) as e:
+        print(f"{prog}: error: {e}", file=sys.stderr)
+        return 2
+    return 0

@@ -53,9 +53,9 @@ if str(ROOT) not in sys.path:
 from experiments.common import (METHODS, ExperimentError, environment, fmt,  # noqa: E402
                                 fmt_interval, fmt_pm, grow_by_name, growth_options, map_jobs, markdown_table,
                                 mean_std, paired_comparisons, parse_list, plot_paired_curves,
-                                reproducibility, run_study, stamp_jsonl, write_json)
+                                reproducibility, run_cli, run_study, stamp_jsonl, write_json)
 from model import CheckpointError, ModelArgs, Transformer  # noqa: E402
-from opt_deus import POSITIONS, GrowthError  # noqa: E402
+from opt_deus import POSITIONS  # noqa: E402
 from train import TrainConfig, TrainError, ByteTokenizer, evaluate, train  # noqa: E402
 
 EOS = ByteTokenizer.eos_id  # 256: ids 0..255 are bytes, 256 separates files
@@ -602,7 +602,8 @@ def config_from_args(args) -> CompareConfig:
 
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
-    try:
+
+    def start():
         config = config_from_args(args)
         config.validate()
         if config.device.startswith("cuda") and not torch.cuda.is_available():
@@ -612,13 +613,8 @@ def main(argv=None) -> int:
         if args.threads:
             torch.set_num_threads(args.threads)  # this process only, from the command line only
         run_compare(config, args.out, log=lambda *a: print(*a, flush=True), jobs=args.jobs)
-    except KeyboardInterrupt:
-        print("compare.py: interrupted; nothing written", file=sys.stderr)
-        return 130
-    except (ExperimentError, GrowthError, TrainError, CheckpointError) as e:
-        print(f"compare.py: error: {e}", file=sys.stderr)
-        return 2
-    return 0
+
+    return run_cli("compare.py", start, (TrainError, CheckpointError))
 
 
 if __name__ == "__main__":

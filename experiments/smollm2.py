@@ -47,9 +47,10 @@ if str(ROOT) not in sys.path:
 from experiments.common import (METHODS, ExperimentError, ema, environment, fmt,  # noqa: E402
                                 fmt_interval, fmt_pm, grow_by_name, growth_options, map_jobs, markdown_table,
                                 mean_std, new_figure, paired_comparisons, parse_list,
-                                plot_paired_curves, reproducibility, run_study, save_figure, stamp_jsonl, write_json)
+                                plot_paired_curves, reproducibility, run_cli, run_study, save_figure, stamp_jsonl,
+                                write_json)
 from model import CheckpointError, Transformer  # noqa: E402
-from opt_deus import POSITIONS, GrowthError  # noqa: E402
+from opt_deus import POSITIONS  # noqa: E402
 from train import (HFTokenizer, TrainConfig, TrainError, evaluate, iter_documents, list_data_files,  # noqa: E402
                    load_tokenizer, resolve_device, train)
 
@@ -487,20 +488,16 @@ def config_from_args(args) -> SmolConfig:
 
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
-    try:
+
+    def start():
         config = config_from_args(args)
         if args.threads < 0 or args.jobs < 1:
             raise ExperimentError("--threads must be >= 0 and --jobs >= 1")
         if args.threads:
             torch.set_num_threads(args.threads)  # this process only, from the command line only
         run_smollm2(config, args.out, log=lambda *a: print(*a, flush=True), jobs=args.jobs)
-    except KeyboardInterrupt:
-        print("smollm2.py: interrupted; nothing written", file=sys.stderr)
-        return 130
-    except (ExperimentError, GrowthError, TrainError, CheckpointError) as e:
-        print(f"smollm2.py: error: {e}", file=sys.stderr)
-        return 2
-    return 0
+
+    return run_cli("smollm2.py", start, (TrainError, CheckpointError))
 
 
 if __name__ == "__main__":

@@ -1,6 +1,9 @@
 """model.py against transformers' LlamaForCausalLM, and the checkpoint I/O's strictness."""
 
+import dataclasses
 import json
+import math
+import re
 
 import pytest
 import torch
@@ -8,7 +11,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from safetensors.torch import load_file, save_file
 
-from model import CheckpointError, CheckpointReader, CheckpointWriter, ModelArgs, Transformer
+from model import (BLOCK_KEYS, CheckpointError, CheckpointReader, CheckpointWriter, ModelArgs, Transformer,
+                   expected_shapes)
 
 transformers = pytest.importorskip("transformers")
 
@@ -183,3 +187,93 @@ def test_copies_tokenizer_files(tiny_dir, tmp_path):
     (tiny_dir / "tokenizer.json").write_text("{}")
     Transformer.from_pretrained(tiny_dir).save_pretrained(tmp_path / "out", copy_files_from=tiny_dir)
     assert (tmp_path / "out" / "tokenizer.json").read_text() == "{}"
+
+
+def test_expected_shapes_and_block_keys_match_the_model():
+    # The checkpoint I/O's table of shapes is written out by hand; it must be the model's own.
+    for tied in (False, True):
+        args = ModelArgs(vocab_size=11, hidden_size=12, intermediate_size=20, num_hidden_layers=2,
+                         num_attention_heads=6, num_key_value_heads=2, head_dim=4, tie_word_embeddings=tied)
+        model = Transformer(args)
+        assert expected_shapes(args) == {key: tuple(t.shape) for key, t in model.hf_state()}
+        assert set(BLOCK_KEYS) == set(model.layers[0].state_dict())
+
+
+BASE_CONFIG = {"model_type": "llama", "vocab_size": 10, "hidden_size": 8, "intermediate_size": 16,
+               "num_hidden_layers": 2, "num_attention_heads": 2}
+LLAMA3 = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+          "original_max_position_embeddings": 16}
+
+
+@pytest.mark.parametrize("key, value, message", [
+    ("vocab_size", None, "vocab_size must be a positive integer, got None"),
+    ("hidden_size", True, "hidden_size must be a positive integer, got True"),
+    ("num_hidden_layers", 2.0, "num_hidden_layers must be a positive integer"),
+    ("head_dim", 0, "head_dim must be a positive integer"),
+    ("max_position_embeddings", "2048", "max_position_embeddings must be a positive integer"),
+    ("rms_norm_eps", "1e-6", "rms_norm_eps must be a positive finite number"),
+    ("rope_theta", math.inf, "rope_theta must be a positive finite number"),
+    ("tie_word_embeddings", 1, "tie_word_embeddings must be true or false"),
+    ("rope_scaling", "llama3", "rope_scaling must be an object"),
+    ("rope_parameters", {**LLAMA3, "factor": math.nan}, "rope_parameters.factor must be a positive finite"),
+    ("rope_parameters", {"rope_type": "llama3", "factor": 8.0}, "missing low_freq_factor"),
+    ("num_key_value_heads", 3, "not a multiple of num_key_value_heads=3"),
+    ("hidden_act", "gelu", "hidden_act='gelu' is not supported"),
+])
+def test_config_values_of_the_wrong_type_are_refused_by_key(key, value, message):
+    with pytest.raises(CheckpointError, match=re.escape(message)):
+        ModelArgs.from_hf({**BASE_CONFIG, key: value})
+
+
+def test_null_config_values_mean_not_set():
+    nulls = dict.fromkeys(["num_key_value_heads", "head_dim", "rms_norm_eps", "max_position_embeddings",
+                           "tie_word_embeddings", "rope_theta", "rope_scaling", "attention_bias", "sliding_window"])
+    args = ModelArgs.from_hf({**BASE_CONFIG, **nulls})
+    assert args == dataclasses.replace(ModelArgs.from_hf(BASE_CONFIG), extra=args.extra)
+    assert args.head_dim == 4 and args.num_key_value_heads == 2 and args.rope_theta == 10000.0
+
+
+@pytest.mark.parametrize("case, message", [
+    ("config-not-json", "config.json: not valid JSON"),
+    ("index-not-json", "model.safetensors.index.json: not a safetensors index"),
+    ("index-without-weight-map", "not a safetensors index"),
+    ("shard-missing", "listed in model.safetensors.index.json but missing"),
+    ("index-lies-about-a-shard", "tensor model.norm.weight listed in the index but not in the file"),
+    ("shard-truncated", "corrupt or truncated safetensors file"),
+    ("tied-head-differs", "tie_word_embeddings is true but lm_head.weight differs"),
+])
+def test_rejects_broken_checkpoint_folders(tmp_path, case, message):
+    args = ModelArgs(vocab_size=32, hidden_size=16, intermediate_size=24, num_hidden_layers=2,
+                     num_attention_heads=2, num_key_value_heads=1, head_dim=8, tie_word_embeddings=True)
+    folder = tmp_path / "model"
+    Transformer(args).init_weights(torch.Generator().manual_seed(0)).save_pretrained(folder, max_shard_size=2000)
+    index = folder / "model.safetensors.index.json"
+    weight_map = json.loads(index.read_text())["weight_map"]
+    norm_shard = folder / weight_map["model.norm.weight"]
+    if case == "config-not-json":
+        (folder / "config.json").write_text("{")
+    elif case == "index-not-json":
+        index.write_text("{")
+    elif case == "index-without-weight-map":
+        index.write_text("{}")
+    elif case == "shard-missing":
+        norm_shard.unlink()
+    elif case == "index-lies-about-a-shard":
+        other = next(name for name in sorted(set(weight_map.values())) if folder / name != norm_shard)
+        index.write_text(json.dumps({"weight_map": {**weight_map, "model.norm.weight": other}}))
+    elif case == "shard-truncated":
+        norm_shard.write_bytes(norm_shard.read_bytes()[:-4])
+    elif case == "tied-head-differs":
+        head = torch.zeros(32, 16)
+        save_file({"lm_head.weight": head}, folder / "head.safetensors")
+        index.write_text(json.dumps({"weight_map": {**weight_map, "lm_head.weight": "head.safetensors"}}))
+    with pytest.raises(CheckpointError, match=re.escape(message)):
+        Transformer.from_pretrained(folder)
+
+
+def test_writer_refuses_a_key_twice_and_leaves_nothing(tmp_path):
+    with pytest.raises(ValueError, match="model.norm.weight written twice"):
+        with CheckpointWriter(tmp_path / "out") as writer:
+            writer.add("model.norm.weight", torch.ones(3))
+            writer.add("model.norm.weight", torch.ones(3))
+    assert list(tmp_path.iterdir()) == []

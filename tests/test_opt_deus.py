@@ -12,8 +12,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from model import Block, ModelArgs, Transformer, rope_cos_sin
-from opt_deus import (GrowthError, GrowthOptions, grow, grow_checkpoint, insert_after_for, main,
-                      paper_fuse, plan_layout, structured_fuse, transport)
+from opt_deus import (DEFAULT_EPSILON, GrowthError, GrowthOptions, grow, grow_checkpoint, insert_after_for, main,
+                      paper_fuse, make_layout, structured_fuse, transport)
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -48,13 +48,13 @@ def test_paper_default_positions():
     assert insert_after_for("top", 30, 15) == list(range(14, 29))
     assert insert_after_for("bottom", 30, 3) == [0, 1, 2]
     assert insert_after_for("top-bottom", 10, 4) == [0, 1, 7, 8]
-    layout = plan_layout("opt", 4, [1, 1, 2])
+    layout = make_layout("opt", 4, [1, 1, 2])
     assert [s.sources for s in layout] == [(0,), (1,), (1, 2), (1, 2), (2,), (2, 3), (3,)]
     # SOLAR (Kim et al. 2023): 32 layers, drop 8 at the seam of two copies -> 48 = 32 + 16
-    layout = plan_layout("solar", 32, None, 16)
+    layout = make_layout("solar", 32, None, 16)
     assert [s.sources[0] for s in layout] == list(range(24)) + list(range(8, 32))
     assert [i for i, s in enumerate(layout) if s.new] == list(range(24, 40))
-    layout = plan_layout("solar", 30, None, 15)  # odd L - K: the second copy drops one more
+    layout = make_layout("solar", 30, None, 15)  # odd L - K: the second copy drops one more
     assert len(layout) == 45 and [s.sources[0] for s in layout] == list(range(23)) + list(range(8, 30))
 
 
@@ -90,7 +90,7 @@ def test_positions_fill_every_gap_equally_and_place_the_remainder_where_named(ba
         # equal segments: slot i covers [i, i + 1), so i <= (j + 1/2) S / rest < i + 1 (times 2 rest)
         for j, i in enumerate(extra):
             assert 2 * rest * i <= (2 * j + 1) * slots < 2 * rest * (i + 1), (j, i)
-    layout = plan_layout(method, base, after)
+    layout = make_layout(method, base, after)
     assert len(layout) == base + new
     assert [s.sources[0] for s in layout if not s.new] == list(range(base))
     assert sum(s.new for s in layout) == new
@@ -99,9 +99,9 @@ def test_positions_fill_every_gap_equally_and_place_the_remainder_where_named(ba
 @pytest.mark.parametrize("call, message", [
     (lambda: insert_after_for("top", 8, 0), "must be positive"),
     (lambda: insert_after_for("top", 1, 1), "no gap"),
-    (lambda: plan_layout("opt", 8, [7]), "out of range"),
-    (lambda: plan_layout("opt", 8, [-1]), "out of range"),
-    (lambda: plan_layout("solar", 8, None, 9), "at most all 8"),
+    (lambda: make_layout("opt", 8, [7]), "out of range"),
+    (lambda: make_layout("opt", 8, [-1]), "out of range"),
+    (lambda: make_layout("solar", 8, None, 9), "at most all 8"),
 ])
 def test_bad_positions(call, message):
     with pytest.raises(GrowthError, match=message):
@@ -196,6 +196,11 @@ def permute_block(block: dict, args: ModelArgs, generator: torch.Generator) -> d
     return out
 
 
+def heads(args: ModelArgs) -> tuple[int, int, int]:
+    # the integers structured_fuse needs: query heads, key/value heads, head dim
+    return args.num_attention_heads, args.num_key_value_heads, args.head_dim
+
+
 def block_output(tensors: dict, args: ModelArgs, x: torch.Tensor) -> torch.Tensor:
     block = Block(args)
     block.load_state_dict(tensors)
@@ -233,8 +238,8 @@ def test_structured_fusion_with_a_permuted_copy_gives_back_the_block(arch):
     block = random_block(args, seed)
     permuted = permute_block(block, args, torch.Generator().manual_seed(seed + 1))
     # exact assignment: exactly the block; default Sinkhorn: the block within the plan's blur
-    for epsilon, tolerance in ((0.0, 1e-6), (None, 1e-4)):
-        fused, _ = structured_fuse(permuted, block, args, GrowthOptions(epsilon=epsilon))
+    for epsilon, tolerance in ((0.0, 1e-6), (DEFAULT_EPSILON["structured"], 1e-4)):
+        fused, _ = structured_fuse(permuted, block, *heads(args), epsilon)
         for key in block:
             assert torch.allclose(fused[key], block[key], atol=tolerance), (epsilon, key)
 
@@ -247,9 +252,9 @@ def test_structured_fusion_is_invariant_to_symmetries_of_either_layer(arch):
     kv_heads, group, head_dim, seed = arch
     args = tiny_args(kv_heads, group, head_dim)
     a, b = random_block(args, seed), random_block(args, seed + 7)
-    options = GrowthOptions(epsilon=0.05)
-    fused, _ = structured_fuse(a, b, args, options)
-    fused_permuted, _ = structured_fuse(permute_block(a, args, torch.Generator().manual_seed(seed)), b, args, options)
+    fused, _ = structured_fuse(a, b, *heads(args), epsilon=0.05)
+    fused_permuted, _ = structured_fuse(permute_block(a, args, torch.Generator().manual_seed(seed)), b, *heads(args),
+                                        epsilon=0.05)
     for key in fused:
         assert torch.allclose(fused[key], fused_permuted[key], atol=1e-5), key
 
@@ -265,8 +270,7 @@ def test_paper_alignment_is_not_invariant_and_how():
     args = tiny_args(kv_heads=2, group=2)
     block = random_block(args, 3)
     permuted = permute_block(block, args, torch.Generator().manual_seed(4))
-    options = GrowthOptions(align="paper", epsilon=0.0)
-    fused, report = paper_fuse(permuted, block, options)
+    fused, report = paper_fuse(permuted, block, epsilon=0.0)
     x = torch.randn(2, 9, args.hidden_size, generator=torch.Generator().manual_seed(5))
     for key in ("self_attn.q_proj.weight", "self_attn.k_proj.weight", "self_attn.v_proj.weight"):
         assert torch.allclose(fused[key], block[key])
@@ -277,7 +281,7 @@ def test_paper_alignment_is_not_invariant_and_how():
     update = block_output(block, args, x) - x
     error = (block_output(fused, args, x) - x - update).norm() / update.norm()
     assert error > 0.1
-    structured, _ = structured_fuse(permuted, block, args, GrowthOptions(epsilon=0.0))
+    structured, _ = structured_fuse(permuted, block, *heads(args), epsilon=0.0)
     assert (block_output(structured, args, x) - block_output(block, args, x)).abs().max() < 1e-5
 
 
@@ -286,13 +290,13 @@ def test_normalised_plan_keeps_the_norm_of_a_permuted_weight():
     weight = torch.randn(12, 7)
     permuted = weight[torch.randperm(12)]
     for epsilon, tolerance in ((0.0, 1e-6), (0.01, 1e-3)):
-        coupling, stats = transport(torch.cdist(permuted, weight), GrowthOptions(align="paper", epsilon=epsilon), relative=False)
-        aligned = coupling.mT @ permuted
+        plan, stats = transport(torch.cdist(permuted, weight), epsilon, relative=False)
+        aligned = plan.mT @ permuted
         assert torch.allclose(aligned.norm(), weight.norm(), rtol=1e-4)
         assert torch.allclose(aligned, weight, atol=tolerance)
         assert stats["sharpness"] > 0.999
     # The public code's raw plan shrinks the aligned weight by 1/n
-    raw, _ = transport(torch.cdist(permuted, weight), GrowthOptions(align="paper", epsilon=0.0, normalize_plan=False), relative=False)
+    raw, _ = transport(torch.cdist(permuted, weight), 0.0, relative=False, normalize_plan=False)
     assert torch.allclose((raw.mT @ permuted).norm(), weight.norm() / 12, rtol=1e-5)
 
 
@@ -415,3 +419,11 @@ def test_smollm2_streaming_growth_loads_in_transformers(smollm2_dir, tmp_path):
         base = transformers.LlamaForCausalLM.from_pretrained(smollm2_dir, dtype=torch.float32).eval()(tokens).logits
         grown = transformers.LlamaForCausalLM.from_pretrained(out, dtype=torch.float32).eval()(tokens).logits
     assert torch.equal(base, grown)
+
+
+def test_command_line_defaults_are_growth_options_defaults():
+    # One source of truth: every GrowthOptions field is a flag whose default is the field's default.
+    from opt_deus import build_parser
+    flags = build_parser().parse_args(["--base", "b", "--out", "o"])
+    for field in dataclasses.fields(GrowthOptions):
+        assert getattr(flags, field.name) == field.default, field.name

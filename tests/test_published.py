@@ -142,7 +142,7 @@ def test_published_block_is_the_public_recipe_on_random_configs(kv_heads, group,
     block, report = make_new_block([A, B], args, options)
     assert_blocks_equal(block, public_recipe(A, B, max_iter=200))
     # without zero-init, o_proj and down_proj are the fused ones too
-    fused, _ = published_fuse(A, B, options)
+    fused, _ = published_fuse(A, B, max_iter=200)
     for key in OUTPUTS:
         plan, _, _ = pot_plan(torch.cdist(A[key], B[key]), 0.06, 200)
         assert torch.equal(fused[key], (plan.T @ A[key] + B[key]) / 2)

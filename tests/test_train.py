@@ -1,5 +1,6 @@
 """train.py: schedules, the frozen/trainable split, SFT masking, exact resume, the CLI, bad input."""
 
+import dataclasses
 import json
 import os
 import signal
@@ -14,6 +15,7 @@ import torch
 import torch.nn.functional as F
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from safetensors.torch import load_file, save_file
 
 import train
 from model import ModelArgs, Transformer
@@ -85,30 +87,6 @@ def test_schedules_monotonic(steps, warmup_frac, decay, ratio, schedule):
     assert all(c.lr * ratio - 1e-12 <= x <= c.lr + 1e-12 for x in lrs[w:])
     if schedule == "cosine" or round(decay * steps) > 0:
         assert lrs[-1] == pytest.approx(c.lr * ratio)
-
-
-# ----------------------------------------------------------------------------------------------
-# The loss
-
-
-def test_linear_cross_entropy_matches_reference():
-    g = torch.Generator().manual_seed(0)
-    h = torch.randn(37, 16, generator=g, requires_grad=True)
-    w = torch.randn(50, 16, generator=g, requires_grad=True)
-    y = torch.randint(0, 50, (37,), generator=g)
-    y[::5] = train.IGNORE_INDEX
-    old = train.LOSS_CHUNK_ELEMENTS
-    train.LOSS_CHUNK_ELEMENTS = 50 * 8  # several chunks, the last one partial
-    try:
-        ours = train.linear_cross_entropy(h, w, y)
-    finally:
-        train.LOSS_CHUNK_ELEMENTS = old
-    gh, gw = torch.autograd.grad(ours * 0.5, (h, w))
-    ref = F.cross_entropy(h @ w.t(), y, reduction="sum")
-    rh, rw = torch.autograd.grad(ref * 0.5, (h, w))
-    assert ours.item() == pytest.approx(ref.item(), rel=1e-5)
-    torch.testing.assert_close(gh, rh, rtol=1e-5, atol=1e-6)
-    torch.testing.assert_close(gw, rw, rtol=1e-5, atol=1e-6)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -210,7 +188,7 @@ def test_sft_training_runs():
 # Exact resume
 
 
-def test_resume_is_exact(tmp_path):
+def test_resume_is_exact_without_global_rng_state(tmp_path):
     tokens, N = random_tokens(), 6
     full = train.train(tiny_model(), tokens, tiny_config(steps=N, out_dir=str(tmp_path / "a")), log=quiet)
 
@@ -221,6 +199,9 @@ def test_resume_is_exact(tmp_path):
     state = json.loads((checkpoint / "trainer_state.json").read_text())
     assert state["step"] == N // 2 and state["data"]["stream_position"] == N // 2 * 4
     resumed_model = Transformer.from_pretrained(checkpoint)
+    # Nothing restores the global RNGs on resume, and nothing needs to: no step draws from them.
+    torch.manual_seed(12345)
+    np.random.seed(12345)
     second = train.train(resumed_model, tokens, tiny_config(steps=N, out_dir=str(tmp_path / "b")),
                          metrics_path=tmp_path / "b.jsonl", log=quiet, resume_from=checkpoint)
     assert first.losses + second.losses == full.losses  # bitwise
@@ -266,6 +247,14 @@ def test_evaluate_is_deterministic_and_covers_all_tokens():
 
 # ----------------------------------------------------------------------------------------------
 # Command line
+
+
+def test_cli_defaults_are_the_train_config_defaults():
+    flags = train.build_train_parser().parse_args([])
+    flagged = [f for f in dataclasses.fields(train.TrainConfig) if f.metadata["help"]]
+    assert len(flagged) >= 20
+    for f in flagged:
+        assert getattr(flags, f.name) == f.default, f.name
 
 
 def run_cli(*args, check_rc=None):
@@ -373,18 +362,18 @@ def test_cli_bad_resume_and_nan(saved_model, tmp_path):
     # A trainer state whose trainable tensors do not fit the model.
     tampered = tmp_path / "tampered"
     tiny_model(layers=3, new_layers=(1, 2)).save_pretrained(tampered)
-    for name in ("trainer_state.json", "optimizer.pt", "rng_state.pt"):
+    for name in ("trainer_state.json", "optimizer.pt"):
         (tampered / name).write_bytes((checkpoint / name).read_bytes())
     p = run_cli("--resume", tampered, "--out", tmp_path / "other")
     assert p.returncode == 2 and "does not match" in p.stderr.strip().splitlines()[-1]
 
     # A poisoned weight: the loss goes nan, the run stops with exit 2 and writes nothing.
     poisoned = tmp_path / "poisoned"  # resumed into its own run folder (tmp_path)
-    model = Transformer.from_pretrained(checkpoint)
-    with torch.no_grad():
-        model.embed_tokens.weight.fill_(float("inf"))
-    model.save_pretrained(poisoned, check_finite=False)
-    for name in ("trainer_state.json", "optimizer.pt", "rng_state.pt"):
+    Transformer.from_pretrained(checkpoint).save_pretrained(poisoned)
+    weights = load_file(poisoned / "model.safetensors")  # poisoned behind the writer's finiteness check
+    weights["model.embed_tokens.weight"].fill_(float("inf"))
+    save_file(weights, poisoned / "model.safetensors")
+    for name in ("trainer_state.json", "optimizer.pt"):
         (poisoned / name).write_bytes((checkpoint / name).read_bytes())
     p = run_cli("--resume", poisoned)
     last = p.stderr.strip().splitlines()[-1]
