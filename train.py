@@ -39,7 +39,6 @@ from typing import Callable, Iterator
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 from model import (SCRATCH_HOST, AtomicFolder, CheckpointError, Interrupted, OneLineArgumentParser, Transformer,
                    check_device, check_output_folder, positive_int, remove_stale_scratch, rope_cos_sin,
@@ -355,6 +354,64 @@ class SampleOrder:
 # The loss
 
 
+# The loss never holds the (tokens x vocabulary) float32 logits: with a frozen head (the default, only new
+# layers train) this lowered the loss's peak memory from 4.36 to 2.83 GB at 2048 tokens of a 128k vocabulary
+# (docs/BENCHMARKS_TRAIN.md), and it keeps the numbers of every earlier run. Logits per chunk (float32):
+LOSS_CHUNK_ELEMENTS = 2**27
+
+
+class _LinearCrossEntropy(torch.autograd.Function):
+    # sum over valid rows of -log softmax(h @ W^T)[target], without materialising the (N, V)
+    # float32 logits: each chunk's logits live only inside the loop, and the gradients w.r.t. h
+    # and W are computed right there (softmax - onehot), so backward has nothing to recompute.
+    @staticmethod
+    def forward(ctx, h, weight, targets, chunk_rows: int, need_h: bool, need_w: bool):
+        # h (N, D), weight (V, D), targets (N,) -> scalar float32
+        N = h.shape[0]
+        grad_h = torch.empty_like(h) if need_h else None
+        grad_w = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if need_w else None
+        total = torch.zeros((), dtype=torch.float32, device=h.device)
+        for start in range(0, N, chunk_rows):
+            hc, tc = h[start: start + chunk_rows], targets[start: start + chunk_rows]
+            logits = (hc @ weight.t()).float()  # (c, V)
+            lse = torch.logsumexp(logits, dim=-1)  # (c,)
+            valid = tc != IGNORE_INDEX
+            safe = torch.where(valid, tc, torch.zeros_like(tc))
+            target_logit = logits.gather(1, safe[:, None]).squeeze(1)
+            total = total + torch.where(valid, lse - target_logit, torch.zeros_like(lse)).sum()
+            if need_h or need_w:
+                g = logits.sub_(lse[:, None]).exp_()  # softmax, in place: (c, V)
+                g.scatter_add_(1, safe[:, None], -torch.ones_like(lse)[:, None])
+                g = g.mul_(valid[:, None].float()).to(h.dtype)
+                if need_h:
+                    grad_h[start: start + chunk_rows] = g @ weight
+                if need_w:
+                    grad_w += (g.t() @ hc).float()
+        ctx.weight_dtype = weight.dtype
+        ctx.save_for_backward(grad_h, grad_w)
+        return total
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        grad_h, grad_w = ctx.saved_tensors
+        grad_h = grad_h * grad_out.to(grad_h.dtype) if grad_h is not None else None
+        grad_w = (grad_w * grad_out).to(ctx.weight_dtype) if grad_w is not None else None
+        return grad_h, grad_w, None, None, None, None
+
+
+def linear_cross_entropy(h: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    # h (N, D), weight (V, D), targets (N,) -> summed token loss over targets != -100 (float32).
+    device_type = h.device.type
+    if torch.is_autocast_enabled(device_type):  # compute the head in the autocast dtype, as F.linear would
+        dtype = torch.get_autocast_dtype(device_type)
+        h, weight = h.to(dtype), weight.to(dtype)
+    grad = torch.is_grad_enabled()
+    chunk_rows = max(1, LOSS_CHUNK_ELEMENTS // weight.shape[0])
+    with torch.autocast(device_type, enabled=False):
+        return _LinearCrossEntropy.apply(h, weight, targets, chunk_rows,
+                                         grad and h.requires_grad, grad and weight.requires_grad)
+
+
 def forward_loss(model: Transformer, x: torch.Tensor, y: torch.Tensor, frozen_prefix: int | None) -> torch.Tensor:
     # x, y (B, T) -> loss summed over the targets that are not IGNORE_INDEX (float32). The embeddings and
     # the first `frozen_prefix` blocks run under no_grad: nothing below the lowest trainable block needs a
@@ -367,8 +424,7 @@ def forward_loss(model: Transformer, x: torch.Tensor, y: torch.Tensor, frozen_pr
     for block in model.layers[frozen_prefix or 0:]:
         h = block(h, cos, sin)
     weight = model.embed_tokens.weight if model.lm_head is None else model.lm_head.weight
-    logits = F.linear(model.norm(h), weight).float()  # (B, T, V); float32 even under bf16 autocast
-    return F.cross_entropy(logits.flatten(0, 1), y.flatten(), ignore_index=IGNORE_INDEX, reduction="sum")
+    return linear_cross_entropy(model.norm(h).flatten(0, 1), weight, y.flatten())
 
 
 # ----------------------------------------------------------------------------------------------

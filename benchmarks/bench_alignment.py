@@ -75,7 +75,8 @@ def composition(blocks: list[dict], args, gaps: list[int]) -> list[dict]:
 
 
 def composition_table(rows: list[dict]) -> str:
-    lines = ["| mode | weight | ‖Â‖/‖A‖ | ‖Â/2‖/‖F‖ | ‖B/2‖/‖F‖ | plan mass (min … max) | sharpness | solver aborted |",
+    lines = ["| mode | weight | ‖Â‖/‖A‖ | ‖Â/2‖/‖F‖ | ‖B/2‖/‖F‖ | plan mass (min … max) "
+             "| sharpness | solver aborted |",
              "| --- | --- | --- | --- | --- | --- | --- | --- |"]
     for r in rows:
         planned = r["planned"]
@@ -101,23 +102,23 @@ def main():
     p.add_argument("--json", type=Path, default=None)
     p.add_argument("--composition", action="store_true", help="what each fused weight is made of, per alignment")
     p.add_argument("--gaps", default="all", help="with --composition: comma list of gaps i (between base i and i+1)")
-    parsed = p.parse_args()
+    flags = p.parse_args()
 
-    reader = CheckpointReader(parsed.base)
-    if parsed.composition:
+    reader = CheckpointReader(flags.base)
+    if flags.composition:
         L = reader.args.num_hidden_layers
-        gaps = list(range(L - 1)) if parsed.gaps == "all" else [int(x) for x in parsed.gaps.split(",")]
-        blocks = [reader.block(i, torch.float32, parsed.device) for i in range(L)]
+        gaps = list(range(L - 1)) if flags.gaps == "all" else [int(x) for x in flags.gaps.split(",")]
+        blocks = [reader.block(i, torch.float32, flags.device) for i in range(L)]
         rows = composition(blocks, reader.args, gaps)
         print(composition_table(rows))
-        if parsed.json:
-            parsed.json.write_text(json.dumps({"base": str(parsed.base), "gaps": gaps, "rows": rows}, indent=2) + "\n")
+        if flags.json:
+            flags.json.write_text(json.dumps({"base": str(flags.base), "gaps": gaps, "rows": rows}, indent=2) + "\n")
         return
-    a, b = (int(x) for x in parsed.layers.split(","))
-    A = reader.block(a, torch.float32, parsed.device)
-    B = reader.block(b, torch.float32, parsed.device)
+    a, b = (int(x) for x in flags.layers.split(","))
+    A = reader.block(a, torch.float32, flags.device)
+    B = reader.block(b, torch.float32, flags.device)
     rows = []
-    for setting in parsed.settings.split(","):
+    for setting in flags.settings.split(","):
         align, epsilon = setting.split(":")
         options = GrowthOptions(align=align, epsilon=float(epsilon))
         start = time.perf_counter()
@@ -133,8 +134,8 @@ def main():
             if "norm_ratio" in stats:
                 parts.append(f"norm ratio {stats['norm_ratio']:.3f}")
             print(f"  {name:<34}" + ", ".join(parts))
-    if parsed.json:
-        parsed.json.write_text(json.dumps({"base": str(parsed.base), "layers": [a, b], "runs": rows}, indent=2) + "\n")
+    if flags.json:
+        flags.json.write_text(json.dumps({"base": str(flags.base), "layers": [a, b], "runs": rows}, indent=2) + "\n")
 
 
 if __name__ == "__main__":

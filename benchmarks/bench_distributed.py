@@ -55,19 +55,20 @@ PRESETS = {
 }
 
 
-def worker(args) -> int:
+def worker(flags) -> int:
     # One process of a measurement (under torchrun, or alone for the plain path).
-    distributed = train.init_distributed(args.device, 600)
+    distributed = train.init_distributed(flags.device, 600)
     rank, world = train.rank_and_world()
-    p = PRESETS[args.preset]
-    margs = ModelArgs(**p["model"], max_position_embeddings=max(4096, p["block_size"]))
-    margs.extra["opt_deus"] = {"new_layers": p["new"]}
-    device = train.resolve_device(args.device)
-    model = Transformer(margs).init_weights(torch.Generator().manual_seed(0))
-    tokens = np.random.default_rng(0).integers(0, margs.vocab_size, p["batch_tokens"] * 4 + 1).astype(np.uint32)
-    config = train.TrainConfig(steps=args.warmup + args.steps, warmup_steps=0, lr=1e-5, batch_tokens=p["batch_tokens"],
-                               block_size=p["block_size"], micro_batch_size=p["micro_batch_size"], eval_every=0,
-                               log_every=10**9, device=args.device, checkpoint_every=0, timing_skip_steps=args.warmup)
+    p = PRESETS[flags.preset]
+    args = ModelArgs(**p["model"], max_position_embeddings=max(4096, p["block_size"]))
+    args.extra["opt_deus"] = {"new_layers": p["new"]}
+    device = train.resolve_device(flags.device)
+    model = Transformer(args).init_weights(torch.Generator().manual_seed(0))
+    tokens = np.random.default_rng(0).integers(0, args.vocab_size, p["batch_tokens"] * 4 + 1).astype(np.uint32)
+    config = train.TrainConfig(steps=flags.warmup + flags.steps, warmup_steps=0, lr=1e-5,
+                               batch_tokens=p["batch_tokens"], block_size=p["block_size"],
+                               micro_batch_size=p["micro_batch_size"], eval_every=0,
+                               log_every=10**9, device=flags.device, checkpoint_every=0, timing_skip_steps=flags.warmup)
     result = train.train(model if distributed else model.to(device), tokens, config, log=lambda *a, **k: None)
     peak = torch.tensor([torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else 0.0],
                         device=device)
@@ -76,23 +77,23 @@ def worker(args) -> int:
         torch.distributed.barrier()
         torch.distributed.destroy_process_group()
     if rank == 0:
-        Path(args.worker).write_text(json.dumps({
+        Path(flags.worker).write_text(json.dumps({
             "world_size": world, "fsdp": distributed, "mean_step_s": result.mean_step_s,
             "tokens_per_s": result.tokens_per_s, "peak_gib_max_rank": peak.item() if device.type == "cuda" else None,
             "final_loss": result.final_loss}))
     return 0
 
 
-def launch(args, nproc: int | None, out: Path) -> dict:
+def launch(flags, nproc: int | None, out: Path) -> dict:
     # nproc None: the plain path; otherwise torchrun with nproc processes.
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     prefix = [] if nproc is None else ["-m", "torch.distributed.run", "--nproc_per_node", str(nproc),
                                        "--master_addr", "127.0.0.1", "--master_port", str(port)]
-    env = {**os.environ, "OMP_NUM_THREADS": str(args.threads), "PYTHONPATH": str(ROOT)}
-    cmd = [sys.executable, *prefix, __file__, "--worker", str(out), "--preset", args.preset, "--device", args.device,
-           "--warmup", str(args.warmup), "--steps", str(args.steps)]
+    env = {**os.environ, "OMP_NUM_THREADS": str(flags.threads), "PYTHONPATH": str(ROOT)}
+    cmd = [sys.executable, *prefix, __file__, "--worker", str(out), "--preset", flags.preset, "--device", flags.device,
+           "--warmup", str(flags.warmup), "--steps", str(flags.steps)]
     p = subprocess.run(cmd, env=env, capture_output=True, text=True)
     if p.returncode != 0:
         raise SystemExit(f"benchmark run failed ({' '.join(cmd)}):\n{p.stderr[-3000:]}")
@@ -144,18 +145,18 @@ def main(argv=None) -> int:
     parser.add_argument("--plan", action="store_true", help="print the computed memory table and exit")
     parser.add_argument("--json", help="write the report here as JSON")
     parser.add_argument("--worker", help=argparse.SUPPRESS)
-    args = parser.parse_args(argv)
-    if args.worker:
-        return worker(args)
-    if args.plan:
+    flags = parser.parse_args(argv)
+    if flags.worker:
+        return worker(flags)
+    if flags.plan:
         print("\n".join(plan_rows()))
         return 0
-    settings = [None] + [int(n) for n in args.nprocs.split(",")]
+    settings = [None] + [int(n) for n in flags.nprocs.split(",")]
     runs = {s: [] for s in settings}
     with tempfile.TemporaryDirectory() as tmp:
-        for r in range(args.repeats):
+        for r in range(flags.repeats):
             for s in settings:
-                runs[s].append(launch(args, s, Path(tmp) / f"{s}-{r}.json"))
+                runs[s].append(launch(flags, s, Path(tmp) / f"{s}-{r}.json"))
     load = os.getloadavg()
     base = statistics.median(x["mean_step_s"] for x in runs[None])
     lines = ["| launch | processes | s/step (median of launches) | tokens/s | vs plain | peak GiB (max rank) "
@@ -164,16 +165,16 @@ def main(argv=None) -> int:
         step = statistics.median(x["mean_step_s"] for x in runs[s])
         peak = runs[s][0]["peak_gib_max_rank"]
         lines.append(f"| {'plain python' if s is None else 'torchrun (FSDP2)'} | {s or 1} | {step:.4f} | "
-                     f"{PRESETS[args.preset]['batch_tokens'] / step:,.0f} | {base / step:.2f}x | "
+                     f"{PRESETS[flags.preset]['batch_tokens'] / step:,.0f} | {base / step:.2f}x | "
                      f"{'n/a' if peak is None else f'{peak:.2f}'} | {runs[s][0]['final_loss']:.6f} |")
-    report = {"preset": args.preset, "device": args.device, "cpu": cpu_model(), "cores": os.cpu_count(),
-              "threads_per_process": args.threads, "load_after": load, "torch": torch.__version__,
+    report = {"preset": flags.preset, "device": flags.device, "cpu": cpu_model(), "cores": os.cpu_count(),
+              "threads_per_process": flags.threads, "load_after": load, "torch": torch.__version__,
               "gpu": torch.cuda.get_device_name() if torch.cuda.is_available() else None,
               "runs": {str(k): v for k, v in runs.items()}}
     print(json.dumps({k: v for k, v in report.items() if k != "runs"}))
     print("\n".join(lines))
-    if args.json:
-        Path(args.json).write_text(json.dumps(report, indent=2) + "\n")
+    if flags.json:
+        Path(flags.json).write_text(json.dumps(report, indent=2) + "\n")
     return 0
 
 

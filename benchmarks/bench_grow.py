@@ -84,28 +84,29 @@ def main():
     p.add_argument("--new-layers", type=int, default=15)
     p.add_argument("--aligns", default="structured,paper", help="comma list of opt alignments to run")
     p.add_argument("--device", default="cpu")
-    p.add_argument("--threads", type=int, default=None, help="OMP_NUM_THREADS for the growth process (default: torch's)")
+    p.add_argument("--threads", type=int, default=None,
+                   help="OMP_NUM_THREADS for the growth process (default: torch's)")
     p.add_argument("--workdir", type=Path, default=None, help="scratch folder (default: a temporary one)")
     p.add_argument("--json", type=Path, default=None, help="also write the results here")
-    parsed = p.parse_args()
+    flags = p.parse_args()
 
-    workdir = parsed.workdir or Path(tempfile.mkdtemp(prefix="bench-grow-"))
-    base = parsed.base
-    if parsed.make_random:
+    workdir = flags.workdir or Path(tempfile.mkdtemp(prefix="bench-grow-"))
+    base = flags.base
+    if flags.make_random:
         start = time.perf_counter()
-        base = make_random_checkpoint(parsed.make_random, workdir / f"random-{parsed.make_random}")
-        print(f"made random {parsed.make_random} checkpoint in {time.perf_counter() - start:.1f}s", flush=True)
+        base = make_random_checkpoint(flags.make_random, workdir / f"random-{flags.make_random}")
+        print(f"made random {flags.make_random} checkpoint in {time.perf_counter() - start:.1f}s", flush=True)
     if base is None:
         p.error("give --base or --make-random")
 
     results = {"hardware": {"cpu": cpu_model(), "cores": os.cpu_count(),
                             "gpu": torch.cuda.get_device_name() if torch.cuda.is_available() else None,
-                            "torch": torch.__version__, "threads": parsed.threads},
+                            "torch": torch.__version__, "threads": flags.threads},
                "base": str(base), "base_float32_bytes": checkpoint_bytes_float32(base), "runs": []}
-    for align in parsed.aligns.split(","):
+    for align in flags.aligns.split(","):
         run = run_growth(base, workdir / f"grown-{align}", ["--method", "opt", "--align", align,
-                                                            "--new-layers", str(parsed.new_layers),
-                                                            "--device", parsed.device], parsed.threads)
+                                                            "--new-layers", str(flags.new_layers),
+                                                            "--device", flags.device], flags.threads)
         run["align"] = align
         results["runs"].append(run)
         print(json.dumps(run), flush=True)
@@ -116,8 +117,8 @@ def main():
     for run in results["runs"]:
         rss_mb = run["peak_rss_bytes"] / 2**20
         print(f"{run['align']:<12}{run['seconds']:10.1f}{rss_mb:14.0f}{rss_mb / base_mb:12.2f}  {run['returncode']}")
-    if parsed.json:
-        parsed.json.write_text(json.dumps(results, indent=2) + "\n")
+    if flags.json:
+        flags.json.write_text(json.dumps(results, indent=2) + "\n")
 
 
 if __name__ == "__main__":

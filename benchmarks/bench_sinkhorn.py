@@ -56,34 +56,34 @@ def timed(fn, repeats: int) -> tuple[float, list[float], object]:
 # CPU: ours against POT
 
 
-def run_cpu(args) -> dict:
-    g = torch.Generator().manual_seed(args.seed)
-    X = torch.randn(args.n, args.dim, generator=g) * args.std
-    Y = torch.randn(args.n, args.dim, generator=g) * args.std
+def run_cpu(flags) -> dict:
+    g = torch.Generator().manual_seed(flags.seed)
+    X = torch.randn(flags.n, flags.dim, generator=g) * flags.std
+    Y = torch.randn(flags.n, flags.dim, generator=g) * flags.std
     C = torch.cdist(X, Y)  # (n, n) float32
-    n = args.n
+    n = flags.n
     a = torch.full((n,), 1.0 / n)
     b = torch.full((n,), 1.0 / n)
     res: dict = {
         "n": n,
-        "dim": args.dim,
-        "std": args.std,
-        "epsilon": args.eps,
-        "tol": args.tol,
+        "dim": flags.dim,
+        "std": flags.std,
+        "epsilon": flags.eps,
+        "tol": flags.tol,
         "cost_min": float(C.min()),
         "cost_max": float(C.max()),
-        "cost_range_over_eps": float(C.max() - C.min()) / args.eps,
+        "cost_range_over_eps": float(C.max() - C.min()) / flags.eps,
         "threads": torch.get_num_threads(),
     }
-    print(f"cost: cdist of two {n}x{args.dim} N(0, {args.std}^2) matrices, range "
+    print(f"cost: cdist of two {n}x{flags.dim} N(0, {flags.std}^2) matrices, range "
           f"[{res['cost_min']:.4f}, {res['cost_max']:.4f}], range/eps = {res['cost_range_over_eps']:.2f}")
 
     rows = []
-    med, times, r = timed(lambda: S.sinkhorn(C, epsilon=args.eps, tol=args.tol), args.repeats)
+    med, times, r = timed(lambda: S.sinkhorn(C, epsilon=flags.eps, tol=flags.tol), flags.repeats)
     ours = r.plan
     rows.append(dict(name="ours (eps-scaling, eager)", time_s=med, times_s=times, iterations=r.iterations,
                      marginal_error=marginal_error(r.plan, a, b), converged=r.converged))
-    med, times, r = timed(lambda: S.sinkhorn(C, epsilon=args.eps, tol=args.tol, eps_scaling=None), args.repeats)
+    med, times, r = timed(lambda: S.sinkhorn(C, epsilon=flags.eps, tol=flags.tol, eps_scaling=None), flags.repeats)
     rows.append(dict(name="ours (no eps-scaling)", time_s=med, times_s=times, iterations=r.iterations,
                      marginal_error=marginal_error(r.plan, a, b), converged=r.converged,
                      max_abs_plan_diff_vs_ours=float((r.plan - ours).abs().max())))
@@ -91,8 +91,8 @@ def run_cpu(args) -> dict:
     k = 50
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", S.SinkhornWarning)
-        med_k, _, _ = timed(lambda: S.sinkhorn(C, epsilon=args.eps, tol=1e-30, max_iter=k, eps_scaling=None,
-                                               warn=False), max(1, args.repeats // 2))
+        med_k, _, _ = timed(lambda: S.sinkhorn(C, epsilon=flags.eps, tol=1e-30, max_iter=k, eps_scaling=None,
+                                               warn=False), max(1, flags.repeats // 2))
     res["ours_per_iteration_s"] = med_k / k
 
     try:
@@ -100,26 +100,26 @@ def run_cpu(args) -> dict:
     except ImportError:
         ot = None
         print("POT not installed (pip install pot): skipping the POT comparison")
-    if ot is not None and not args.skip_pot:
+    if ot is not None and not flags.skip_pot:
         res["pot_version"] = ot.__version__
         variants = [
-            ("POT sinkhorn_log, torch f32 (paper's call)", a, b, C, dict(method="sinkhorn_log"), args.pot_max_iter),
+            ("POT sinkhorn_log, torch f32 (paper's call)", a, b, C, dict(method="sinkhorn_log"), flags.pot_max_iter),
             ("POT sinkhorn_log, numpy f64", a.double().numpy(), b.double().numpy(), C.double().numpy(),
-             dict(method="sinkhorn_log"), args.pot_max_iter),
-            ("POT sinkhorn_knopp, torch f32", a, b, C, dict(method="sinkhorn"), args.pot_max_iter),
+             dict(method="sinkhorn_log"), flags.pot_max_iter),
+            ("POT sinkhorn_knopp, torch f32", a, b, C, dict(method="sinkhorn"), flags.pot_max_iter),
             # POT's default stopThr=1e-9 (L2 norm of its column error) is out of float32's reach,
             # so the paper's call always runs numItermax iterations; this one stops like we do.
-            (f"POT sinkhorn_log, torch f32, stopThr={args.pot_matched_thr:g}", a, b, C,
-             dict(method="sinkhorn_log", stopThr=args.pot_matched_thr), args.pot_max_iter),
+            (f"POT sinkhorn_log, torch f32, stopThr={flags.pot_matched_thr:g}", a, b, C,
+             dict(method="sinkhorn_log", stopThr=flags.pot_matched_thr), flags.pot_max_iter),
         ]
-        if args.pot_only_paper:
+        if flags.pot_only_paper:
             variants = variants[:1]
         for name, pa, pb, pC, kw, it in variants:
-            ot.sinkhorn(pa, pb, pC, reg=args.eps, numItermax=2, warn=False, **kw)  # warm-up
+            ot.sinkhorn(pa, pb, pC, reg=flags.eps, numItermax=2, warn=False, **kw)  # warm-up
             t0 = time.perf_counter()
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")
-                P, log = ot.sinkhorn(pa, pb, pC, reg=args.eps, numItermax=it, log=True, **kw)
+                P, log = ot.sinkhorn(pa, pb, pC, reg=flags.eps, numItermax=it, log=True, **kw)
             dt = time.perf_counter() - t0
             P = torch.as_tensor(P)
             err = log.get("err", [])
@@ -135,7 +135,7 @@ def run_cpu(args) -> dict:
             res["speedup_vs_pot_log_matched_stop"] = rows[5]["time_s"] / rows[0]["time_s"]
         res["plan_max_entry"] = float(ours.max())
 
-    if not args.skip_assignment:
+    if not flags.skip_assignment:
         t0 = time.perf_counter()
         perm = S.hard_assignment(C)
         res["hard_assignment_s"] = time.perf_counter() - t0
@@ -150,7 +150,7 @@ def run_cpu(args) -> dict:
         d = row.get("max_abs_plan_diff_vs_ours")
         print(f"{row['name']:50s} {row['time_s']:9.4f}s {row['iterations']:6d} {row['marginal_error']:10.2e} "
               f"{'' if d is None else f'{d:12.2e}'}")
-    print(f"ours: median of {args.repeats} runs (min {min(rows[0]['times_s']) * 1e3:.1f} ms); "
+    print(f"ours: median of {flags.repeats} runs (min {min(rows[0]['times_s']) * 1e3:.1f} ms); "
           f"per iteration {res['ours_per_iteration_s'] * 1e3:.2f} ms")
     if "speedup_vs_paper_call" in res:
         print(f"speed-up vs the paper's POT call: {res['speedup_vs_paper_call']:.0f}x"
@@ -184,29 +184,29 @@ def cuda_time(fn, warmup: int, repeats: int) -> float:
     return statistics.median(times)
 
 
-def run_gpu(args) -> dict:
+def run_gpu(flags) -> dict:
     dev = torch.device("cuda")
-    n, k = args.gpu_n, args.gpu_block
+    n, k = flags.gpu_n, flags.gpu_block
     res: dict = {"device": torch.cuda.get_device_name(dev), "n": n, "block_iterations": k}
 
     # Bandwidth: device-to-device copy of a large buffer (read + write each byte once).
-    src = torch.empty(args.copy_gib * 2**30 // 4, dtype=torch.float32, device=dev)
+    src = torch.empty(flags.copy_gib * 2**30 // 4, dtype=torch.float32, device=dev)
     dst = torch.empty_like(src)
-    t = cuda_time(lambda: dst.copy_(src), args.warmup, args.repeats)
+    t = cuda_time(lambda: dst.copy_(src), flags.warmup, flags.repeats)
     bw = 2 * src.numel() * 4 / t
     res["copy_bandwidth_GBps"] = bw / 1e9
     del src, dst
 
-    g = torch.Generator(device=dev).manual_seed(args.seed)
-    X = torch.randn(n, args.gpu_dim, generator=g, device=dev) * args.std
-    Y = torch.randn(n, args.gpu_dim, generator=g, device=dev) * args.std
+    g = torch.Generator(device=dev).manual_seed(flags.seed)
+    X = torch.randn(n, flags.gpu_dim, generator=g, device=dev) * flags.std
+    Y = torch.randn(n, flags.gpu_dim, generator=g, device=dev) * flags.std
     C = torch.cdist(X, Y).contiguous()  # (n, n) float32; how it is made does not matter here
     del X, Y
     CT = C.T.contiguous()
     a = torch.full((n,), 1.0 / n, device=dev)
     log_a = a.log()
     f0 = torch.zeros(n, device=dev)
-    inv = 1.0 / args.eps
+    inv = 1.0 / flags.eps
     C16, CT16 = C.to(torch.bfloat16), CT.to(torch.bfloat16)
 
     floor32 = 2 * n * n * 4 / bw  # seconds per iteration: each half-step reads the cost once
@@ -219,14 +219,14 @@ def run_gpu(args) -> dict:
     ]
     rows = []
     for name, fn, c, ct, floor in variants:
-        t = cuda_time(lambda: fn(f0, c, ct, log_a, log_a, a, inv, k), args.warmup, args.repeats) / k
+        t = cuda_time(lambda: fn(f0, c, ct, log_a, log_a, a, inv, k), flags.warmup, flags.repeats) / k
         rows.append(dict(name=name, per_iteration_s=t, floor_s=floor, ratio_to_floor=t / floor))
     res["rows"] = rows
 
     # End to end through the public API (setup copies, checks and the final plan included).
     for name, kw in [("solve eager", {}), ("solve compiled", {"compile": True})]:
-        r = S.sinkhorn(C, epsilon=args.eps, **kw)  # warm-up / compile
-        t = cuda_time(lambda: S.sinkhorn(C, epsilon=args.eps, **kw), 1, max(3, args.repeats // 3))
+        r = S.sinkhorn(C, epsilon=flags.eps, **kw)  # warm-up / compile
+        t = cuda_time(lambda: S.sinkhorn(C, epsilon=flags.eps, **kw), 1, max(3, flags.repeats // 3))
         res[name] = dict(time_s=t, iterations=r.iterations, marginal_error=r.marginal_error, converged=r.converged)
 
     print(f"\nGPU, {res['device']}, torch {torch.__version__}; n = m = {n}, copy bandwidth {bw / 1e9:.0f} GB/s")
@@ -263,23 +263,23 @@ def main() -> None:
     p.add_argument("--warmup", type=int, default=3, help="GPU warm-up runs (default 3)")
     p.add_argument("--copy-gib", type=int, default=2, help="GiB copied to measure bandwidth (default 2)")
     p.add_argument("--json", type=Path, default=None, help="save the results as JSON here")
-    args = p.parse_args()
+    flags = p.parse_args()
 
     # Timings on a shared machine: the load average before and after says whether others ran.
     load = os.getloadavg() if hasattr(os, "getloadavg") else None
     print(f"load average (1, 5, 15 min) before: {load}")
     out = {"torch": torch.__version__, "python": platform.python_version(), "cpu": cpu_model(),
-           "argv": sys.argv[1:], "load_before": load, "cpu_part": run_cpu(args)}
+           "argv": sys.argv[1:], "load_before": load, "cpu_part": run_cpu(flags)}
     out["load_after"] = os.getloadavg() if load is not None else None
     print(f"load average after: {out['load_after']}")
-    if torch.cuda.is_available() and not args.skip_gpu:
-        out["gpu_part"] = run_gpu(args)
+    if torch.cuda.is_available() and not flags.skip_gpu:
+        out["gpu_part"] = run_gpu(flags)
     else:
-        print("\nGPU part skipped: " + ("--skip-gpu" if args.skip_gpu else "no CUDA device"))
-    if args.json is not None:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps(out, indent=2, default=str))
-        print(f"saved {args.json}")
+        print("\nGPU part skipped: " + ("--skip-gpu" if flags.skip_gpu else "no CUDA device"))
+    if flags.json is not None:
+        flags.json.parent.mkdir(parents=True, exist_ok=True)
+        flags.json.write_text(json.dumps(out, indent=2, default=str))
+        print(f"saved {flags.json}")
 
 
 if __name__ == "__main__":

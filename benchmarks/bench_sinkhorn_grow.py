@@ -56,25 +56,25 @@ def main():
     p.add_argument("--base", type=Path, default=None, help="HF folder (default: the SmolLM2 test fixture)")
     p.add_argument("--repeats", type=int, default=1)
     p.add_argument("--json", type=Path, default=None)
-    args = p.parse_args()
-    if args.base is None:
+    flags = p.parse_args()
+    if flags.base is None:
         from smollm2 import cached_smollm2_dir
-        args.base = cached_smollm2_dir()
-    folder = before_dir(args.before)
+        flags.base = cached_smollm2_dir()
+    folder = before_dir(flags.before)
     work = Path(tempfile.mkdtemp(prefix="bench-grow-sinkhorn-"))
     rows = []
     print(f"CPU: {cpu_model()}, {os.cpu_count()} cores, 1 thread per growth", flush=True)
-    for repeat in range(args.repeats):
+    for repeat in range(flags.repeats):
         for align in ("structured", "paper"):
             for name, solver in (("before", folder), ("now", None)):
                 load = os.getloadavg()[0]
-                seconds = grow(args.base, work / f"{align}-{name}", align, solver)
+                seconds = grow(flags.base, work / f"{align}-{name}", align, solver)
                 rows.append({"align": align, "solver": name, "seconds": seconds, "load": load, "repeat": repeat})
                 print(f"{align:11s} {name:7s} {seconds:7.1f} s  (load average {load:.1f})", flush=True)
     shutil.rmtree(work, ignore_errors=True)
     shutil.rmtree(folder, ignore_errors=True)
-    if args.json:
-        args.json.write_text(json.dumps({"cpu": cpu_model(), "rows": rows}, indent=1))
+    if flags.json:
+        flags.json.write_text(json.dumps({"cpu": cpu_model(), "rows": rows}, indent=1))
 
 
 if __name__ == "__main__":

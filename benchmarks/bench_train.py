@@ -43,7 +43,8 @@ PRESETS = {
 
 def settings_for(n_layers: int) -> dict[str, list[int] | str]:
     third = n_layers // 3
-    return {"all": "all", f"top {third}": list(range(n_layers - third, n_layers)), f"bottom {third}": list(range(third))}
+    return {"all": "all", f"top {third}": list(range(n_layers - third, n_layers)),
+            f"bottom {third}": list(range(third))}
 
 
 def sync(device):
@@ -148,7 +149,8 @@ def run(preset: str, device: str, warmup: int, steps: int, compile_: bool, skip_
             times, first_loss = time_steps(step, device, warmup, steps)
             median = statistics.median(times)
             row[impl] = {"s_per_step": median, "tokens_per_s": B * T / median, "first_loss": first_loss,
-                         "peak_mem_gib": torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None}
+                         "peak_mem_gib": (torch.cuda.max_memory_allocated(device) / 2**30
+                                          if device.type == "cuda" else None)}
             del model, step
         if "transformers" in row:
             row["speedup"] = row["ours"]["tokens_per_s"] / row["transformers"]["tokens_per_s"]
@@ -171,14 +173,17 @@ def markdown(report: dict) -> str:
             mem = "n/a" if r["peak_mem_gib"] is None else f"{r['peak_mem_gib']:.2f}"
             ratio = ""
             if impl == "ours" and "speedup" in row:
-                ratio = f"{row['speedup']:.2f}x tokens/s" + (f", {row['memory_ratio']:.2f}x memory" if "memory_ratio" in row else "")
+                ratio = f"{row['speedup']:.2f}x tokens/s"
+                if "memory_ratio" in row:
+                    ratio += f", {row['memory_ratio']:.2f}x memory"
             lines.append(f"| {row['setting']} | {impl} | {r['s_per_step']:.4f} | {r['tokens_per_s']:,.0f} | {mem} | "
                          f"{r['first_loss']:.4f} | {ratio} |")
     return "\n".join(lines)
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0],
+                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     parser.add_argument("--preset", choices=sorted(PRESETS), default="llama-3.2-1b-grown")
     parser.add_argument("--device", default="auto", help="'auto': cuda if available, else cpu")
     parser.add_argument("--warmup", type=int, default=3, help="steps run before timing")
@@ -187,14 +192,14 @@ def main(argv=None) -> int:
     parser.add_argument("--skip-transformers", action="store_true", help="time ours only")
     parser.add_argument("--threads", type=int, default=0, help="CPU threads for torch (0: torch's default)")
     parser.add_argument("--json", help="write the report here as JSON")
-    args = parser.parse_args(argv)
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    report = run(args.preset, args.device, args.warmup, args.steps, args.compile, args.skip_transformers)
+    flags = parser.parse_args(argv)
+    if flags.threads:
+        torch.set_num_threads(flags.threads)
+    report = run(flags.preset, flags.device, flags.warmup, flags.steps, flags.compile, flags.skip_transformers)
     print(json.dumps({k: v for k, v in report.items() if k != "results"}))
     print(markdown(report))
-    if args.json:
-        Path(args.json).write_text(json.dumps(report, indent=2) + "\n")
+    if flags.json:
+        Path(flags.json).write_text(json.dumps(report, indent=2) + "\n")
     return 0
 
 

@@ -392,12 +392,12 @@ def run_section_here(name: str, shapes: Shapes, device: torch.device, out: Path,
     return 0
 
 
-def run_section_child(name: str, parsed, budget: float, bandwidth: float | None, workdir: str, log) -> dict:
+def run_section_child(name: str, flags, budget: float, bandwidth: float | None, workdir: str, log) -> dict:
     """Runs one section in a child process, kills it past its budget; returns its record."""
     out = Path(workdir) / f"{name}.json"
     command = [sys.executable, str(Path(__file__).resolve()), "--section", name, "--section-out", str(out),
-               "--budget-s", str(budget), "--workdir", workdir, "--device", parsed.device]
-    command += ["--tiny"] if parsed.tiny else []
+               "--budget-s", str(budget), "--workdir", workdir, "--device", flags.device]
+    command += ["--tiny"] if flags.tiny else []
     command += ["--bandwidth", repr(bandwidth)] if bandwidth else []
     t0 = time.perf_counter()
     # Its own process group, so a timeout also ends what it started (the growth's child).
@@ -547,36 +547,36 @@ def main(argv=None) -> int:
     p.add_argument("--section-out", help=argparse.SUPPRESS)
     p.add_argument("--budget-s", type=float, default=60.0, help=argparse.SUPPRESS)
     p.add_argument("--bandwidth", type=float, default=None, help=argparse.SUPPRESS)
-    parsed = p.parse_args(argv)
-    parsed.device = parsed.device or ("cpu" if parsed.tiny else "cuda")
-    shapes = TINY if parsed.tiny else Shapes()
-    if parsed.device.startswith("cuda") and not torch.cuda.is_available():
+    flags = p.parse_args(argv)
+    flags.device = flags.device or ("cpu" if flags.tiny else "cuda")
+    shapes = TINY if flags.tiny else Shapes()
+    if flags.device.startswith("cuda") and not torch.cuda.is_available():
         print("gpu.py: error: no CUDA device (use --tiny for the CPU check)", file=sys.stderr)
         return 2
-    device = torch.device(parsed.device)
-    if parsed.tiny:
+    device = torch.device(flags.device)
+    if flags.tiny:
         torch.set_num_threads(1)  # this process only: the CI machine is small and shared
 
-    if parsed.section:  # child: one section, results to --section-out
-        return run_section_here(parsed.section, shapes, device, Path(parsed.section_out), parsed.budget_s,
-                                parsed.bandwidth, parsed.workdir)
+    if flags.section:  # child: one section, results to --section-out
+        return run_section_here(flags.section, shapes, device, Path(flags.section_out), flags.budget_s,
+                                flags.bandwidth, flags.workdir)
 
-    names = [s.strip() for s in parsed.sections.split(",") if s.strip()]
+    names = [s.strip() for s in flags.sections.split(",") if s.strip()]
     bad = [s for s in names if s not in SECTIONS]
     if bad or not names:
         print(f"gpu.py: error: --sections: unknown {bad[0] if bad else '(empty)'} (choose from {', '.join(SECTIONS)})",
               file=sys.stderr)
         return 2
-    budgets = TINY_BUDGETS if parsed.tiny else BUDGETS
-    out = Path(parsed.out)
+    budgets = TINY_BUDGETS if flags.tiny else BUDGETS
+    out = Path(flags.out)
     log = lambda *a: print(*a, flush=True)  # noqa: E731
     t_start = time.perf_counter()
-    report = {"tiny": parsed.tiny, "argv": sys.argv[1:], "started": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
+    report = {"tiny": flags.tiny, "argv": sys.argv[1:], "started": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
               "sections": {}}
-    with tempfile.TemporaryDirectory(prefix="opt-deus-gpu-", dir=parsed.workdir) as workdir:
+    with tempfile.TemporaryDirectory(prefix="opt-deus-gpu-", dir=flags.workdir) as workdir:
         bandwidth = None
         for name in names:
-            record = run_section_child(name, parsed, budgets[name], bandwidth, workdir, log)
+            record = run_section_child(name, flags, budgets[name], bandwidth, workdir, log)
             report["sections"][name] = record
             if name == "hardware":
                 bandwidth = (record["results"].get("copy_bandwidth_GBps") or 0) * 1e9 or None

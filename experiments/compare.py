@@ -583,36 +583,36 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def config_from_args(args) -> CompareConfig:
+def config_from_flags(flags) -> CompareConfig:
     overrides = {}
     for f in dataclasses.fields(CompareConfig):
-        value = getattr(args, f.name, None)
+        value = getattr(flags, f.name, None)
         if value is None or f.name in ("methods", "seeds"):
             continue
         overrides[f.name] = value
-    if args.methods is not None:
-        overrides["methods"] = tuple(parse_list(args.methods, "--methods", METHODS))
-    if args.seeds is not None:
+    if flags.methods is not None:
+        overrides["methods"] = tuple(parse_list(flags.methods, "--methods", METHODS))
+    if flags.seeds is not None:
         try:
-            overrides["seeds"] = tuple(int(s) for s in parse_list(args.seeds, "--seeds"))
+            overrides["seeds"] = tuple(int(s) for s in parse_list(flags.seeds, "--seeds"))
         except ValueError:
-            raise ExperimentError(f"--seeds {args.seeds!r}: expected comma-separated integers") from None
-    return preset_config(args.preset, **overrides)
+            raise ExperimentError(f"--seeds {flags.seeds!r}: expected comma-separated integers") from None
+    return preset_config(flags.preset, **overrides)
 
 
 def main(argv=None) -> int:
-    args = build_parser().parse_args(argv)
+    flags = build_parser().parse_args(argv)
 
     def start():
-        config = config_from_args(args)
+        config = config_from_flags(flags)
         config.validate()
         if config.device.startswith("cuda") and not torch.cuda.is_available():
             raise ExperimentError(f"--device {config.device}: CUDA is not available")
-        if args.threads < 0 or args.jobs < 1:
+        if flags.threads < 0 or flags.jobs < 1:
             raise ExperimentError("--threads must be >= 0 and --jobs >= 1")
-        if args.threads:
-            torch.set_num_threads(args.threads)  # this process only, from the command line only
-        run_compare(config, args.out, log=lambda *a: print(*a, flush=True), jobs=args.jobs)
+        if flags.threads:
+            torch.set_num_threads(flags.threads)  # this process only, from the command line only
+        run_compare(config, flags.out, log=lambda *a: print(*a, flush=True), jobs=flags.jobs)
 
     return run_cli("compare.py", start, (TrainError, CheckpointError))
 

@@ -7,10 +7,11 @@
 Every method (OpT-DeUS as published, paper alignment with and without plan normalisation,
 structured; Avg-DeUS with and without zero-init, LLaMA Pro, SOLAR) grows the base to the same depth
 with a new layer in each of the top 15 gaps (the paper's SmolLM2 setting; SOLAR places its repeated
-layers itself), and OpT-DeUS (structured) also grows into the middle and bottom gaps. Each grown model continues pre-training with only the
-new layers trainable, on Jane Austen's novels (tokenised with the checkpoint's tokenizer.json) with
-one novel held out for perplexity, once per seed. Growth is deterministic, so the after-growth
-perplexity is measured once per grown model; seeds change the training data order.
+layers itself), and OpT-DeUS (structured) also grows into the middle and bottom gaps. Each grown
+model continues pre-training with only the new layers trainable, on Jane Austen's novels
+(tokenised with the checkpoint's tokenizer.json) with one novel held out for perplexity, once per
+seed. Growth is deterministic, so the after-growth perplexity is measured once per grown model;
+seeds change the training data order.
 
 Zero-init arms must start at the base's held-out loss exactly (checked). Final held-out losses are
 compared paired by seed against avg-zero and llama-pro (mean difference, 95 % t-interval).
@@ -223,7 +224,8 @@ def prepare(config: SmolConfig, log) -> Prepared:
     train_tokens, eval_tokens, data_info = load_tokens(config, tokenizer)
     base = Transformer.from_pretrained(config.base, dtype=torch.float32, device=device)
     if base.args.vocab_size < tokenizer.vocab_size:
-        raise ExperimentError(f"{config.base}: tokenizer has {tokenizer.vocab_size} tokens, model {base.args.vocab_size}")
+        raise ExperimentError(f"{config.base}: tokenizer has {tokenizer.vocab_size} tokens, "
+                              f"model {base.args.vocab_size}")
     return Prepared(train_tokens, eval_tokens, data_info, base, held_out(base, eval_tokens, config))
 
 
@@ -332,14 +334,16 @@ def summary_markdown(summary: dict) -> str:
             f"{summary['environment']['processor']}, wall time {summary['elapsed_s']:.0f} s with {summary['jobs']} "
             f"worker process(es).\n\n"
             f"Base {Path(c['base']).name}: {summary['base']['layers']} layers, grown by {c['new_layers']}. "
-            f"Continued pre-training: {c['steps']} steps of {c['batch_size']} x {c['block_size']} tokens, lr {c['lr']}, "
+            f"Continued pre-training: {c['steps']} steps of {c['batch_size']} x {c['block_size']} tokens, "
+            f"lr {c['lr']}, "
             f"only the new layers trainable, seeds {', '.join(map(str, c['seeds']))} (mean ± sample std over {n}). "
-            f"Held-out: {data['eval_tokens']:,} tokens of {Path(data['held_out_file']).name}. Device: {summary['device']}.\n\n"
+            f"Held-out: {data['eval_tokens']:,} tokens of {Path(data['held_out_file']).name}. "
+            f"Device: {summary['device']}.\n\n"
             f"Base model held-out perplexity: {summary['base']['held_out']['perplexity']:.3f}\n\n"
             f"### Methods (new layers in the top gaps; solar places its own)\n\n")
     headers = ["method", "layers", "new layers", "ppl after growth", "ppl after training", "s/step", "trainable params"]
-    rows = [[r["method"], r["layers"], _layers(r["new_layers"]), fmt(r["after_growth"]["perplexity"], 3), fmt_pm(_ppl(r), 3),
-             fmt_pm([s["mean_step_s"] for s in r["seeds"]], 3), fmt(r["trainable_params"])]
+    rows = [[r["method"], r["layers"], _layers(r["new_layers"]), fmt(r["after_growth"]["perplexity"], 3),
+             fmt_pm(_ppl(r), 3), fmt_pm([s["mean_step_s"] for s in r["seeds"]], 3), fmt(r["trainable_params"])]
             for r in summary["results"] if r["position"] in ("top", "own")]
     text += markdown_table(headers, rows)
     text += (f"\n### Paired by seed: final held-out loss (nats/token) minus the baseline's (negative: better), "
@@ -423,10 +427,12 @@ def build_parser() -> argparse.ArgumentParser:
                    help="sizes: " + "; ".join(f"{k}: " + ", ".join(f"{a}={v}" for a, v in s.items())
                                              for k, s in PRESETS.items()) + ". Flags below override them")
     p.add_argument("--base", default=default_base(),
-                   help="Hugging Face LLaMA folder with tokenizer.json (default: the SmolLM2 folder cached by tests/smollm2.py)")
+                   help="Hugging Face LLaMA folder with tokenizer.json "
+                        "(default: the SmolLM2 folder cached by tests/smollm2.py)")
     p.add_argument("--data", nargs="+", default=default_data(),
                    help="text files/folders (.txt, .gz); default ../shared/data/austen if present")
-    p.add_argument("--held-out", default="emma", help="the file held out for perplexity (its name before the first dot)")
+    p.add_argument("--held-out", default="emma",
+                   help="the file held out for perplexity (its name before the first dot)")
     p.add_argument("--new-layers", type=int, default=15)
     p.add_argument("--methods", default=",".join(METHODS), help="comma list, grown at the top positions")
     p.add_argument("--positions", default=None,
@@ -438,7 +444,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, default=None, help="sequences per step (preset)")
     p.add_argument("--micro-batch-size", type=int, default=None, help="(preset)")
     p.add_argument("--eval-tokens", type=int, default=None, help="held-out tokens evaluated, 0 = all (preset)")
-    p.add_argument("--evals", type=int, default=None, help="held-out evaluations during training, 0 = only the end (preset)")
+    p.add_argument("--evals", type=int, default=None,
+                   help="held-out evaluations during training, 0 = only the end (preset)")
     p.add_argument("--device", default=None, help="(preset)")
     p.add_argument("--threads", type=int, default=1,
                    help="CPU threads for torch (0: torch's default, all cores). On a small or busy machine, "
@@ -449,36 +456,36 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def config_from_args(args) -> SmolConfig:
-    if not args.base:
+def config_from_flags(flags) -> SmolConfig:
+    if not flags.base:
         raise ExperimentError("--base is required: a Hugging Face LLaMA folder with tokenizer.json (make the SmolLM2 "
                               "one with: python -c \"import sys; sys.path.insert(0, 'tests'); import smollm2; "
                               "print(smollm2.cached_smollm2_dir())\")")
-    if not Path(args.base).is_dir():
-        raise ExperimentError(f"--base {args.base}: no such folder")
-    if not args.data:
+    if not Path(flags.base).is_dir():
+        raise ExperimentError(f"--base {flags.base}: no such folder")
+    if not flags.data:
         raise ExperimentError("no data: pass --data with text files or folders (e.g. the Austen novels)")
-    preset = dict(PRESETS[args.preset])
+    preset = dict(PRESETS[flags.preset])
     for key in ("steps", "lr", "block_size", "batch_size", "micro_batch_size", "evals", "device"):
-        if getattr(args, key) is not None:
-            preset[key] = getattr(args, key)
-    if args.eval_tokens is not None:
-        preset["eval_tokens"] = args.eval_tokens or None
-    if args.seeds is not None:
+        if getattr(flags, key) is not None:
+            preset[key] = getattr(flags, key)
+    if flags.eval_tokens is not None:
+        preset["eval_tokens"] = flags.eval_tokens or None
+    if flags.seeds is not None:
         try:
-            preset["seeds"] = tuple(int(s) for s in parse_list(args.seeds, "--seeds"))
+            preset["seeds"] = tuple(int(s) for s in parse_list(flags.seeds, "--seeds"))
         except ValueError:
-            raise ExperimentError(f"--seeds {args.seeds!r}: expected comma-separated integers") from None
-    if args.positions is None:
+            raise ExperimentError(f"--seeds {flags.seeds!r}: expected comma-separated integers") from None
+    if flags.positions is None:
         positions = tuple(preset.get("positions", ("top", "middle", "bottom")))
-    elif args.positions.strip() == "none":
+    elif flags.positions.strip() == "none":
         positions = ()
     else:
-        positions = tuple(parse_list(args.positions, "--positions", POSITIONS))
+        positions = tuple(parse_list(flags.positions, "--positions", POSITIONS))
     if str(preset["device"]).startswith("cuda") and not torch.cuda.is_available():
         raise ExperimentError(f"device {preset['device']}: CUDA is not available (use --preset cpu or --device cpu)")
-    return SmolConfig(base=args.base, data=list(args.data), held_out=args.held_out, new_layers=args.new_layers,
-                      methods=tuple(parse_list(args.methods, "--methods", METHODS)),
+    return SmolConfig(base=flags.base, data=list(flags.data), held_out=flags.held_out, new_layers=flags.new_layers,
+                      methods=tuple(parse_list(flags.methods, "--methods", METHODS)),
                       positions=positions,
                       seeds=tuple(preset["seeds"]), steps=preset["steps"], lr=preset["lr"],
                       block_size=preset["block_size"], batch_size=preset["batch_size"],
@@ -487,15 +494,15 @@ def config_from_args(args) -> SmolConfig:
 
 
 def main(argv=None) -> int:
-    args = build_parser().parse_args(argv)
+    flags = build_parser().parse_args(argv)
 
     def start():
-        config = config_from_args(args)
-        if args.threads < 0 or args.jobs < 1:
+        config = config_from_flags(flags)
+        if flags.threads < 0 or flags.jobs < 1:
             raise ExperimentError("--threads must be >= 0 and --jobs >= 1")
-        if args.threads:
-            torch.set_num_threads(args.threads)  # this process only, from the command line only
-        run_smollm2(config, args.out, log=lambda *a: print(*a, flush=True), jobs=args.jobs)
+        if flags.threads:
+            torch.set_num_threads(flags.threads)  # this process only, from the command line only
+        run_smollm2(config, flags.out, log=lambda *a: print(*a, flush=True), jobs=flags.jobs)
 
     return run_cli("smollm2.py", start, (TrainError, CheckpointError))
 

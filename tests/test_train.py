@@ -142,6 +142,26 @@ def test_trainable_specs_and_errors():
 # SFT
 
 
+def test_chunked_linear_cross_entropy_equals_full_cross_entropy_and_its_gradients():
+    g = torch.Generator().manual_seed(0)
+    h = torch.randn(37, 16, generator=g, requires_grad=True)
+    w = torch.randn(50, 16, generator=g, requires_grad=True)
+    y = torch.randint(0, 50, (37,), generator=g)
+    y[::5] = train.IGNORE_INDEX
+    old = train.LOSS_CHUNK_ELEMENTS
+    train.LOSS_CHUNK_ELEMENTS = 50 * 8  # several chunks, the last one partial
+    try:
+        ours = train.linear_cross_entropy(h, w, y)
+    finally:
+        train.LOSS_CHUNK_ELEMENTS = old
+    gh, gw = torch.autograd.grad(ours * 0.5, (h, w))
+    ref = F.cross_entropy(h @ w.t(), y, reduction="sum")
+    rh, rw = torch.autograd.grad(ref * 0.5, (h, w))
+    assert ours.item() == pytest.approx(ref.item(), rel=1e-5)
+    torch.testing.assert_close(gh, rh, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(gw, rw, rtol=1e-5, atol=1e-6)
+
+
 def test_sft_labels_mask_prompt_and_padding():
     tok = train.ByteTokenizer()
     examples = [{"instruction": "Add.", "input": "2 and 3", "output": "5"},
@@ -214,9 +234,11 @@ def test_resume_is_exact_without_global_rng_state(tmp_path):
 
 def test_resume_state_must_match_model(tmp_path):
     tokens = random_tokens()
-    r = train.train(tiny_model(layers=4), tokens, tiny_config(steps=2, trainable="all", out_dir=str(tmp_path)), log=quiet)
+    r = train.train(tiny_model(layers=4), tokens, tiny_config(steps=2, trainable="all", out_dir=str(tmp_path)),
+                    log=quiet)
     with pytest.raises(train.TrainError, match="does not match"):
-        train.train(tiny_model(layers=5), tokens, tiny_config(steps=4, trainable="all"), log=quiet, resume_from=r.checkpoint)
+        train.train(tiny_model(layers=5), tokens, tiny_config(steps=4, trainable="all"), log=quiet,
+                    resume_from=r.checkpoint)
     with pytest.raises(train.TrainError, match="samples"):
         train.train(Transformer.from_pretrained(r.checkpoint), tokens[:2000], tiny_config(steps=4, trainable="all"),
                     log=quiet, resume_from=r.checkpoint)
