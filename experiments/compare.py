@@ -136,10 +136,8 @@ class CompareConfig:
 # 2 cores (measured time: README.md).
 PRESETS = {
     "default": {},
-    # The full CPU study, with --jobs 2: one shared base trained until flat (at most 3000 steps: a
-    # pilot's held-out loss was still falling at step 1250), then six seeds (three rounds of two
-    # workers) of 300 steps per arm. Estimated <= ~60 minutes on 2 idle cores at ~0.3 CPU-seconds a
-    # step (<= 1000 s of base, ~2600 s of arms): an estimate, not a measurement.
+    # The full CPU study, with --jobs 2: one shared base trained until flat (at most 3000 steps), then six
+    # seeds (three rounds of two workers) of 300 steps per arm. Measured time and results: docs/RESULTS.md.
     "study": dict(seeds=(0, 1, 2, 3, 4, 5), shared_base=True, base_max_steps=3000, base_warmup=50, check_every=50,
                   flat_window=250, flat_tol=0.01, grow_steps=300),
     # One GPU (bf16 autocast): a wider, deeper base, still tiny for a GPU; sized by estimate, not run yet.
@@ -306,11 +304,19 @@ def train_base(base: Transformer, train_tokens, eval_tokens, config: CompareConf
             "curve": [{"step": s, "loss": l} for s, l in curve], "seconds": time.perf_counter() - t0}
 
 
-def stable_phase_flat(evals: list[dict], steps: int, config: CompareConfig) -> bool:
+def flat_count(flattened: list[bool | None]) -> str:
+    # "4/6": seeds whose curve met the criterion; "n/a": the run is shorter than the window.
+    return "n/a" if None in flattened else f"{sum(flattened)}/{len(flattened)}"
+
+
+def stable_phase_flat(evals: list[dict], steps: int, config: CompareConfig) -> bool | None:
     # The arms train on train.py's WSD schedule, whose last decay_fraction of the steps decays: the
     # criterion is read where the constant-lr phase ends, so the decay's drop is not taken for progress.
+    # None when that phase holds no evaluation a whole window before its end: it cannot be judged.
     stable_end = steps - round(TrainConfig.decay_fraction * steps)
     curve = [(e["step"], e["loss"]) for e in evals if e["step"] <= stable_end]
+    if not curve or curve[0][0] > curve[-1][0] - config.flat_window:
+        return None
     return flat_at(curve, config.flat_window, config.flat_tol)
 
 
@@ -506,12 +512,13 @@ def summary_markdown(summary: dict) -> str:
                      fmt_pm(final_losses(seeds, arm), 4),
                      fmt_interval(comp["avg-zero"]) if "avg-zero" in comp else "",
                      fmt_interval(comp["llama-pro"]) if "llama-pro" in comp else "",
-                     f"{sum(r['flattened'] for r in runs)}/{n}",
+                     flat_count([r["flattened"] for r in runs]),
                      fmt(mean_std([r["mean_step_s"] for r in runs])[0], 3)])
     text += markdown_table(headers, rows)
     text += (f"\nΔ: final held-out loss of the arm minus the baseline's, paired by seed (negative: the arm is "
              f"better), mean over {n} seeds with a 95 % t-interval. flat: seeds whose best held-out loss improved by "
-             f"less than {c['flat_tol']} over the last {c['flat_window']} steps before the learning-rate decay.\n\n")
+             f"less than {c['flat_tol']} over the last {c['flat_window']} steps before the learning-rate decay (n/a: "
+             f"that phase is shorter than {c['flat_window']} steps).\n\n")
     # Whole curves: mean held-out loss over seeds at (at most 9) evaluation steps.
     steps, _ = eval_curves(seeds, summary["arms"][0])
     pick = sorted({round(i * (len(steps) - 1) / 8) for i in range(9)}) if len(steps) > 9 else range(len(steps))

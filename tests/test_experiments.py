@@ -110,6 +110,18 @@ def test_flatness_criterion():
     assert compare.flat_at(spike, window=100, tol=0.01)
 
 
+def test_arm_flatness_is_not_judged_when_the_constant_lr_phase_is_shorter_than_the_window():
+    # 300 steps of WSD: the constant-lr phase ends at step 240 and holds evaluations 0..200, so a
+    # 250-step window cannot be judged ("n/a" in the table, never "0/6"); a 150-step window can.
+    config = compare.preset_config("study")
+    plateau = [{"step": s, "loss": 1.0} for s in range(0, 301, 50)]
+    assert compare.stable_phase_flat(plateau, 300, config) is None
+    assert compare.stable_phase_flat(plateau, 300, dataclasses.replace(config, flat_window=150)) is True
+    falling = [{"step": s, "loss": 2.0 - 0.001 * s} for s in range(0, 301, 50)]
+    assert compare.stable_phase_flat(falling, 300, dataclasses.replace(config, flat_window=150)) is False
+    assert compare.flat_count([True, None]) == "n/a" and compare.flat_count([True, False, True]) == "2/3"
+
+
 def test_base_trained_in_chunks_equals_one_run():
     # flat_window beyond the budget: never flat, so both run base_max_steps; the chunked run resumes
     # from a checkpoint every 2 steps and must end with the same weights as the one-chunk run.
