@@ -71,6 +71,9 @@ class ByteTokenizer:
     def encode(self, text: str) -> list[int]:
         return list(text.encode("utf-8"))
 
+    def encode_batch(self, texts: list[str]) -> list[list[int]]:
+        return [self.encode(text) for text in texts]
+
 
 class HFTokenizer:
     def __init__(self, tokenizer, name: str, eos_id: int, bos_id: int | None):
@@ -79,6 +82,10 @@ class HFTokenizer:
 
     def encode(self, text: str) -> list[int]:
         return self.tokenizer.encode(text, add_special_tokens=False).ids
+
+    def encode_batch(self, texts: list[str]) -> list[list[int]]:
+        # The Rust tokenizer spreads a batch over the cores (docs/BENCHMARKS_TRAIN.md: 1.4x on 2 cores).
+        return [e.ids for e in self.tokenizer.encode_batch(texts, add_special_tokens=False)]
 
 
 def _json_object(path: Path) -> dict:
@@ -199,6 +206,17 @@ def iter_documents(files: list[Path]) -> Iterator[str]:
             raise TrainError(f"{path}: cannot read ({e})") from None
 
 
+def _batches(items, n: int) -> Iterator[list]:
+    batch = []
+    for item in items:
+        batch.append(item)
+        if len(batch) == n:
+            yield batch
+            batch = []
+    if batch:
+        yield batch
+
+
 def tokenize_to_cache(paths, tokenizer, cache_dir, log: Callable = print) -> np.ndarray:
     """Documents joined with EOS as one 1-D uint32 memmap, tokenised once and cached on disk."""
     files = list_data_files(paths)
@@ -217,10 +235,11 @@ def tokenize_to_cache(paths, tokenizer, cache_dir, log: Callable = print) -> np.
     n_tokens, t0 = 0, time.time()
     try:
         with open(tmp, "wb") as f:
-            for text in iter_documents(files):
-                ids = tokenizer.encode(text) + [tokenizer.eos_id]
-                np.asarray(ids, dtype=np.uint32).tofile(f)
-                n_tokens += len(ids)
+            for texts in _batches(iter_documents(files), 64):
+                for ids in tokenizer.encode_batch(texts):
+                    ids.append(tokenizer.eos_id)
+                    np.asarray(ids, dtype=np.uint32).tofile(f)
+                    n_tokens += len(ids)
         if n_tokens == 0:
             raise TrainError(f"{', '.join(map(str, paths))}: no text (the data files are empty)")
         os.replace(tmp, final)  # the .u32 file appears only once complete

@@ -342,10 +342,15 @@ def plot_paired_curves(path, curves: dict, zero_init: dict, note: str, ylabel: s
     return [Path(path).name]
 
 
-def run_cli(prog: str, start, user_errors: tuple) -> int:
-    """The shared ending of the experiment scripts' main(): `start()` runs the study; a user error is
-    one line and exit 2, Ctrl-C / SIGTERM exit 130 with nothing written (the output folder is atomic)."""
+def run_cli(prog: str, flags, start, user_errors: tuple) -> int:
+    """The shared ending of the experiment scripts' main(): checks --threads/--jobs, then `start()` runs the
+    study; a user error is one line and exit 2, Ctrl-C / SIGTERM exit 130 with nothing written (the output
+    folder is atomic)."""
     try:
+        if flags.threads < 0 or flags.jobs < 1:
+            raise ExperimentError("--threads must be >= 0 and --jobs >= 1")
+        if flags.threads:
+            torch.set_num_threads(flags.threads)  # this process only, from the command line only
         start()
     except KeyboardInterrupt:
         print(f"{prog}: interrupted; nothing written", file=sys.stderr)

@@ -615,13 +615,9 @@ def main(argv=None) -> int:
         config.validate()
         if config.device.startswith("cuda") and not torch.cuda.is_available():
             raise ExperimentError(f"--device {config.device}: CUDA is not available")
-        if flags.threads < 0 or flags.jobs < 1:
-            raise ExperimentError("--threads must be >= 0 and --jobs >= 1")
-        if flags.threads:
-            torch.set_num_threads(flags.threads)  # this process only, from the command line only
         run_compare(config, flags.out, log=lambda *a: print(*a, flush=True), jobs=flags.jobs)
 
-    return run_cli("compare.py", start, (TrainError, CheckpointError))
+    return run_cli("compare.py", flags, start, (TrainError, CheckpointError))
 
 
 if __name__ == "__main__":

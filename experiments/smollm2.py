@@ -497,13 +497,9 @@ def main(argv=None) -> int:
 
     def start():
         config = config_from_flags(flags)
-        if flags.threads < 0 or flags.jobs < 1:
-            raise ExperimentError("--threads must be >= 0 and --jobs >= 1")
-        if flags.threads:
-            torch.set_num_threads(flags.threads)  # this process only, from the command line only
         run_smollm2(config, flags.out, log=lambda *a: print(*a, flush=True), jobs=flags.jobs)
 
-    return run_cli("smollm2.py", start, (TrainError, CheckpointError))
+    return run_cli("smollm2.py", flags, start, (TrainError, CheckpointError))
 
 
 if __name__ == "__main__":

@@ -53,6 +53,22 @@ def quiet(*args, **kwargs):
 # Schedules
 
 
+@pytest.mark.parametrize("kind", ["bytes", "hf"])
+def test_token_cache_is_every_document_in_order_each_ended_by_eos(kind, tmp_path, request):
+    # 150 documents: several batches of 64, the last one partial. The cache must hold exactly each
+    # document's own encoding followed by EOS, in file order, whatever the batching.
+    if kind == "hf":
+        tokenizer = train.load_tokenizer(request.getfixturevalue("smollm2_dir"))
+    else:
+        tokenizer = train.ByteTokenizer()
+    docs = [f"document {i}: " + "word " * (i % 7) + ("é" if i % 5 == 0 else "") for i in range(150)]
+    data = tmp_path / "data.jsonl"
+    data.write_text("".join(json.dumps({"text": d}) + "\n" for d in docs))
+    tokens = train.tokenize_to_cache([data], tokenizer, tmp_path / "cache", log=lambda *a: None)
+    expected = [t for d in docs for t in tokenizer.encode(d) + [tokenizer.eos_id]]
+    assert tokens.tolist() == expected
+
+
 def test_wsd_key_values():
     c = train.TrainConfig(steps=100, lr=1.0, min_lr_ratio=0.1, warmup_steps=10, schedule="wsd", decay_fraction=0.2)
     assert train.lr_at(0, c) == pytest.approx(0.1)       # warmup start: lr / warmup_steps
