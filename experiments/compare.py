@@ -1,7 +1,7 @@
 """The study: what does optimal transport add to depth up-scaling, at equal training budget?
 
     python experiments/compare.py --jobs 2                # default: 2 seeds, short budgets (~10 min)
-    python experiments/compare.py --preset study --jobs 2 # the full CPU study (6 seeds; see docs/RESULTS.md)
+    python experiments/compare.py --preset study --jobs 2 # the study's embedded part (5 seeds; docs/RESULTS.md)
     python experiments/compare.py --preset gpu --device cuda
 
 Per seed:
@@ -136,9 +136,9 @@ class CompareConfig:
 # 2 cores (measured time: README.md).
 PRESETS = {
     "default": {},
-    # The full CPU study, with --jobs 2: one shared base trained until flat (at most 3000 steps), then six
-    # seeds (three rounds of two workers) of 300 steps per arm. Measured time and results: docs/RESULTS.md.
-    "study": dict(seeds=(0, 1, 2, 3, 4, 5), shared_base=True, base_max_steps=3000, base_warmup=50, check_every=50,
+    # The full CPU study, with --jobs 2: one shared base trained until flat (at most 3000 steps), then five
+    # seeds of 300 steps per arm, one job per (seed, arm). Measured time and results: docs/RESULTS.md.
+    "study": dict(seeds=(0, 1, 2, 3, 4), shared_base=True, base_max_steps=3000, base_warmup=50, check_every=50,
                   flat_window=250, flat_tol=0.01, grow_steps=300),
     # One GPU (bf16 autocast): a wider, deeper base, still tiny for a GPU; sized by estimate, not run yet.
     "gpu": dict(device="cuda", layers=16, hidden=512, heads=8, kv_heads=4, head_dim=64, intermediate=1536,
@@ -337,9 +337,11 @@ def shared_base(config: CompareConfig, runs_dir: str | None, log) -> dict:
     return {"state": {k: v.clone() for k, v in base.state_dict().items()}, "record": record, "seed": seed}
 
 
-def run_seed(config: CompareConfig, seed: int, runs_dir: str | None, log=print, base_given: dict | None = None) -> dict:
-    """One seed: its own base (or the shared one), every arm, the reference. The seed sets the
-    base's initialisation and data order and, through seed + 1000, the arms' data order."""
+def run_seed(config: CompareConfig, seed: int, runs_dir: str | None, log=print, base_given: dict | None = None,
+             only: str | None = None) -> dict:
+    """One seed: its own base (or the shared one), every arm, the reference (or, with `only`, that
+    one arm). The seed sets the base's initialisation and data order and, through seed + 1000, the
+    arms' data order."""
     t_start = time.perf_counter()
     train_tokens, eval_tokens, data_info = load_corpus(config)
     stamp = {"seed": seed, **reproducibility(data_info["corpus_sha256"])}
@@ -369,7 +371,7 @@ def run_seed(config: CompareConfig, seed: int, runs_dir: str | None, log=print, 
     # Every arm reads the same continued-training stream (seed + 1000), not a replay of the base's.
     grow_seed = seed + 1000
     arms = {}
-    for name in config.methods:
+    for name in config.methods if only is None else [m for m in config.methods if m == only]:
         t0 = time.perf_counter()
         grown, report = grow_by_name(base, name, config.new_layers, config.position)
         grow_s = time.perf_counter() - t0
@@ -398,7 +400,7 @@ def run_seed(config: CompareConfig, seed: int, runs_dir: str | None, log=print, 
                       "trainable_layers": r.trainable_layers}
         del grown
 
-    if config.reference:
+    if config.reference and only in (None, REFERENCE):
         reference = copy.deepcopy(base)
         r = checked(train(reference, train_tokens, train_config(config, config.grow_steps, config.grow_lr, "all",
                                                                   grow_seed), eval_tokens,
@@ -418,10 +420,16 @@ def run_seed(config: CompareConfig, seed: int, runs_dir: str | None, log=print, 
 
 
 def _seed_job(job) -> dict:
-    # map_jobs' worker: a seed in its own process, its log lines prefixed with the seed.
-    config, seed, runs_dir, base_given = job
+    # map_jobs' worker: a seed (or one arm of it) in its own process, its log lines prefixed with the seed.
+    config, seed, runs_dir, base_given, only = job
     return run_seed(config, seed, runs_dir, log=lambda *a: print(f"[seed {seed}]", *a, flush=True),
-                    base_given=base_given)
+                    base_given=base_given, only=only)
+
+
+def merge_arms(parts: list[dict]) -> dict:
+    # One seed's record from its one-arm jobs (listed in arm order): they share the base and data.
+    return {**parts[0], "arms": {name: arm for part in parts for name, arm in part["arms"].items()},
+            "seconds": sum(part["seconds"] for part in parts)}
 
 
 # ----------------------------------------------------------------------------------------------
@@ -447,8 +455,15 @@ def _run(config: CompareConfig, folder: Path | None, log, jobs: int) -> dict:
         f"{f'; {jobs} worker processes' if jobs > 1 else ''}")
     # A shared base trains here, before the workers start (with --threads, on all of this process's threads).
     base_given = shared_base(config, runs_dir, log) if config.shared_base else None
-    if jobs > 1:
-        seeds = map_jobs(_seed_job, [(config, seed, runs_dir, base_given) for seed in config.seeds], jobs)
+    if jobs > 1 and base_given is not None:
+        # One job per (seed, arm): with a shared base the arms are independent, and many short jobs
+        # keep every worker busy (5 seeds as 5 jobs on 2 workers would leave one idle a third of the time).
+        arms = list(config.methods) + ([REFERENCE] if config.reference else [])
+        parts = map_jobs(_seed_job, [(config, seed, runs_dir, base_given, arm) for seed in config.seeds
+                                     for arm in arms], jobs)
+        seeds = [merge_arms(parts[i: i + len(arms)]) for i in range(0, len(parts), len(arms))]
+    elif jobs > 1:
+        seeds = map_jobs(_seed_job, [(config, seed, runs_dir, None, None) for seed in config.seeds], jobs)
     else:
         seeds = [run_seed(config, seed, runs_dir, log=lambda *a, s=seed: log(f"[seed {s}]", *a), base_given=base_given)
                  for seed in config.seeds]

@@ -187,6 +187,21 @@ def test_shared_base_is_the_first_seeds_base(tiny_run, tmp_path):
     assert "shared by seeds 0, 1" in (tmp_path / "out" / "summary.md").read_text()
 
 
+def test_shared_base_jobs_per_seed_and_arm_equal_one_process():
+    # --jobs 2 with a shared base runs one job per (seed, arm) and merges them back per seed: the
+    # same arms, in the same order, with the same numbers as one process running everything.
+    config = compare.preset_config("tiny", shared_base=True, methods=("opt-paper", "avg-zero"))
+    one = compare.run_compare(config, None, log=lambda *a: None)
+    two = compare.run_compare(config, None, log=lambda *a: None, jobs=2)
+    assert two["arms"] == one["arms"] == ["opt-paper", "avg-zero", compare.REFERENCE]
+    for a, b in zip(one["seeds"], two["seeds"]):
+        assert a["seed"] == b["seed"] and list(a["arms"]) == list(b["arms"])
+        for name in one["arms"]:
+            for key in ("after_growth", "after_training", "losses", "evals"):
+                assert a["arms"][name][key] == b["arms"][name][key], (a["seed"], name, key)
+    assert two["comparisons"] == one["comparisons"]
+
+
 def test_a_zero_init_arm_that_moves_the_function_stops_the_study(monkeypatch):
     grow = compare.grow_by_name
 
