@@ -8,7 +8,9 @@ set -euo pipefail
 out=${1:-study-out}
 experiments=$(cd "$(dirname "$0")" && pwd)
 start=$(date +%s)
-python "$experiments/compare.py" --preset study --jobs 2 --out "$out/compare"
+# --threads 2: the shared base trains alone in the main process before the workers start; on two
+# idle cores two threads take 0.157 s a step where one takes 0.267 (measured: docs/RESULTS.md).
+python "$experiments/compare.py" --preset study --jobs 2 --threads 2 --out "$out/compare"
 middle=$(date +%s)
 python "$experiments/smollm2.py" --preset study --jobs 2 --out "$out/smollm2"
 end=$(date +%s)
