@@ -1,7 +1,7 @@
 """The study: what does optimal transport add to depth up-scaling, at equal training budget?
 
-    python experiments/compare.py --jobs 2                # default: 2 seeds, short budgets (~10 min)
-    python experiments/compare.py --preset study --jobs 2 # the study's embedded part (5 seeds; docs/RESULTS.md)
+    python experiments/compare.py --jobs 2                              # default: 2 seeds, short budgets (~10 min)
+    python experiments/compare.py --preset study --jobs 2 --threads 2  # the study's embedded part (docs/RESULTS.md)
     python experiments/compare.py --preset gpu --device cuda
 
 Per seed:
@@ -309,13 +309,12 @@ def flat_count(flattened: list[bool | None]) -> str:
     return "n/a" if None in flattened else f"{sum(flattened)}/{len(flattened)}"
 
 
-def stable_phase_flat(evals: list[dict], steps: int, config: CompareConfig) -> bool | None:
-    # The arms train on train.py's WSD schedule, whose last decay_fraction of the steps decays: the
-    # criterion is read where the constant-lr phase ends, so the decay's drop is not taken for progress.
-    # None when that phase holds no evaluation a whole window before its end: it cannot be judged.
-    stable_end = steps - round(TrainConfig.decay_fraction * steps)
-    curve = [(e["step"], e["loss"]) for e in evals if e["step"] <= stable_end]
-    if not curve or curve[0][0] > curve[-1][0] - config.flat_window:
+def run_flat(evals: list[dict], config: CompareConfig) -> bool | None:
+    # The base's criterion, read at the arm's last evaluation: the window then holds the WSD decay,
+    # whose drop can only count as progress, so "flat" errs towards "not flat", never the other way.
+    # None when the run is shorter than the window: it cannot be judged.
+    curve = [(e["step"], e["loss"]) for e in evals]
+    if not curve or curve[-1][0] - curve[0][0] < config.flat_window:
         return None
     return flat_at(curve, config.flat_window, config.flat_tol)
 
@@ -395,7 +394,7 @@ def run_seed(config: CompareConfig, seed: int, runs_dir: str | None, log=print, 
                                                              "position", "insert_after", "new_layers")},
                       "zero_init": zero_init, "layers": len(grown.layers), "grow_seconds": grow_s,
                       "after_growth": after_growth, "after_training": after, "evals": evals,
-                      "flattened": stable_phase_flat(evals, config.grow_steps, config),
+                      "flattened": run_flat(evals, config),
                       "losses": r.losses, "mean_step_s": r.mean_step_s, "trainable_params": r.trainable_params,
                       "trainable_layers": r.trainable_layers}
         del grown
@@ -411,7 +410,7 @@ def run_seed(config: CompareConfig, seed: int, runs_dir: str | None, log=print, 
         log(f"{REFERENCE} (no growth, all layers): held-out loss {after['loss']:.4f}")
         arms[REFERENCE] = {"growth": None, "zero_init": True, "layers": config.layers, "grow_seconds": 0.0,
                            "after_growth": base_eval, "after_training": after, "evals": evals,
-                           "flattened": stable_phase_flat(evals, config.grow_steps, config), "losses": r.losses,
+                           "flattened": run_flat(evals, config), "losses": r.losses,
                            "mean_step_s": r.mean_step_s, "trainable_params": r.trainable_params,
                            "trainable_layers": r.trainable_layers}
 
@@ -500,6 +499,13 @@ def summary_markdown(summary: dict) -> str:
     trained = "only the new layers" if c["trainable"] == "new" else "all layers"
     base_steps = [s["base"]["steps"] for s in seeds]
     n_flat = sum(s["base"]["flattened"] for s in seeds)
+    if c["shared_base"]:  # one base, counted once
+        steps_run = str(base_steps[0])
+        flattened = (f"flattened at step {seeds[0]['base']['constant_lr_steps']}" if n_flat
+                     else "not flattened (hit the step cap)")
+    else:
+        steps_run = f"{min(base_steps)}–{max(base_steps)}"
+        flattened = f"flattened in {n_flat} of {n} seeds"
     listed = ", ".join(map(str, c["seeds"]))
     which = (f"one, trained with seed {c['seeds'][0]} and shared by seeds {listed} (they vary the arms' data order "
              f"only)" if c["shared_base"] else f"one per seed (seeds {listed})")
@@ -510,8 +516,8 @@ def summary_markdown(summary: dict) -> str:
             f"Base: {c['layers']} layers, hidden {c['hidden']}, {seeds[0]['base']['params']:,} parameters, {which}. "
             f"Trained at lr {c['base_lr']} until its best held-out loss improved by less than {c['flat_tol']} nats "
             f"over {c['flat_window']} steps (checked every {c['check_every']}; at most {c['base_max_steps']}), then "
-            f"annealed for {c['anneal_fraction']:.0%} of that: {min(base_steps)}–{max(base_steps)} steps in all; "
-            f"flattened in {n_flat} of {n} seeds. Grown to {c['layers'] + c['new_layers']} "
+            f"annealed for {c['anneal_fraction']:.0%} of that: {steps_run} steps in all; {flattened}. "
+            f"Grown to {c['layers'] + c['new_layers']} "
             f"layers ({c['position']} gaps; solar places its own), then {c['grow_steps']} steps of {c['batch_size']} x "
             f"{c['block_size']} bytes (lr {c['grow_lr']}, WSD), {trained} trainable, the same data order for every arm "
             f"of a seed. Loss: nats per byte on the held-out bytes.\n\n")
@@ -532,8 +538,8 @@ def summary_markdown(summary: dict) -> str:
     text += markdown_table(headers, rows)
     text += (f"\nΔ: final held-out loss of the arm minus the baseline's, paired by seed (negative: the arm is "
              f"better), mean over {n} seeds with a 95 % t-interval. flat: seeds whose best held-out loss improved by "
-             f"less than {c['flat_tol']} over the last {c['flat_window']} steps before the learning-rate decay (n/a: "
-             f"that phase is shorter than {c['flat_window']} steps).\n\n")
+             f"less than {c['flat_tol']} over the last {c['flat_window']} steps of the run, the learning-rate decay "
+             f"included (n/a: the run is shorter than {c['flat_window']} steps).\n\n")
     # Whole curves: mean held-out loss over seeds at (at most 9) evaluation steps.
     steps, _ = eval_curves(seeds, summary["arms"][0])
     pick = sorted({round(i * (len(steps) - 1) / 8) for i in range(9)}) if len(steps) > 9 else range(len(steps))

@@ -110,15 +110,17 @@ def test_flatness_criterion():
     assert compare.flat_at(spike, window=100, tol=0.01)
 
 
-def test_arm_flatness_is_not_judged_when_the_constant_lr_phase_is_shorter_than_the_window():
-    # 300 steps of WSD: the constant-lr phase ends at step 240 and holds evaluations 0..200, so a
-    # 250-step window cannot be judged ("n/a" in the table, never "0/6"); a 150-step window can.
+def test_arm_flatness_is_judged_over_the_runs_last_window_or_not_at_all():
+    # The study's arms: 300 steps evaluated every 50, window 250. The criterion is read at the last
+    # evaluation (step 300, the decay included); a run shorter than the window reads "n/a", never "0/5".
     config = compare.preset_config("study")
-    plateau = [{"step": s, "loss": 1.0} for s in range(0, 301, 50)]
-    assert compare.stable_phase_flat(plateau, 300, config) is None
-    assert compare.stable_phase_flat(plateau, 300, dataclasses.replace(config, flat_window=150)) is True
-    falling = [{"step": s, "loss": 2.0 - 0.001 * s} for s in range(0, 301, 50)]
-    assert compare.stable_phase_flat(falling, 300, dataclasses.replace(config, flat_window=150)) is False
+    plateau = [{"step": s, "loss": 1.0 + (0.003 if s % 100 else 0.0)} for s in range(0, 301, 50)]
+    assert compare.run_flat(plateau, config) is True
+    falling = [{"step": s, "loss": 2.0 - 0.0001 * s} for s in range(0, 301, 50)]  # 0.025 over the last 250
+    assert compare.run_flat(falling, config) is False
+    late_drop = plateau[:-1] + [{"step": 300, "loss": 0.98}]  # a decay that still gains 0.02: not flat
+    assert compare.run_flat(late_drop, config) is False
+    assert compare.run_flat(plateau[:5], config) is None  # steps 0..200: shorter than the window
     assert compare.flat_count([True, None]) == "n/a" and compare.flat_count([True, False, True]) == "2/3"
 
 
