@@ -5,8 +5,10 @@ And the pieces of experiments/smollm2.py that run without the checkpoint."""
 import dataclasses
 import json
 import math
+import os
 import platform
 import statistics
+import subprocess
 import sys
 from pathlib import Path
 
@@ -268,3 +270,28 @@ def test_smollm2_study_on_the_real_checkpoint(smollm2_dir, austen_dir, tmp_path)
     assert set(summary["comparisons"]["opt-structured"]) == set(common.BASELINES)
     first = json.loads((tmp_path / "out" / "runs" / "opt-structured@top-seed0.jsonl").read_text().splitlines()[0])
     assert first["run"]["corpus_sha256"] == summary["reproducibility"]["corpus_sha256"]
+
+
+def test_study_script_runs_both_parts_with_the_study_presets_and_stops_at_a_failure(tmp_path):
+    # experiments/study.sh with a stand-in `python` that records its arguments (and fails when told):
+    # both parts, in order, with the study presets, into OUT/compare and OUT/smollm2.
+    script = Path(__file__).resolve().parents[1] / "experiments" / "study.sh"
+    fake = tmp_path / "bin" / "python"
+    fake.parent.mkdir()
+    fake.write_text('#!/bin/sh\necho "$*" >> "$CALLS"\n[ -z "$FAIL" ] || ! echo "$*" | grep -q "$FAIL"\n')
+    fake.chmod(0o755)
+    env = {**os.environ, "PATH": f"{fake.parent}{os.pathsep}{os.environ['PATH']}", "CALLS": str(tmp_path / "calls")}
+    done = subprocess.run(["bash", str(script), str(tmp_path / "out")], env=env, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    calls = (tmp_path / "calls").read_text().splitlines()
+    assert len(calls) == 2
+    assert calls[0].split()[0].endswith("experiments/compare.py")
+    assert calls[0].split()[1:] == ["--preset", "study", "--jobs", "2", "--threads", "2", "--out",
+                                    str(tmp_path / "out" / "compare")]
+    assert calls[1].split()[0].endswith("experiments/smollm2.py")
+    assert calls[1].split()[1:] == ["--preset", "study", "--jobs", "2", "--out", str(tmp_path / "out" / "smollm2")]
+    assert "total" in done.stdout
+    (tmp_path / "calls").unlink()
+    failed = subprocess.run(["bash", str(script), str(tmp_path / "out")], env={**env, "FAIL": "compare.py"},
+                            capture_output=True, text=True)
+    assert failed.returncode != 0 and len((tmp_path / "calls").read_text().splitlines()) == 1
