@@ -370,7 +370,8 @@ def run_seed(config: CompareConfig, seed: int, runs_dir: str | None, log=print, 
     # Every arm reads the same continued-training stream (seed + 1000), not a replay of the base's.
     grow_seed = seed + 1000
     arms = {}
-    for name in config.methods if only is None else [m for m in config.methods if m == only]:
+    names = config.methods if only is None else [name for name in config.methods if name == only]
+    for name in names:
         t0 = time.perf_counter()
         grown, report = grow_by_name(base, name, config.new_layers, config.position)
         grow_s = time.perf_counter() - t0

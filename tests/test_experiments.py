@@ -274,7 +274,8 @@ def test_smollm2_study_on_the_real_checkpoint(smollm2_dir, austen_dir, tmp_path)
 
 def test_study_script_runs_both_parts_with_the_study_presets_and_stops_at_a_failure(tmp_path):
     # experiments/study.sh with a stand-in `python` that records its arguments (and fails when told):
-    # both parts, in order, with the study presets, into OUT/compare and OUT/smollm2.
+    # both parts, SmolLM2 first (a missing checkpoint fails in seconds), with the study presets, into
+    # OUT/smollm2 and OUT/compare; a failing part stops the script.
     script = Path(__file__).resolve().parents[1] / "experiments" / "study.sh"
     fake = tmp_path / "bin" / "python"
     fake.parent.mkdir()
@@ -285,13 +286,13 @@ def test_study_script_runs_both_parts_with_the_study_presets_and_stops_at_a_fail
     assert done.returncode == 0, done.stderr
     calls = (tmp_path / "calls").read_text().splitlines()
     assert len(calls) == 2
-    assert calls[0].split()[0].endswith("experiments/compare.py")
-    assert calls[0].split()[1:] == ["--preset", "study", "--jobs", "2", "--threads", "2", "--out",
+    assert calls[0].split()[0].endswith("experiments/smollm2.py")
+    assert calls[0].split()[1:] == ["--preset", "study", "--jobs", "2", "--out", str(tmp_path / "out" / "smollm2")]
+    assert calls[1].split()[0].endswith("experiments/compare.py")
+    assert calls[1].split()[1:] == ["--preset", "study", "--jobs", "2", "--threads", "2", "--out",
                                     str(tmp_path / "out" / "compare")]
-    assert calls[1].split()[0].endswith("experiments/smollm2.py")
-    assert calls[1].split()[1:] == ["--preset", "study", "--jobs", "2", "--out", str(tmp_path / "out" / "smollm2")]
     assert "total" in done.stdout
     (tmp_path / "calls").unlink()
-    failed = subprocess.run(["bash", str(script), str(tmp_path / "out")], env={**env, "FAIL": "compare.py"},
+    failed = subprocess.run(["bash", str(script), str(tmp_path / "out")], env={**env, "FAIL": "smollm2.py"},
                             capture_output=True, text=True)
     assert failed.returncode != 0 and len((tmp_path / "calls").read_text().splitlines()) == 1
