@@ -3,38 +3,36 @@
 A grown model keeps every base layer and inserts new ones, each made from the base layers around its gap,
 A (below) and B (above):
   opt        OpT-DeUS (Cao, Aletras, Wang 2025, arXiv 2508.08011, Algorithm 1): A aligned to B with optimal
-             transport, then averaged with B; --align structured (default, structured_fuse), paper
-             (paper_fuse) or published (published_fuse: the public code's numbers, not a recommendation);
+             transport, then averaged with B; align "structured" (default, structured_fuse), "paper"
+             (paper_fuse) or "published" (published_fuse: the public code's numbers, not a recommendation);
   avg        Avg-DeUS: the element-wise mean of A and B (avg_fuse);
   llama-pro  LLaMA Pro block expansion (Wu et al. 2024): a copy of A;
   solar      SOLAR (Kim et al. 2023): two copies of the stack joined with the seam's overlapping layers
              dropped, i.e. a run of copied middle layers.
 Zero-initialising a new layer's o_proj and down_proj makes it the identity map, so the grown model computes
-the base model's function: the default for opt and llama-pro, a flag for every method.
+the base model's function: the default for opt and llama-pro, an option for every method.
 
-The fusion section needs only torch and sinkhorn.py (copy both to reuse it). Then: where new layers go,
-grow() in memory, grow_checkpoint() streaming (peak memory: two blocks and a cost matrix), the command line.
+Read top to bottom: the fusion of two blocks (needs only torch and sinkhorn.py), where new layers go, then
+grown_blocks(), the one growth loop, and grow() on an in-memory model.py Transformer. Streaming growth of a
+Hugging Face folder runs the same loop: opt_deus_tool/grow_cli.py. Errors name parameters in backticks.
 """
 
 from __future__ import annotations
 
-import argparse
 import copy
 import dataclasses
-import json
 import math
-import sys
 import time
 from dataclasses import dataclass
-from pathlib import Path
+from typing import TYPE_CHECKING, Callable, Iterator
 
 import torch
 import torch.nn.functional as F
 
-from model import (BLOCK_KEYS, CheckpointError, CheckpointReader, CheckpointWriter, Interrupted, ModelArgs,
-                   OneLineArgumentParser, Transformer, check_device, check_output_folder, dtype_name, parse_size,
-                   positive_int)
 from sinkhorn import SinkhornError, hard_assignment, plan_sharpness, published_sinkhorn, sinkhorn
+
+if TYPE_CHECKING:  # model.py is needed only to grow a model, not to fuse two blocks
+    from model import ModelArgs, Transformer
 
 # ----------------------------------------------------------------------------------------------
 # Fusion. A block is a dict of float tensors keyed by a LLaMA decoder layer's parameter names:
@@ -43,7 +41,7 @@ from sinkhorn import SinkhornError, hard_assignment, plan_sharpness, published_s
 #   mlp.gate_proj.weight, mlp.up_proj.weight (f, h); mlp.down_proj.weight (h, f)
 # for hidden size h, H query heads and G key/value heads of d dims, f MLP neurons. A is the base layer
 # below the gap, B the one above. The new layer is, tensor by tensor, (A aligned to B + B) / 2. This
-# section uses nothing from model.py: with sinkhorn.py and the torch and sinkhorn imports above it runs anywhere.
+# section uses nothing from model.py: with sinkhorn.py beside it, it runs anywhere.
 
 
 class GrowthError(ValueError):
@@ -82,13 +80,13 @@ def transport(cost: torch.Tensor, epsilon: float, relative: bool, normalize_plan
         scale = cost.mean(dim=(-2, -1), keepdim=True).clamp_min(1e-30) if relative else 1.0
         try:
             result = sinkhorn(cost / scale, epsilon=epsilon, tol=tol, max_iter=max_iter, strict=strict)
-        except (SinkhornError, ValueError) as e:  # non-convergence under --strict; an epsilon out of range
+        except (SinkhornError, ValueError) as e:  # non-convergence under `strict`; an epsilon out of range
             raise GrowthError(f"alignment of a {tuple(cost.shape)} cost: {e}") from None
         if not result.marginal_error <= max_marginal_error:  # NaN too
             raise GrowthError(f"alignment of a {tuple(cost.shape)} cost: the plan's marginal error is "
-                              f"{result.marginal_error:.3g}, beyond --max-marginal-error "
-                              f"{max_marginal_error:g} (epsilon {epsilon:g}: raise --epsilon or "
-                              f"--max-iter; --max-marginal-error inf accepts the plan anyway)")
+                              f"{result.marginal_error:.3g}, beyond `max_marginal_error` "
+                              f"{max_marginal_error:g} (epsilon {epsilon:g}: raise `epsilon` or "
+                              f"`max_iter`; `max_marginal_error` inf accepts the plan anyway)")
         plan = result.plan.to(cost.dtype)
         stats = {"iterations": result.iterations, "marginal_error": result.marginal_error,
                  "converged": result.converged}
@@ -117,7 +115,7 @@ def _align_rows(key: str, a: torch.Tensor, b: torch.Tensor, epsilon: float, publ
         if solver["strict"] and not stats["converged"]:
             where = (f"at iteration {stats['abort_iteration']}" if stats["aborted"]
                      else f"in {stats['iterations']} iterations")
-            raise GrowthError(f"{key}: the published solver did not converge ({where}) and --strict is set")
+            raise GrowthError(f"{key}: the published solver did not converge ({where}) and `strict` is set")
         stats = {**stats, "plan_mass": plan.sum().item(), "sharpness": plan_sharpness(plan).mean().item()}
     else:
         plan, stats = transport(cost, epsilon, relative=False, **solver)  # line 7
@@ -263,7 +261,7 @@ ZERO_INIT_DEFAULT = {"opt": True, "avg": False, "llama-pro": True, "solar": Fals
 
 @dataclass
 class GrowthOptions:
-    """How new layers are made; the command line's flags of the same names take their defaults from here."""
+    """How new layers are made (the command line's flags of the same names take their defaults from here)."""
     method: str = "opt"
     align: str = "structured"
     epsilon: float | None = None  # None: DEFAULT_EPSILON of the alignment
@@ -276,28 +274,26 @@ class GrowthOptions:
 
     def __post_init__(self):
         if self.method not in METHODS:
-            raise GrowthError(f"unknown method {self.method!r} (choose from {', '.join(METHODS)})")
+            raise GrowthError(f"unknown `method` {self.method!r} (choose from {', '.join(METHODS)})")
         if self.align not in ALIGNMENTS:
-            raise GrowthError(f"unknown alignment {self.align!r} (choose from {', '.join(ALIGNMENTS)})")
+            raise GrowthError(f"unknown alignment `align` {self.align!r} (choose from {', '.join(ALIGNMENTS)})")
         if self.epsilon is None:
             self.epsilon = DEFAULT_EPSILON[self.align]
         if not (self.epsilon >= 0 and math.isfinite(self.epsilon)):
-            raise GrowthError(f"epsilon (--epsilon) must be a finite number >= 0, got {self.epsilon}")
+            raise GrowthError(f"`epsilon` must be a finite number >= 0, got {self.epsilon}")
         if self.align == "published":
             # The public code has no exact-assignment case and never rescales its plans.
             if self.epsilon == 0:
-                raise GrowthError("--align published needs epsilon > 0 (its solver is kernel-space Sinkhorn)")
+                raise GrowthError("`align` published needs `epsilon` > 0 (its solver is kernel-space Sinkhorn)")
             self.normalize_plan = False
         if not (self.tol > 0 and math.isfinite(self.tol)):
-            raise GrowthError(f"tol (--tol) must be a finite number > 0, got {self.tol}")
+            raise GrowthError(f"`tol` must be a finite number > 0, got {self.tol}")
         if isinstance(self.max_iter, bool) or not isinstance(self.max_iter, int) or self.max_iter < 1:
-            raise GrowthError(f"max_iter (--max-iter) must be an integer >= 1, got {self.max_iter!r}")
+            raise GrowthError(f"`max_iter` must be an integer >= 1, got {self.max_iter!r}")
         if not self.max_marginal_error > 0:
-            raise GrowthError(f"max_marginal_error (--max-marginal-error) must be > 0 (inf: accept any plan), "
-                              f"got {self.max_marginal_error}")
+            raise GrowthError(f"`max_marginal_error` must be > 0 (inf: accept any plan), got {self.max_marginal_error}")
         if self.zero_init is None:
             self.zero_init = ZERO_INIT_DEFAULT[self.method]
-
 
 
 def insert_after_for(position: str, num_base_layers: int, num_new: int, method: str = "opt") -> list[int]:
@@ -318,7 +314,7 @@ def insert_after_for(position: str, num_base_layers: int, num_new: int, method: 
     if num_new <= 0:
         raise GrowthError(f"the number of new layers must be positive, got {num_new}")
     if position not in POSITIONS:
-        raise GrowthError(f"unknown position {position!r} (choose from {', '.join(POSITIONS)})")
+        raise GrowthError(f"unknown `position` {position!r} (choose from {', '.join(POSITIONS)})")
 
     def pick(k: int) -> list[int]:  # k <= gaps distinct gaps
         if position == "top":
@@ -357,7 +353,7 @@ def make_layout(method: str, num_base_layers: int, insert_after: list[int] | Non
         if num_new is None or num_new <= 0:
             raise GrowthError(f"the number of new layers must be positive, got {num_new}")
         if insert_after is not None:
-            raise GrowthError("solar places its repeated layers itself; --insert-after does not apply")
+            raise GrowthError("solar places its repeated layers itself; `insert_after` does not apply")
         if num_new > L:
             raise GrowthError(f"solar repeats at most all {L} layers, got K={num_new}")
         m_top = (L - num_new) // 2
@@ -369,10 +365,10 @@ def make_layout(method: str, num_base_layers: int, insert_after: list[int] | Non
     for i in insert_after:
         if method == "llama-pro":  # a copy of base layer i right after it: the top layer too
             if not 0 <= i < num_base_layers:
-                raise GrowthError(f"--insert-after {i} is out of range: a llama-pro copy of base layer i goes right "
+                raise GrowthError(f"`insert_after` {i} is out of range: a llama-pro copy of base layer i goes right "
                                   f"after it, 0 <= i <= {num_base_layers - 1}")
         elif not 0 <= i < num_base_layers - 1:
-            raise GrowthError(f"--insert-after {i} is out of range: a new layer goes between base layers i and i+1, "
+            raise GrowthError(f"`insert_after` {i} is out of range: a new layer goes between base layers i and i+1, "
                               f"0 <= i <= {num_base_layers - 2}")
     layout = []
     for i in range(num_base_layers):
@@ -383,30 +379,15 @@ def make_layout(method: str, num_base_layers: int, insert_after: list[int] | Non
     return layout
 
 
-# ----------------------------------------------------------------------------------------------
-# Growing a model in memory: grow()
-
-
-def make_new_block(sources: list[dict], args: ModelArgs, options: GrowthOptions) -> tuple[dict, dict]:
-    """A new block's tensors (float32, keyed as Block.state_dict()) from its source blocks, and a report."""
-    A, B = sources[0], sources[-1]  # llama-pro and solar copy a single source
-    solver = dict(normalize_plan=options.normalize_plan, tol=options.tol, max_iter=options.max_iter,
-                  strict=options.strict, max_marginal_error=options.max_marginal_error)
-    if options.method in ("llama-pro", "solar"):
-        block, report = {k: v.clone() for k, v in A.items()}, {}
-    elif options.method == "avg":
-        block, report = avg_fuse(A, B), {}
-    elif options.align == "paper":
-        block, report = paper_fuse(A, B, options.epsilon, **solver)
-    elif options.align == "published":
-        block, report = published_fuse(A, B, options.epsilon, options.max_iter, options.strict)
-    else:
-        block, report = structured_fuse(A, B, args.num_attention_heads, args.num_key_value_heads, args.head_dim,
-                                        options.epsilon, **solver)
-    if options.zero_init:  # the two projections that write into the residual stream: the new layer is the identity
-        for key in ("self_attn.o_proj.weight", "mlp.down_proj.weight"):
-            block[key] = torch.zeros_like(block[key])
-    return block, report
+def check_request(num_new, insert_after, options: GrowthOptions | None) -> GrowthOptions:
+    # What grow() and streaming growth (so the command line) both check before any work.
+    if num_new is not None and (isinstance(num_new, bool) or not isinstance(num_new, int) or num_new <= 0):
+        raise GrowthError(f"the number of new layers `num_new` must be a positive integer, got {num_new!r}")
+    if insert_after is not None and not all(isinstance(i, int) and not isinstance(i, bool) for i in insert_after):
+        raise GrowthError(f"`insert_after`: expected integer layer indices, got {insert_after!r}")
+    if options is not None and not isinstance(options, GrowthOptions):
+        raise GrowthError(f"`options` must be a GrowthOptions, got {type(options).__name__}")
+    return options or GrowthOptions()
 
 
 def growth_layout(options: GrowthOptions, num_base_layers: int, num_new: int | None, position: str | None,
@@ -418,10 +399,10 @@ def growth_layout(options: GrowthOptions, num_base_layers: int, num_new: int | N
     else:
         if insert_after is None:
             if num_new is None:
-                raise GrowthError("give the number of new layers or --insert-after")
+                raise GrowthError("give the number of new layers `num_new` or `insert_after`")
             insert_after = insert_after_for(position or "top", num_base_layers, num_new, options.method)
         elif num_new is not None and num_new != len(insert_after):
-            raise GrowthError(f"--new-layers {num_new} disagrees with {len(insert_after)} --insert-after positions")
+            raise GrowthError(f"`num_new` {num_new} disagrees with {len(insert_after)} `insert_after` positions")
         layout = make_layout(options.method, num_base_layers, insert_after)
     record = {
         "method": options.method, "align": options.align if options.method == "opt" else None,
@@ -438,15 +419,77 @@ def growth_layout(options: GrowthOptions, num_base_layers: int, num_new: int | N
     return layout, record
 
 
-def _log_progress(log, done: int, total: int, started: float, what: str):
-    elapsed = time.perf_counter() - started
-    eta = elapsed / done * (total - done)
-    log(f"[{done}/{total}] {what}  elapsed {elapsed:.1f}s  ETA {eta:.1f}s")
+# ----------------------------------------------------------------------------------------------
+# The growth loop, shared by grow() and streaming growth
+
+
+def make_new_block(sources: list[dict], args: ModelArgs, options: GrowthOptions) -> tuple[dict, dict]:
+    """A new block's tensors (float32, keyed as Block.state_dict()) from its source blocks, and a report."""
+    A, B = ({key: value.float() for key, value in source.items()} for source in (sources[0], sources[-1]))
+    solver = dict(normalize_plan=options.normalize_plan, tol=options.tol, max_iter=options.max_iter,
+                  strict=options.strict, max_marginal_error=options.max_marginal_error)
+    if options.method in ("llama-pro", "solar"):  # a copy of the single source
+        block, report = {k: v.clone() for k, v in A.items()}, {}
+    elif options.method == "avg":
+        block, report = avg_fuse(A, B), {}
+    elif options.align == "paper":
+        block, report = paper_fuse(A, B, options.epsilon, **solver)
+    elif options.align == "published":
+        block, report = published_fuse(A, B, options.epsilon, options.max_iter, options.strict)
+    else:
+        block, report = structured_fuse(A, B, args.num_attention_heads, args.num_key_value_heads, args.head_dim,
+                                        options.epsilon, **solver)
+    if options.zero_init:  # the two projections that write into the residual stream: the new layer is the identity
+        for key in ("self_attn.o_proj.weight", "mlp.down_proj.weight"):
+            block[key] = torch.zeros_like(block[key])
+    return block, report
+
+
+def grown_blocks(layout: list[Slot], base_block: Callable[[int], dict], args: ModelArgs, options: GrowthOptions,
+                 log: Callable[[str], None] | None = None) -> Iterator[tuple[int, Slot, dict, dict | None]]:
+    """The grown model's blocks in order: (index, slot, tensors, report) for each slot of the layout.
+
+    base_block(i) gives base layer i's tensors (keyed as Block.state_dict()). A kept layer's tensors are
+    base_block(i) itself and its report None; a new layer's are make_new_block's (float32), its report
+    {index, sources, seconds, matrices}. The two base blocks read last are held, so in layout order each
+    base block is read once (SOLAR's repeated run reads some again) and never more than two are in memory:
+    the bound of streaming growth. log: a progress line per new layer.
+    """
+    held: dict[int, dict] = {}
+
+    def source(i: int) -> dict:
+        # Evicting the oldest read, not the lowest index, keeps the block just read when SOLAR jumps back down.
+        if i not in held:
+            held[i] = base_block(i)
+            while len(held) > 2:
+                del held[next(iter(held))]
+        return held[i]
+
+    started, total, done = time.perf_counter(), sum(slot.new for slot in layout), 0
+    for index, slot in enumerate(layout):
+        if not slot.new:
+            yield index, slot, source(slot.sources[0]), None
+            continue
+        layer_start = time.perf_counter()
+        tensors, matrices = make_new_block([source(i) for i in slot.sources], args, options)
+        done += 1
+        if log is not None:
+            elapsed = time.perf_counter() - started
+            log(f"[{done}/{total}] new layer {index} from base {list(slot.sources)}  elapsed {elapsed:.1f}s  "
+                f"ETA {elapsed / done * (total - done):.1f}s")
+        yield index, slot, tensors, {"index": index, "sources": list(slot.sources),
+                                     "seconds": time.perf_counter() - layer_start, "matrices": matrices}
+
+
+def check_finite(block: dict, where: str, problem: str = "contains NaN or inf"):
+    for key, tensor in block.items():
+        if not torch.isfinite(tensor).all():
+            raise GrowthError(f"{where}: {key} {problem}")
 
 
 def grow(model: Transformer, num_new: int | None = None, *, position: str | None = "top",
          insert_after: list[int] | None = None, options: GrowthOptions | None = None,
-         log=lambda message: None) -> tuple[Transformer, dict]:
+         log: Callable[[str], None] | None = None) -> tuple[Transformer, dict]:
     """A deeper copy of `model` (not modified) with new layers inserted, and the growth report.
 
     The new layers go at `position` (see insert_after_for) or right after the base layers in insert_after,
@@ -458,235 +501,21 @@ def grow(model: Transformer, num_new: int | None = None, *, position: str | None
     options = check_request(num_new, insert_after, options)
     args = model.current_args()
     layout, record = growth_layout(options, args.num_hidden_layers, num_new, position, insert_after)
-    _check_finite(model.state_dict(), "base model")  # every tensor, as the command line checks a checkpoint's
-    base_blocks = [{k: v.detach().float() for k, v in block.state_dict().items()} for block in model.layers]
-
-    grown = copy.deepcopy(model)
-    grown.args = dataclasses.replace(args, num_hidden_layers=len(layout),
-                                     extra={**args.extra, "opt_deus": record})
-    layers, report_layers = [], []
-    growth_start = time.perf_counter()
+    check_finite(model.state_dict(), "base model")  # every tensor, as streaming growth checks a checkpoint's
     dtype = next(model.parameters()).dtype
-    for index, slot in enumerate(layout):
-        if not slot.new:
+    grown = copy.deepcopy(model)
+    grown.args = dataclasses.replace(args, num_hidden_layers=len(layout), extra={**args.extra, "opt_deus": record})
+    layers, reports = [], []
+    for index, slot, tensors, report in grown_blocks(layout, lambda i: model.layers[i].state_dict(), args, options,
+                                                     log):
+        if report is None:  # a kept base layer: grown's copy of it
             layers.append(grown.layers[slot.sources[0]])
             continue
-        layer_start = time.perf_counter()
-        tensors, report = make_new_block([base_blocks[i] for i in slot.sources], args, options)
         block = copy.deepcopy(model.layers[slot.sources[0]])
-        tensors = {k: v.to(dtype) for k, v in tensors.items()}
-        _check_finite(tensors, f"new layer {index}", f"is not finite in {dtype_name(dtype)} (values beyond its range?)")
+        tensors = {key: value.to(dtype) for key, value in tensors.items()}
+        check_finite(tensors, f"new layer {index}", f"is not finite in {str(dtype)[6:]} (values beyond its range?)")
         block.load_state_dict(tensors)
         layers.append(block)
-        report_layers.append({"index": index, "sources": list(slot.sources),
-                              "seconds": time.perf_counter() - layer_start, "matrices": report})
-        _log_progress(log, len(report_layers), len(record["new_layers"]), growth_start,
-                      f"new layer {index} from base {list(slot.sources)}")
+        reports.append(report)
     grown.layers = torch.nn.ModuleList(layers)
-    return grown, {**record, "layers": report_layers}
-
-
-def _check_finite(block: dict, where: str, problem: str = "contains NaN or inf"):
-    for key, tensor in block.items():
-        if not torch.isfinite(tensor).all():
-            raise GrowthError(f"{where}: {key} {problem}")
-
-
-def check_request(num_new, insert_after, options: GrowthOptions | None) -> GrowthOptions:
-    # What grow() and grow_checkpoint() (and so the command line) both check before any work.
-    if num_new is not None and (isinstance(num_new, bool) or not isinstance(num_new, int) or num_new <= 0):
-        raise GrowthError(f"the number of new layers (--new-layers) must be a positive integer, got {num_new!r}")
-    if insert_after is not None and not all(isinstance(i, int) and not isinstance(i, bool) for i in insert_after):
-        raise GrowthError(f"--insert-after: expected integer layer indices, got {insert_after!r}")
-    if options is not None and not isinstance(options, GrowthOptions):
-        raise GrowthError(f"options must be a GrowthOptions, got {type(options).__name__}")
-    return options or GrowthOptions()
-
-
-# ----------------------------------------------------------------------------------------------
-# Streaming: Hugging Face folder in, Hugging Face folder out
-
-
-def grow_checkpoint(base: str | Path, out: str | Path, num_new: int | None = None, *, position: str | None = "top",
-                    insert_after: list[int] | None = None, options: GrowthOptions | None = None,
-                    device: str = "cpu", dtype: torch.dtype | None = None, overwrite: bool = False,
-                    max_shard_size: str | int = "5GB", log=print) -> dict:
-    """Grow the Hugging Face LLaMA folder `base` into a new folder `out`, streaming; returns the report.
-
-    Positions, options and report as grow(); the report also has "options" and "base". Base blocks are read
-    one at a time, in float32 onto `device` where new layers are computed; tensors are written in `dtype`
-    (None: the base's) to shards of at most max_shard_size, with config.json, growth_report.json and the
-    base's tokenizer files. On any error nothing is left at `out`.
-    """
-    options = check_request(num_new, insert_after, options)
-    reader = CheckpointReader(base)
-    args = reader.args
-    layout, record = growth_layout(options, args.num_hidden_layers, num_new, position, insert_after)
-    out = Path(out)
-    # --out may not be, contain or lie inside --base (with --overwrite that would delete the base).
-    check_output_folder(out, [("--base", base)], overwrite)
-    # --overwrite replaces an earlier output, not whatever folder a mistyped --out names.
-    if overwrite and out.is_dir() and any(out.iterdir()) and not (out / "config.json").is_file():
-        raise CheckpointError(f"--out {out}: holds files but no config.json, so it is not an earlier output; "
-                              f"--overwrite only replaces a model folder (choose a new or empty folder)")
-    if not any((Path(base) / name).is_file() for name in ("tokenizer.json", "tokenizer.model")):
-        log(f"note: {base} has no tokenizer.json or tokenizer.model; {out} will have none either")
-    out_dtype = dtype or reader.dtype("model.embed_tokens.weight")
-
-    log(f"growing {base} ({args.num_hidden_layers} layers) -> {out} ({len(layout)} layers): method {options.method}"
-        + (f", {options.align} alignment, epsilon {options.epsilon}" if options.method == "opt" else "")
-        + f", new layers at {record['new_layers']}, zero-init {options.zero_init}, {device}")
-
-    cache: dict[int, dict] = {}
-
-    def base_block(i: int) -> dict:
-        # The two blocks read last stay in memory, so a block is read once (SOLAR's repeated run reads again).
-        # Evicting the oldest read, not the lowest index, keeps the block just read when SOLAR jumps back down.
-        if i not in cache:
-            block = reader.block(i, dtype=torch.float32, device=device)
-            _check_finite(block, f"base layer {i} ({base})")
-            cache[i] = block
-            while len(cache) > 2:
-                del cache[next(iter(cache))]
-        return cache[i]
-
-    def checked(key: str) -> torch.Tensor:
-        tensor = reader.tensor(key)
-        _check_finite({key: tensor}, f"base {base}")
-        return tensor.to(out_dtype)
-
-    report_layers = []
-    growth_start = time.perf_counter()
-    grown_args = dataclasses.replace(args, num_hidden_layers=len(layout), dtype=dtype_name(out_dtype),
-                                     extra={**args.extra, "opt_deus": record})
-    with CheckpointWriter(out, max_shard_size=max_shard_size, overwrite=overwrite,
-                          inputs=[("--base", base)]) as writer:
-        writer.add("model.embed_tokens.weight", checked("model.embed_tokens.weight"))
-        for index, slot in enumerate(layout):
-            if slot.new:
-                layer_start = time.perf_counter()
-                tensors, report = make_new_block([base_block(i) for i in slot.sources], args, options)
-                report_layers.append({"index": index, "sources": list(slot.sources),
-                                      "seconds": time.perf_counter() - layer_start, "matrices": report})
-                _log_progress(log, len(report_layers), len(record["new_layers"]), growth_start,
-                              f"new layer {index} from base {list(slot.sources)}")
-            else:
-                tensors = base_block(slot.sources[0])
-            for key in BLOCK_KEYS:
-                writer.add(f"model.layers.{index}.{key}", tensors[key].to(out_dtype))
-            reader.release()
-        writer.add("model.norm.weight", checked("model.norm.weight"))
-        if not args.tie_word_embeddings:
-            writer.add("lm_head.weight", checked("lm_head.weight"))
-        reader.check_all_read()  # also checks a redundant tied head equals the embeddings (not copied)
-        growth_report = {**record, "options": dataclasses.asdict(options), "base": str(base), "layers": report_layers}
-        writer.finish(grown_args.to_hf(), copy_files_from=base,
-                      extra_files={"growth_report.json": json.dumps(growth_report, indent=2) + "\n"})
-    log(f"wrote {out} ({len(layout)} layers, new {record['new_layers']}) in {time.perf_counter() - growth_start:.1f}s")
-    return growth_report
-
-
-# ----------------------------------------------------------------------------------------------
-# Command line
-
-
-def _int_list(text: str) -> list[int]:
-    try:
-        return [int(x) for x in text.split(",") if x.strip()]
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
-
-
-def _size(text: str) -> int:
-    try:
-        return parse_size(text)
-    except ValueError as e:
-        raise argparse.ArgumentTypeError(str(e)) from None
-
-
-def _finite_float(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        value = math.nan
-    if not math.isfinite(value):
-        raise argparse.ArgumentTypeError(f"expected a finite number, got {text!r}")
-    return value
-
-
-def build_parser() -> argparse.ArgumentParser:
-    p = OneLineArgumentParser(prog="opt-deus", description="Grow a LLaMA checkpoint by inserting new layers "
-                              "(OpT-DeUS and baselines). Hugging Face folder in, Hugging Face folder out.",
-                              formatter_class=argparse.ArgumentDefaultsHelpFormatter,
-                              epilog="Exit codes: 0 written; 2 a bad request (one line on stderr, nothing "
-                                     "written, no input touched); 130/143 stopped by SIGINT/SIGTERM (the "
-                                     "partial output is deleted). --out may not be, contain or lie inside --base.")
-    p.add_argument("--base", required=True, help="base model: a Hugging Face LLaMA folder")
-    p.add_argument("--out", required=True, help="output folder for the grown model")
-    p.add_argument("--method", choices=METHODS, default=GrowthOptions.method, help="how new layers are made")
-    p.add_argument("--new-layers", type=positive_int, default=None, help="how many layers to add (K)")
-    p.add_argument("--position", choices=POSITIONS, default="top",
-                   help="where the K new layers go (llama-pro: uniform is LLaMA Pro's block expansion, a copy "
-                        "after the last layer of each of K groups)")
-    p.add_argument("--insert-after", type=_int_list, default=None,
-                   help="explicit base-layer indices i (a new layer between i and i+1; llama-pro: a copy of i "
-                        "right after it, the top layer included), e.g. 7,9,11")
-    p.add_argument("--align", choices=ALIGNMENTS, default=GrowthOptions.align,
-                   help="alignment for --method opt; published reproduces the public code's float32 numbers "
-                        "(a reproduction, not a recommendation: its solver aborts on real weights)")
-    p.add_argument("--epsilon", type=_finite_float, default=GrowthOptions.epsilon,
-                   help="Sinkhorn regularisation; 0 = exact assignment (small problems only); None: the "
-                        f"alignment's default {DEFAULT_EPSILON} (structured: relative to the mean cost)")
-    p.add_argument("--normalize-plan", action=argparse.BooleanOptionalAction, default=GrowthOptions.normalize_plan,
-                   help="scale the plan by n (OT fusion: columns sum to 1); --no-normalize-plan keeps the public "
-                        "code's raw plan (always so under --align published)")
-    p.add_argument("--zero-init", action=argparse.BooleanOptionalAction, default=GrowthOptions.zero_init,
-                   help="zero o_proj and down_proj of new layers; None: on for opt and llama-pro, off otherwise")
-    p.add_argument("--max-iter", type=positive_int, default=GrowthOptions.max_iter,
-                   help="Sinkhorn iterations at most, per plan")
-    p.add_argument("--tol", type=_finite_float, default=GrowthOptions.tol,
-                   help="Sinkhorn stops at this relative marginal error (--align published: POT's own stopping rule)")
-    p.add_argument("--strict", action="store_true", default=GrowthOptions.strict,
-                   help="fail if a Sinkhorn plan does not converge")
-    p.add_argument("--device", default="cpu", help="where the alignment is computed (cpu, cuda, cuda:1, ...)")
-    p.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), default=None,
-                   help="dtype of the written weights; None keeps the base checkpoint's")
-    p.add_argument("--max-marginal-error", type=float, default=GrowthOptions.max_marginal_error,
-                   help="refuse a transport plan whose relative marginal error is beyond this (inf: accept any)")
-    p.add_argument("--max-shard-size", type=_size, default="5GB", help="safetensors shard size of the output")
-    p.add_argument("--overwrite", action="store_true",
-                   help="replace a non-empty --out (never one that is, contains or is inside --base)")
-    return p
-
-
-def main(argv=None) -> int:
-    flags = build_parser().parse_args(argv)
-    try:
-        check_device(flags.device)
-        options = GrowthOptions(method=flags.method, align=flags.align, epsilon=flags.epsilon,
-                                zero_init=flags.zero_init, normalize_plan=flags.normalize_plan,
-                                max_iter=flags.max_iter, tol=flags.tol, strict=flags.strict,
-                                max_marginal_error=flags.max_marginal_error)
-        grow_checkpoint(flags.base, flags.out, flags.new_layers, position=flags.position,
-                        insert_after=flags.insert_after, options=options, device=flags.device,
-                        dtype=getattr(torch, flags.dtype) if flags.dtype else None,
-                        overwrite=flags.overwrite, max_shard_size=flags.max_shard_size,
-                        log=lambda message: print(message, file=sys.stderr, flush=True))
-    except (GrowthError, CheckpointError, SinkhornError, ValueError) as e:
-        return _fail(str(e))
-    except OSError as e:  # an unwritable or full output location, a file vanishing under us
-        return _fail(f"{e.filename or flags.out}: {e.strerror or e}")
-    except KeyboardInterrupt:
-        return _fail("stopped by SIGINT; nothing written", 130)
-    except Interrupted as e:
-        return _fail(f"{e}; nothing written", 128 + e.signum)
-    return 0
-
-
-def _fail(message: str, code: int = 2) -> int:
-    print(f"opt-deus: error: {' '.join(message.split())}", file=sys.stderr)
-    return code
-
-
-if __name__ == "__main__":
-    sys.exit(main())
+    return grown, {**record, "layers": reports}

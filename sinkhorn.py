@@ -321,7 +321,7 @@ def plan_sharpness(plan: Tensor, b: Tensor | None = None) -> Tensor:
 
 def published_sinkhorn(cost: Tensor, epsilon: float = 0.06, max_iter: int = 10000,
                        stop_threshold: float = 1e-9) -> tuple[Tensor, dict]:
-    # The paper's code's solver, POT 0.9's `sinkhorn_knopp`, for `--align published` (docs/ALIGNMENT.md): cost
+    # The paper's code's solver, POT 0.9's `sinkhorn_knopp`, for align="published" (docs/ALIGNMENT.md): cost
     # (n, m) -> plan diag(u) K diag(v), K = exp(-cost/eps), and stats. POT's operations in its order, so its float32
     # numbers: v = b / (K^T u), u = 1 / ((K / a) v); a zero in K^T u or NaN/inf in u, v keeps the previous (u, v)
     # and stops; every 10 iterations it stops if ||P^T 1 - b||_2 < stop_threshold.

@@ -21,7 +21,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from model import BLOCK_KEYS, CheckpointReader  # noqa: E402
+from opt_deus_tool.checkpoint import BLOCK_KEYS, CheckpointReader  # noqa: E402
 from opt_deus import GrowthOptions, make_new_block  # noqa: E402
 
 # Which of structured alignment's plans move each weight's rows or columns.

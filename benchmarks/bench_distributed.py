@@ -30,7 +30,8 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 import train  # noqa: E402
 from experiments.common import cpu_model  # noqa: E402
-from model import ModelArgs, Transformer, expected_shapes  # noqa: E402
+from model import ModelArgs, Transformer  # noqa: E402
+from opt_deus_tool.checkpoint import expected_shapes  # noqa: E402
 
 LLAMA_31_8B = dict(vocab_size=128256, hidden_size=4096, intermediate_size=14336, num_attention_heads=32,
                    num_key_value_heads=8, head_dim=128, tie_word_embeddings=False)
@@ -180,7 +181,7 @@ def main(argv=None) -> int:
 
 if __name__ == "__main__":
     code = main()
-    if "WORLD_SIZE" in os.environ:  # a torchrun worker: no interpreter teardown (see the end of train.py)
+    if "WORLD_SIZE" in os.environ:  # a torchrun worker: no interpreter teardown (see opt_deus_tool/train_cli.py's main)
         sys.stdout.flush()
         sys.stderr.flush()
         os._exit(code)

@@ -22,7 +22,9 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from experiments.common import cpu_model  # noqa: E402
-from model import CheckpointWriter, ModelArgs, expected_shapes  # noqa: E402
+from model import ModelArgs  # noqa: E402
+from opt_deus_tool.checkpoint import CheckpointWriter, expected_shapes  # noqa: E402
+from opt_deus_tool.hf_config import args_from_config, config_from_args  # noqa: E402
 
 PRESETS = {
     "llama-8b": dict(vocab_size=128256, hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
@@ -50,23 +52,24 @@ def make_random_checkpoint(preset: str, path: Path, dtype=torch.bfloat16, device
             else:
                 tensor = (torch.randn(shape, generator=generator, device=device) * 0.02).to(dtype).cpu()
             writer.add(key, tensor.to(dtype))
-        writer.finish(args.to_hf())
+        writer.finish(config_from_args(args))
     return path
 
 
 def checkpoint_bytes_float32(path: Path) -> int:
     config = json.loads((path / "config.json").read_text())
-    args = ModelArgs.from_hf(config)
+    args = args_from_config(config)
     return sum(4 * torch.Size(s).numel() for s in expected_shapes(args).values())
 
 
 def run_growth(base: Path, out: Path, extra: list[str], threads: int | None = None) -> dict:
-    command = [sys.executable, str(ROOT / "opt_deus.py"), "--base", str(base), "--out", str(out), "--overwrite", *extra]
+    command = [sys.executable, "-m", "opt_deus_tool.grow_cli", "--base", str(base), "--out", str(out), "--overwrite",
+               *extra]
     # On a small shared CPU, OpenMP threads spinning against other processes can slow a solve
     # 100-fold; --threads 1 gives numbers that do not depend on what else the machine runs.
     env = {**os.environ, **({"OMP_NUM_THREADS": str(threads)} if threads else {})}
     start = time.perf_counter()
-    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
+    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env, cwd=ROOT)
     output = process.stdout.read()
     # wait4 reaps this child alone and gives its own peak resident memory (KiB on Linux).
     _, status, usage = os.wait4(process.pid, 0)

@@ -35,11 +35,11 @@ def before_dir(path: Path) -> Path:
 
 
 def grow(base: Path, out: Path, align: str, solver_dir: Path | None) -> float:
-    argv = ["opt_deus.py", "--base", str(base), "--out", str(out), "--overwrite", "--method", "opt", "--align", align,
+    argv = ["opt-deus", "--base", str(base), "--out", str(out), "--overwrite", "--method", "opt", "--align", align,
             "--new-layers", "15", "--position", "top"]
     prelude = f"sys.path.insert(0, {str(solver_dir)!r}); " if solver_dir else ""
     code = (f"import sys, runpy; {prelude}sys.argv = {argv!r}; "
-            f"runpy.run_path({str(ROOT / 'opt_deus.py')!r}, run_name='__main__')")
+            f"runpy.run_module('opt_deus_tool.grow_cli', run_name='__main__')")
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     start = time.perf_counter()
     done = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True)

@@ -54,9 +54,9 @@ def real_costs(layer: int) -> dict[str, tuple[torch.Tensor, float]]:
     from safetensors import safe_open
     from smollm2 import cached_smollm2_dir
 
-    from model import ModelArgs
+    from opt_deus_tool.hf_config import args_from_config
     folder = cached_smollm2_dir()
-    args = ModelArgs.from_hf(json.loads((folder / "config.json").read_text()))
+    args = args_from_config(json.loads((folder / "config.json").read_text()))
     with safe_open(str(folder / "model.safetensors"), "pt") as f:
         def block(i):
             p = f"model.layers.{i}."

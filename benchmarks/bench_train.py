@@ -24,6 +24,8 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import train  # noqa: E402
 from model import ModelArgs, Transformer  # noqa: E402
+from opt_deus_tool.checkpoint import hf_key  # noqa: E402
+from opt_deus_tool.hf_config import config_from_args  # noqa: E402
 
 PRESETS = {
     # Llama-3.2-1B grown from 16 to 24 layers; 4 x 2048 tokens a step.
@@ -93,12 +95,12 @@ def bench_ours(args: ModelArgs, spec, tokens, device, cfg: train.TrainConfig, co
 def bench_hf(args: ModelArgs, spec, tokens, device, cfg: train.TrainConfig, source: Transformer, warmup, steps,
              compile_: bool = False, backend: str = "inductor"):
     import transformers
-    config = transformers.LlamaConfig(**args.to_hf())
+    config = transformers.LlamaConfig(**config_from_args(args))
     config._attn_implementation = "sdpa"
     with torch.device(device):  # its random init runs on the device (1B on a CPU: many seconds); replaced below
         hf = transformers.LlamaForCausalLM(config)
     # The very same weights as ours (HF names are ours with a "model." prefix).
-    missing, unexpected = hf.load_state_dict(dict(source.hf_state()), strict=False)
+    missing, unexpected = hf.load_state_dict({hf_key(k): v for k, v in source.state_dict().items()}, strict=False)
     assert not unexpected and all(k == "lm_head.weight" for k in missing), (missing, unexpected)
     layers = list(range(args.num_hidden_layers)) if spec == "all" else spec
     for name, p in hf.named_parameters():

@@ -150,17 +150,20 @@ def section_hardware(shapes: Shapes, device, results, context):
 def section_parity(shapes: Shapes, device, results, context):
     import transformers
     from model import ModelArgs, Transformer
+    from opt_deus_tool.checkpoint import hf_key
+    from opt_deus_tool.hf_config import config_from_args
     args = ModelArgs(**shapes.parity_model)
     ours = Transformer(args).init_weights(torch.Generator().manual_seed(0))
     with torch.no_grad():  # non-trivial norm gains, so a swapped or missing norm shows
         for name, p in ours.named_parameters():
             if name.endswith("norm.weight"):
                 p.uniform_(0.5, 1.5, generator=torch.Generator().manual_seed(1))
-    config = transformers.LlamaConfig(**args.to_hf())
+    config = transformers.LlamaConfig(**config_from_args(args))
     config._attn_implementation = "sdpa"
     with torch.device(device):  # its own random init on the device (fast); overwritten just below
         hf = transformers.LlamaForCausalLM(config)
-    missing, unexpected = hf.load_state_dict(dict(ours.hf_state()), strict=False)
+    missing, unexpected = hf.load_state_dict({hf_key(k): v for k, v in ours.state_dict().items()},
+                                             strict=False)
     assert not unexpected and all(k == "lm_head.weight" for k in missing), (missing, unexpected)
     batch, length = shapes.parity_tokens
     tokens = torch.randint(0, args.vocab_size, (batch, length), generator=torch.Generator().manual_seed(2)).to(device)
@@ -319,13 +322,14 @@ def measure_pair(shapes: Shapes, args, spec, tokens, device, cfg, source, compil
 def section_train(shapes: Shapes, device, results, context):
     import train
     from model import ModelArgs, Transformer
+    from opt_deus_tool.hf_config import config_from_args
     preset = shapes.train_shape
     args = ModelArgs(**preset["model"])
     B, T = preset["batch_size"], preset["block_size"]
     tokens = torch.randint(0, args.vocab_size, (B, T + 1), generator=torch.Generator().manual_seed(0)).to(device)
     cfg = train.TrainConfig(lr=1e-5, warmup_steps=0, grad_clip=1.0)
     new = top_new_layers(args.num_hidden_layers, shapes.train_new_layers)
-    results.update(model={k: args.to_hf()[k] for k in ("num_hidden_layers", "hidden_size", "vocab_size")},
+    results.update(model={k: config_from_args(args)[k] for k in ("num_hidden_layers", "hidden_size", "vocab_size")},
                    batch=[B, T], new_layers=new, rounds=shapes.train_rounds, steps_per_round=shapes.train_steps,
                    groups=[])
     source = Transformer(args).init_weights(torch.Generator().manual_seed(0))  # transformers copies these weights

@@ -18,8 +18,8 @@ from pathlib import Path
 
 import torch
 
-from model import AtomicFolder, write_text_atomic
 from opt_deus import GrowthError, GrowthOptions, grow
+from opt_deus_tool.atomic import AtomicFolder, write_text_atomic
 
 # The methods compared (the study's arms), by the name used in tables and file names -> GrowthOptions
 # fields. Zero-init follows opt_deus.ZERO_INIT_DEFAULT (on for opt and llama-pro, off for avg and
@@ -95,7 +95,7 @@ def grow_by_name(model, name: str, num_new: int, position: str):
 @contextlib.contextmanager
 def output_folder(out):
     """Yields a temporary folder beside `out`; on success it replaces `out`, on error it is deleted."""
-    # model.AtomicFolder: the project's one temp-folder-then-rename writer (an existing folder is
+    # opt_deus_tool.atomic.AtomicFolder: the project's one temp-folder-then-rename writer (an existing folder is
     # moved aside and deleted only once the new one is in place; SIGTERM cleans up too).
     with AtomicFolder(out, overwrite=True) as folder:
         yield folder.tmp

@@ -54,9 +54,12 @@ from experiments.common import (METHODS, ExperimentError, environment, fmt,  # n
                                 fmt_interval, fmt_pm, grow_by_name, growth_options, map_jobs, markdown_table,
                                 mean_std, paired_comparisons, parse_list, plot_paired_curves,
                                 reproducibility, run_cli, run_study, stamp_jsonl, write_json)
-from model import CheckpointError, ModelArgs, Transformer  # noqa: E402
+from model import ModelArgs, Transformer  # noqa: E402
 from opt_deus import POSITIONS  # noqa: E402
-from train import TrainConfig, TrainError, ByteTokenizer, evaluate, train  # noqa: E402
+from opt_deus_tool import CheckpointError  # noqa: E402
+from opt_deus_tool.data import ByteTokenizer  # noqa: E402
+from opt_deus_tool.runs import train_run  # noqa: E402
+from train import TrainConfig, TrainError, evaluate  # noqa: E402
 
 EOS = ByteTokenizer.eos_id  # 256: ids 0..255 are bytes, 256 separates files
 # Folders under the stdlib path that are not the standard library's own modules, or are test data
@@ -238,8 +241,7 @@ def train_config(config: CompareConfig, steps: int, lr: float, trainable, seed: 
                 batch_tokens=config.batch_size * config.block_size, micro_batch_size=config.batch_size,
                 block_size=config.block_size, trainable=trainable, eval_every=config.check_every,
                 eval_batches=math.ceil(config.eval_blocks / config.batch_size),
-                log_every=max(1, min(steps, 100) // 2), seed=seed, device=config.device, checkpoint_every=0,
-                out_dir=None)
+                log_every=max(1, min(steps, 100) // 2), seed=seed, device=config.device, checkpoint_every=0)
     return TrainConfig(**{**base, **kw})
 
 
@@ -278,14 +280,14 @@ def train_base(base: Transformer, train_tokens, eval_tokens, config: CompareConf
     t0 = time.perf_counter()
     # decay_fraction 0: constant lr after warmup, for as long as it takes.
     cfg = train_config(config, config.base_max_steps, config.base_lr, "all", seed, warmup_steps=config.base_warmup,
-                       decay_fraction=0.0, checkpoint_every=0, keep_checkpoints=1)
+                       decay_fraction=0.0, checkpoint_every=0)
     curve, step, checkpoint = [], 0, None
     with tempfile.TemporaryDirectory(prefix="opt-deus-base-") as tmp:
-        cfg = dataclasses.replace(cfg, out_dir=tmp)
+        folder = dict(out_dir=tmp, keep_checkpoints=1, metrics_path=metrics, log=log)
         while step < config.base_max_steps:
             stop = min(step + config.check_every, config.base_max_steps)
-            r = checked(train(base, train_tokens, dataclasses.replace(cfg, stop_after=stop), eval_tokens,
-                              metrics_path=metrics, log=log, resume_from=checkpoint))
+            r = checked(train_run(base, train_tokens, dataclasses.replace(cfg, stop_after=stop), eval_tokens,
+                                  resume_from=checkpoint, **folder))
             step, checkpoint = r.step, r.checkpoint
             curve += [(e["step"], e["eval_loss"]) for e in r.evals if not curve or e["step"] > curve[-1][0]]
             if flat_at(curve, config.flat_window, config.flat_tol):
@@ -296,9 +298,9 @@ def train_base(base: Transformer, train_tokens, eval_tokens, config: CompareConf
         anneal = round(config.anneal_fraction * step)
         if anneal:
             total = step + anneal
-            r = checked(train(base, train_tokens, dataclasses.replace(cfg, steps=total, decay_fraction=anneal / total,
-                                                                      stop_after=None, eval_every=0),
-                              eval_tokens, metrics_path=metrics, log=log, resume_from=checkpoint))
+            anneal_cfg = dataclasses.replace(cfg, steps=total, decay_fraction=anneal / total, stop_after=None,
+                                             eval_every=0)
+            r = checked(train_run(base, train_tokens, anneal_cfg, eval_tokens, resume_from=checkpoint, **folder))
             curve += [(e["step"], e["eval_loss"]) for e in r.evals if e["step"] > curve[-1][0]]
     return {"constant_lr_steps": step, "anneal_steps": anneal, "steps": step + anneal, "flattened": flattened,
             "curve": [{"step": s, "loss": l} for s, l in curve], "seconds": time.perf_counter() - t0}
@@ -384,9 +386,9 @@ def run_seed(config: CompareConfig, seed: int, runs_dir: str | None, log=print, 
                                   f"at the base function")
         log(f"{name}: grew {config.layers} -> {len(grown.layers)} layers in {grow_s:.1f}s (new layers "
             f"{report['new_layers']}); held-out loss after growth {after_growth['loss']:.4f}")
-        r = checked(train(grown, train_tokens, train_config(config, config.grow_steps, config.grow_lr, config.trainable,
-                                                              grow_seed), eval_tokens,
-                          metrics_path=metrics(name), log=lambda *a: log(f"[{name}]", *a)))
+        r = checked(train_run(grown, train_tokens, train_config(config, config.grow_steps, config.grow_lr,
+                                                                config.trainable, grow_seed), eval_tokens,
+                              metrics_path=metrics(name), log=lambda *a: log(f"[{name}]", *a)))
         finish(name)
         evals = [{"step": e["step"], "loss": e["eval_loss"]} for e in r.evals]
         after = held_out(grown, eval_tokens, config)
@@ -402,9 +404,9 @@ def run_seed(config: CompareConfig, seed: int, runs_dir: str | None, log=print, 
 
     if config.reference and only in (None, REFERENCE):
         reference = copy.deepcopy(base)
-        r = checked(train(reference, train_tokens, train_config(config, config.grow_steps, config.grow_lr, "all",
-                                                                  grow_seed), eval_tokens,
-                          metrics_path=metrics(REFERENCE), log=lambda *a: log(f"[{REFERENCE}]", *a)))
+        r = checked(train_run(reference, train_tokens, train_config(config, config.grow_steps, config.grow_lr, "all",
+                                                                      grow_seed), eval_tokens,
+                              metrics_path=metrics(REFERENCE), log=lambda *a: log(f"[{REFERENCE}]", *a)))
         finish(REFERENCE)
         evals = [{"step": e["step"], "loss": e["eval_loss"]} for e in r.evals]
         after = held_out(reference, eval_tokens, config)

@@ -50,10 +50,13 @@ from experiments.common import (METHODS, ExperimentError, ema, environment, fmt,
                                 mean_std, new_figure, paired_comparisons, parse_list,
                                 plot_paired_curves, reproducibility, run_cli, run_study, save_figure, stamp_jsonl,
                                 write_json)
-from model import CheckpointError, Transformer  # noqa: E402
+from model import Transformer  # noqa: E402
 from opt_deus import POSITIONS  # noqa: E402
-from train import (HFTokenizer, TrainConfig, TrainError, evaluate, iter_documents, list_data_files,  # noqa: E402
-                   load_tokenizer, resolve_device, train)
+from opt_deus_tool import CheckpointError  # noqa: E402
+from opt_deus_tool.checkpoint import load_pretrained  # noqa: E402
+from opt_deus_tool.data import HFTokenizer, iter_documents, list_data_files, load_tokenizer  # noqa: E402
+from opt_deus_tool.runs import train_run  # noqa: E402
+from train import TrainConfig, TrainError, evaluate, resolve_device  # noqa: E402
 
 # Settings that differ between the presets; every other option has one default. Each is a flag too.
 PRESETS = {
@@ -223,7 +226,7 @@ def prepare(config: SmolConfig, log) -> Prepared:
     if not isinstance(tokenizer, HFTokenizer):
         raise ExperimentError(f"{config.base}: no tokenizer.json (or the tokenizers package is missing)")
     train_tokens, eval_tokens, data_info = load_tokens(config, tokenizer)
-    base = Transformer.from_pretrained(config.base, dtype=torch.float32, device=device)
+    base = load_pretrained(config.base, dtype=torch.float32, device=device)
     if base.args.vocab_size < tokenizer.vocab_size:
         raise ExperimentError(f"{config.base}: tokenizer has {tokenizer.vocab_size} tokens, "
                               f"model {base.args.vocab_size}")
@@ -252,8 +255,8 @@ def run_arm(prepared: Prepared, config: SmolConfig, method: str, position: str, 
     for seed in config.seeds:
         model = copy.deepcopy(grown)
         metrics = Path(runs_dir) / f"{name}-seed{seed}.jsonl" if runs_dir else None
-        r = train(model, p.train_tokens, train_config(config, seed, p.data_info["eval_blocks"]), p.eval_tokens,
-                  metrics_path=metrics, log=lambda *a: log(f"[{name} seed {seed}]", *a))
+        r = train_run(model, p.train_tokens, train_config(config, seed, p.data_info["eval_blocks"]), p.eval_tokens,
+                      metrics_path=metrics, log=lambda *a: log(f"[{name} seed {seed}]", *a))
         if r.stopped is not None:  # Ctrl-C / SIGTERM: train() returned early; do not tabulate it
             raise KeyboardInterrupt(r.stopped)
         if metrics is not None:

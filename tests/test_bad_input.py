@@ -28,10 +28,16 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-import opt_deus
 import train
-from model import CheckpointError, CheckpointWriter, ModelArgs, Transformer, parse_size
-from opt_deus import GrowthError, GrowthOptions, grow, grow_checkpoint
+from model import ModelArgs, Transformer
+from opt_deus import GrowthError, GrowthOptions, grow
+from opt_deus_tool import CheckpointError
+from opt_deus_tool import eval_cli, grow_cli, train_cli
+from opt_deus_tool.atomic import SCRATCH_HOST
+from opt_deus_tool.checkpoint import CheckpointWriter, load_pretrained, parse_size, save_pretrained
+from opt_deus_tool.eval_cli import evaluate_text
+from opt_deus_tool.grow_cli import grow_checkpoint
+from opt_deus_tool.runs import find_checkpoints, train_run
 
 REPO = Path(__file__).resolve().parents[1]
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
@@ -95,7 +101,7 @@ def ws(tmp_path_factory):
     root = tmp_path_factory.mktemp("workspace")
     cache = tmp_path_factory.mktemp("token_cache")  # outside the hashed workspace: a cache may fill
     base = root / "base"
-    tiny_model().save_pretrained(base)
+    save_pretrained(tiny_model(), base)
     data = root / "data"
     data.mkdir()
     rng = np.random.default_rng(0)
@@ -106,8 +112,8 @@ def ws(tmp_path_factory):
     (root / "notes").mkdir()  # a folder of the user's that is no model
     (root / "notes" / "todo.txt").write_text("keep me")
 
-    tiny_model(vocab=1000).save_pretrained(root / "big_vocab")  # a real-size vocabulary, no tokenizer.json
-    tiny_model(eos_token_id=0).save_pretrained(root / "other_tokenizer")
+    save_pretrained(tiny_model(vocab=1000), root / "big_vocab")  # a real-size vocabulary, no tokenizer.json
+    save_pretrained(tiny_model(eos_token_id=0), root / "other_tokenizer")
     word_level_tokenizer(root / "other_tokenizer" / "tokenizer.json")
 
     for name, edit in [("config_list", lambda c: [c]),
@@ -126,10 +132,10 @@ def ws(tmp_path_factory):
     edit_tensors(root / "huge", lambda t: t["model.layers.0.self_attn.q_proj.weight"].mul_(1e7))
 
     # Earlier outputs: a grown model and a training run stopped at step 2 of 4 (checkpoints 1 and 2).
-    assert opt_deus.main(["--base", str(base), "--out", str(root / "grown"), "--new-layers", "2"]) == 0
-    code, _, err = call(train.main, ["--model", base, "--data", data / "text.txt", "--out", root / "runA",
-                                     "--cache-dir", cache, *TINY, "--steps", 4, "--stop-after", 2,
-                                     "--checkpoint-every", 1])
+    assert grow_cli.main(["--base", str(base), "--out", str(root / "grown"), "--new-layers", "2"]) == 0
+    code, _, err = call(train_cli.main, ["--model", base, "--data", data / "text.txt", "--out", root / "runA",
+                                         "--cache-dir", cache, *TINY, "--steps", 4, "--stop-after", 2,
+                                         "--checkpoint-every", 1])
     assert code == 0, err
     # A folder holding a checkpoint of runA beside one of another run (a checkpoint copied in).
     for step in (1, 2):
@@ -214,9 +220,9 @@ OPT_DEUS_IDS = [c[0] for c in opt_deus_cases({"root": Path("r"), "base": Path("b
 
 def test_opt_deus_never_replaces_the_working_directory(ws, monkeypatch):
     monkeypatch.chdir(ws["data"])
-    assert_refused(ws, opt_deus.main, ["--base", ws["base"], "--new-layers", 2, "--out", ".", "--overwrite"],
+    assert_refused(ws, grow_cli.main, ["--base", ws["base"], "--new-layers", 2, "--out", ".", "--overwrite"],
                    "is the current directory")
-    assert_refused(ws, opt_deus.main, ["--base", ws["base"], "--new-layers", 2, "--out", "", "--overwrite"],
+    assert_refused(ws, grow_cli.main, ["--base", ws["base"], "--new-layers", 2, "--out", "", "--overwrite"],
                    "is the current directory")
 
 
@@ -225,26 +231,25 @@ def test_opt_deus_bad_input(ws, case):
     if not (ws["root"] / "link_to_base").exists():
         (ws["root"] / "link_to_base").symlink_to(ws["base"], target_is_directory=True)
     _, argv, match = next(c for c in opt_deus_cases(ws) if c[0] == case)
-    assert_refused(ws, opt_deus.main, argv, match)
+    assert_refused(ws, grow_cli.main, argv, match)
 
 
 def test_opt_deus_accepts_far_plans_only_when_asked(ws, tmp_path):
     out = tmp_path / "grown"
     argv = ["--base", ws["base"], "--new-layers", 2, "--epsilon", 1e-3, "--max-iter", 3]
-    assert call(opt_deus.main, [*argv, "--out", out, "--max-marginal-error", "inf"])[0] == 0
+    assert call(grow_cli.main, [*argv, "--out", out, "--max-marginal-error", "inf"])[0] == 0
     assert (out / "model.safetensors").is_file()
 
 
 def test_opt_deus_removes_stale_temporary_folders(ws, tmp_path):
     # A run killed by SIGKILL leaves its temporary folder; the next run into the same place removes it
     # (a live process's, or another host's, would be left alone).
-    from model import SCRATCH_HOST
     stale = tmp_path / f".grown.tmp-{SCRATCH_HOST}-999999999"
     stale.mkdir()
     (stale / "model.safetensors").write_bytes(b"half")
     other_host = tmp_path / ".grown.tmp-otherhost-999999999"
     other_host.mkdir()
-    assert call(opt_deus.main, ["--base", ws["base"], "--new-layers", 2, "--out", tmp_path / "grown"])[0] == 0
+    assert call(grow_cli.main, ["--base", ws["base"], "--new-layers", 2, "--out", tmp_path / "grown"])[0] == 0
     assert not stale.exists() and other_host.exists()
     assert sorted(p.name for p in tmp_path.iterdir()) == [".grown.tmp-otherhost-999999999", "grown"]
 
@@ -335,7 +340,7 @@ TRAIN_IDS = [c[0] for c in train_cases({k: Path(k) for k in ("root", "base", "te
 @pytest.mark.parametrize("case", TRAIN_IDS)
 def test_train_bad_input(ws, case):
     _, argv, match = next(c for c in train_cases(ws) if c[0] == case)
-    assert_refused(ws, train.main, argv, match)
+    assert_refused(ws, train_cli.main, argv, match)
 
 
 def test_resumed_copy_writes_only_into_its_own_folder(ws, tmp_path):
@@ -344,17 +349,16 @@ def test_resumed_copy_writes_only_into_its_own_folder(ws, tmp_path):
     shutil.copytree(ws["runA"], run_b)
     # What a run killed by SIGKILL left in its folder (a checkpoint this run will not write again, a
     # run.json) is removed; another host's is left alone.
-    from model import SCRATCH_HOST
     stale = [run_b / f".checkpoint-000009.tmp-{SCRATCH_HOST}-999999999",
              run_b / f".run.json.tmp-{SCRATCH_HOST}-999999999"]
     stale[0].mkdir()
     stale[1].write_text("{")
     (run_b / ".checkpoint-000009.tmp-otherhost-999999999").mkdir()
     before = tree_hash(ws["root"])
-    code, out, err = call(train.main, ["--resume", run_b, "--cache-dir", ws["cache"], "--keep-checkpoints", 1])
+    code, out, err = call(train_cli.main, ["--resume", run_b, "--cache-dir", ws["cache"], "--keep-checkpoints", 1])
     assert code == 0, err
     assert tree_hash(ws["root"]) == before
-    assert [c.name for c in train.find_checkpoints(run_b)] == ["checkpoint-000004"]
+    assert [c.name for c in find_checkpoints(run_b)] == ["checkpoint-000004"]
     assert not any(p.exists() for p in stale) and (run_b / ".checkpoint-000009.tmp-otherhost-999999999").is_dir()
     assert json.loads((run_b / "run.json").read_text())["config"]["out_dir"] == str(run_b)
     assert json.loads(out.strip().splitlines()[-1])["step"] == 4
@@ -395,12 +399,12 @@ EVAL_IDS = [c[0] for c in eval_cases({k: Path(k) for k in ("root", "base", "text
 @pytest.mark.parametrize("case", EVAL_IDS)
 def test_eval_bad_input(ws, case):
     _, argv, match = next(c for c in eval_cases(ws) if c[0] == case)
-    assert_refused(ws, train.eval_main, argv, match)
+    assert_refused(ws, eval_cli.main, argv, match)
 
 
 def test_eval_shows_progress(ws):
-    code, out, err = call(train.eval_main, ["--model", ws["base"], "--text", ws["text"], "--block-size", 32,
-                                            "--device", "cpu"])
+    code, out, err = call(eval_cli.main, ["--model", ws["base"], "--text", ws["text"], "--block-size", 32,
+                                          "--device", "cpu"])
     assert code == 0 and "perplexity per token" in out
     assert "eval batch" in err and "eta" in err
 
@@ -413,7 +417,7 @@ def api_cases(ws):
     r, base = ws["root"], ws["base"]
 
     def poisoned(where, tied=True):
-        model = Transformer.from_pretrained(base) if tied else tiny_model(tied=False)
+        model = load_pretrained(base) if tied else tiny_model(tied=False)
         with torch.no_grad():
             dict(model.named_parameters())[where].fill_(math.inf)
         return model
@@ -427,16 +431,16 @@ def api_cases(ws):
         return train.TrainConfig(**{**base_kw, **kw})
 
     return [
-        ("from_pretrained-int32", lambda: Transformer.from_pretrained(r / "int32"), CheckpointError, "floating point"),
-        ("from_pretrained-config-list", lambda: Transformer.from_pretrained(r / "config_list"), CheckpointError,
+        ("from_pretrained-int32", lambda: load_pretrained(r / "int32"), CheckpointError, "floating point"),
+        ("from_pretrained-config-list", lambda: load_pretrained(r / "config_list"), CheckpointError,
          "JSON object"),
-        ("from_pretrained-config-string", lambda: Transformer.from_pretrained(r / "config_string"), CheckpointError,
+        ("from_pretrained-config-string", lambda: load_pretrained(r / "config_string"), CheckpointError,
          "hidden_size"),
-        ("from_pretrained-rope-list", lambda: Transformer.from_pretrained(r / "config_rope_list"), CheckpointError,
+        ("from_pretrained-rope-list", lambda: load_pretrained(r / "config_rope_list"), CheckpointError,
          "rope_parameters"),
-        ("from_pretrained-kv-heads-0", lambda: Transformer.from_pretrained(r / "config_kv_zero"), CheckpointError,
+        ("from_pretrained-kv-heads-0", lambda: load_pretrained(r / "config_kv_zero"), CheckpointError,
          "num_key_value_heads"),
-        ("from_pretrained-tie-text", lambda: Transformer.from_pretrained(r / "config_tie_text"), CheckpointError,
+        ("from_pretrained-tie-text", lambda: load_pretrained(r / "config_tie_text"), CheckpointError,
          "tie_word_embeddings"),
         ("grow-inf-embeddings", lambda: grow(poisoned("embed_tokens.weight"), 2), GrowthError, "NaN or inf"),
         ("grow-inf-norm", lambda: grow(poisoned("norm.weight"), 2), GrowthError, "NaN or inf"),
@@ -449,22 +453,22 @@ def api_cases(ws):
         ("options-epsilon-nan", lambda: GrowthOptions(epsilon=math.nan), GrowthError, "epsilon"),
         ("options-tol-0", lambda: GrowthOptions(tol=0), GrowthError, "tol"),
         ("grow_checkpoint-out-is-base", lambda: grow_checkpoint(base, base, 2, overwrite=True, log=print),
-         CheckpointError, "is the input --base"),
-        ("save_pretrained-over-its-source", lambda: Transformer.from_pretrained(base).save_pretrained(
-            base, copy_files_from=base), CheckpointError, "is the input"),
+         CheckpointError, "is the input `base`"),
+        ("save_pretrained-over-its-source", lambda: save_pretrained(
+            load_pretrained(base), base, copy_files_from=base), CheckpointError, "is the input"),
         ("writer-target-is-a-file", lambda: CheckpointWriter(r / "a_file.txt", overwrite=True), CheckpointError,
          "is a file"),
         ("writer-float16-overflow", lambda: _write_overflow(r / "o"), CheckpointError, "not finite"),
         ("parse_size-text", lambda: parse_size("lots"), ValueError, "not a size"),
-        ("train-keep-checkpoints-negative", lambda: train.train(tiny_model(), tokens(), cfg(keep_checkpoints=-1)),
-         train.TrainError, "--keep-checkpoints"),
+        ("train-keep-checkpoints-negative", lambda: train_run(tiny_model(), tokens(), cfg(), keep_checkpoints=-1),
+         train.TrainError, "`keep_checkpoints`"),
         ("train-batch-tokens-0", lambda: train.train(tiny_model(), tokens(), cfg(batch_tokens=0)),
-         train.TrainError, "--batch-tokens"),
+         train.TrainError, "`batch_tokens`"),
         ("train-block-beyond-positions", lambda: train.train(tiny_model(), tokens(), cfg(block_size=512,
                                                                                             batch_tokens=1024)),
          train.TrainError, "max_position_embeddings"),
-        ("evaluate_text-block-0", lambda: train.evaluate_text(base, ws["text"], block_size=0), train.TrainError,
-         "--block-size"),
+        ("evaluate_text-block-0", lambda: evaluate_text(base, ws["text"], block_size=0), train.TrainError,
+         "`block_size`"),
     ]
 
 
@@ -492,7 +496,7 @@ def test_api_bad_input(ws, case):
 
 def command(name: str) -> list[str]:
     found = shutil.which(name, path=str(Path(sys.executable).parent))
-    module = {"opt-deus": ["-m", "opt_deus"], "opt-deus-train": ["-m", "train"]}[name]
+    module = {"opt-deus": ["-m", "opt_deus_tool.grow_cli"], "opt-deus-train": ["-m", "opt_deus_tool.train_cli"]}[name]
     return [found] if found else [sys.executable, *module]
 
 
@@ -529,7 +533,7 @@ def test_sigterm_during_growth_leaves_nothing(tmp_path):
     base = tmp_path / "base"
     args = ModelArgs(vocab_size=64, hidden_size=128, intermediate_size=1536, num_hidden_layers=8,
                      num_attention_heads=4, num_key_value_heads=2, head_dim=32)
-    Transformer(args).init_weights(torch.Generator().manual_seed(0)).save_pretrained(base)
+    save_pretrained(Transformer(args).init_weights(torch.Generator().manual_seed(0)), base)
     out = tmp_path / "out"
     proc = subprocess.Popen([*command("opt-deus"), "--base", str(base), "--out", str(out), "--new-layers", "7",
                              "--align", "paper"], env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
@@ -567,7 +571,7 @@ def test_sigterm_during_training_stops_at_the_next_micro_batch(ws, tmp_path):
     step_s = 32 * 2 * 512 / rows[0]["tokens_per_s"]
     assert proc.returncode == 143, stderr
     assert "SIGTERM received: stopping at the next micro-batch" in stderr
-    [checkpoint] = train.find_checkpoints(out)
+    [checkpoint] = find_checkpoints(out)
     assert json.loads((checkpoint / "trainer_state.json").read_text())["step"] == rows[-1]["step"]
     result = json.loads(stdout.strip().splitlines()[-1])
     assert result["stopped"] == "SIGTERM" and result["step"] == rows[-1]["step"] and result["eval_loss"] is None

@@ -1,7 +1,7 @@
 """train.py under torchrun (FSDP2, gloo, 2 CPU processes) computes what one process computes.
 
-Each run is a real `python -m torch.distributed.run` launch of train.py on a tiny random model,
-so these tests also cover process-group setup, sharded checkpoints and signal handling.
+Each run is a real `python -m torch.distributed.run` launch of the training command (`-m opt_deus_tool.train_cli`)
+on a tiny random model, so these tests also cover process-group setup, sharded checkpoints and signal handling.
 """
 
 import json
@@ -18,8 +18,9 @@ import numpy as np
 import pytest
 import torch
 
-import train
 from model import ModelArgs, Transformer
+from opt_deus_tool.checkpoint import load_pretrained, save_pretrained
+from opt_deus_tool.runs import find_checkpoints
 
 REPO = Path(__file__).resolve().parents[1]
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
@@ -52,7 +53,7 @@ def launch(nproc: int, *args) -> list:
     # nproc 1: the plain single-process path (no process group); 2: torchrun with two CPU processes.
     prefix = [] if nproc == 1 else ["-m", "torch.distributed.run", "--nproc_per_node", str(nproc),
                                     "--master_addr", "127.0.0.1", "--master_port", str(free_port())]
-    return [sys.executable, *prefix, str(REPO / "train.py"), *map(str, args)]
+    return [sys.executable, *prefix, "-m", "opt_deus_tool.train_cli", *map(str, args)]
 
 
 def run(nproc: int, *args) -> subprocess.CompletedProcess:
@@ -70,7 +71,7 @@ def losses(out: Path) -> dict[int, float]:
 
 
 def weights(checkpoint: Path) -> dict[str, torch.Tensor]:
-    return Transformer.from_pretrained(checkpoint).state_dict()
+    return load_pretrained(checkpoint).state_dict()
 
 
 @pytest.fixture(scope="module")
@@ -80,7 +81,7 @@ def setup(tmp_path_factory):
     args = ModelArgs(vocab_size=300, hidden_size=32, intermediate_size=64, num_hidden_layers=4,
                      num_attention_heads=4, num_key_value_heads=2, head_dim=8, max_position_embeddings=256)
     args.extra["opt_deus"] = {"new_layers": [1, 3]}
-    Transformer(args).init_weights(torch.Generator().manual_seed(0)).save_pretrained(root / "model")
+    save_pretrained(Transformer(args).init_weights(torch.Generator().manual_seed(0)), root / "model")
     rng = np.random.default_rng(0)
     words = "the quick brown fox jumps over a lazy dog while cats sleep".split()
     (root / "data.txt").write_text("\n".join(" ".join(rng.choice(words, 10)) for _ in range(200)))
@@ -165,7 +166,7 @@ def test_sigterm_to_launcher_leaves_one_resumable_checkpoint(setup, tmp_path):
     proc.send_signal(signal.SIGTERM)
     _, stderr = proc.communicate(timeout=120)
     assert "SIGTERM received" in stderr, stderr[-3000:]
-    [checkpoint] = train.find_checkpoints(out)
+    [checkpoint] = find_checkpoints(out)
     assert not [p for p in out.iterdir() if p.name.startswith(".")]  # no partial folder
     step = json.loads((checkpoint / "trainer_state.json").read_text())["step"]
     assert step >= 1 and max(losses(out)) == step
@@ -177,12 +178,12 @@ def test_sigterm_to_launcher_leaves_one_resumable_checkpoint(setup, tmp_path):
 def test_command_line_under_torchrun_skips_interpreter_teardown(tmp_path):
     # Under torchrun gloo's threads now and then abort a finished rank at interpreter teardown (SIGABRT,
     # and torchrun reports the run failed), so main() leaves with os._exit there, whichever entry point
-    # started it: `python train.py` or the installed opt-deus-train script. An atexit hook shows whether
-    # teardown ran. No --data: refused before any process group, so no launcher is needed.
+    # started it: `python -m opt_deus_tool.train_cli` or the installed opt-deus-train script. An atexit hook
+    # shows whether teardown ran. No --data: refused before any process group, so no launcher is needed.
     (tmp_path / "sitecustomize.py").write_text("import atexit\natexit.register(print, 'teardown ran')\n")
     env = {**ENV, "PYTHONPATH": f"{tmp_path}{os.pathsep}{REPO}"}
     script = shutil.which("opt-deus-train", path=str(Path(sys.executable).parent))
-    entries = [[sys.executable, str(REPO / "train.py")], *([[script]] if script else [])]
+    entries = [[sys.executable, "-m", "opt_deus_tool.train_cli"], *([[script]] if script else [])]
     for entry, torchrun in [(e, True) for e in entries] + [(entries[0], False)]:
         extra = {"WORLD_SIZE": "2", "RANK": "0", "LOCAL_RANK": "0"} if torchrun else {}
         p = subprocess.run([*entry, "--model", tmp_path / "model", "--out", tmp_path / "run"], capture_output=True,

@@ -8,8 +8,9 @@ fusion. These tests pin every tensor of a new layer made by make_new_block (zero
 import pytest
 import torch
 
-from model import BLOCK_KEYS, Block
+from model import Block
 from opt_deus import GrowthOptions, make_new_block
+from opt_deus_tool.checkpoint import BLOCK_KEYS
 from test_opt_deus import permute_block, tiny_args
 
 ARGS = tiny_args(kv_heads=2, group=2, head_dim=4, hidden=16, intermediate=24)
@@ -131,28 +132,3 @@ def test_fused_matrices_are_the_mean_of_the_aligned_and_a_perturbed_permuted_cop
     block = fused([a, b], align=align, epsilon=0.0)
     for key in MATRICES:
         torch.testing.assert_close(block[key], (moved[key] + b[key]) / 2, rtol=0, atol=1e-6, msg=key)
-
-
-def test_fusion_section_runs_with_nothing_but_torch_and_sinkhorn():
-    # opt_deus.py's fusion section is meant to be copied into another project together with sinkhorn.py:
-    # executed on its own, with only torch and sinkhorn importable, its fuse functions give what
-    # opt_deus's give.
-    import opt_deus
-    source = open(opt_deus.__file__).read()
-    start = source.index("# Fusion.")
-    section = source[start:source.index("# Growth options", start)]
-    namespace = {}
-    exec("import torch\nimport torch.nn.functional as F\n"
-         "from sinkhorn import SinkhornError, hard_assignment, plan_sharpness, published_sinkhorn, sinkhorn\n"
-         + section, namespace)
-    assert "ModelArgs" not in namespace and "GrowthOptions" not in namespace
-    a, b = unit_block(11), unit_block(12)
-    heads = ARGS.num_attention_heads, ARGS.num_key_value_heads, ARGS.head_dim
-    pairs = [(namespace["structured_fuse"](a, b, *heads), opt_deus.structured_fuse(a, b, *heads)),
-             (namespace["paper_fuse"](a, b), opt_deus.paper_fuse(a, b)),
-             (namespace["published_fuse"](a, b, max_iter=50), opt_deus.published_fuse(a, b, max_iter=50)),
-             ((namespace["avg_fuse"](a, b), {}), (opt_deus.avg_fuse(a, b), {}))]
-    for (lifted, lifted_report), (ours, report) in pairs:
-        assert lifted_report == report
-        for key in BLOCK_KEYS:
-            assert torch.equal(lifted[key], ours[key]), key

@@ -1,4 +1,4 @@
-"""model.py against transformers' LlamaForCausalLM, and the checkpoint I/O's strictness."""
+"""model.py against transformers' LlamaForCausalLM, and the checkpoint I/O's strictness (opt_deus_tool)."""
 
 import dataclasses
 import json
@@ -11,8 +11,11 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from safetensors.torch import load_file, save_file
 
-from model import (BLOCK_KEYS, CheckpointError, CheckpointReader, CheckpointWriter, ModelArgs, Transformer,
-                   expected_shapes)
+from model import ModelArgs, Transformer
+from opt_deus_tool import CheckpointError
+from opt_deus_tool.checkpoint import (BLOCK_KEYS, CheckpointReader, CheckpointWriter, expected_shapes, hf_key,
+                                      load_pretrained, save_pretrained)
+from opt_deus_tool.hf_config import args_from_config, config_from_args
 
 transformers = pytest.importorskip("transformers")
 
@@ -63,7 +66,7 @@ def test_logits_match_transformers_and_round_trip(drawn, tmp_path_factory):
     config_kwargs, style, seed = drawn
     base_dir = tmp_path_factory.mktemp("hf")
     hf = save_hf_model(config_kwargs, style, seed, base_dir)
-    ours = Transformer.from_pretrained(base_dir, dtype=torch.float32).eval()
+    ours = load_pretrained(base_dir, dtype=torch.float32).eval()
     tokens = torch.randint(0, config_kwargs["vocab_size"], (2, 24), generator=torch.Generator().manual_seed(seed))
     with torch.no_grad():
         expected = hf(tokens).logits
@@ -74,9 +77,9 @@ def test_logits_match_transformers_and_round_trip(drawn, tmp_path_factory):
     total_bytes = sum(p.numel() * p.element_size() for p in ours.state_dict().values())
     for shard_size in ("5GB", total_bytes // 3):
         out = tmp_path_factory.mktemp("ours")
-        ours.save_pretrained(out, max_shard_size=shard_size)
+        save_pretrained(ours, out, max_shard_size=shard_size)
         assert (out / "model.safetensors.index.json").is_file() == (shard_size != "5GB")
-        reloaded = Transformer.from_pretrained(out)
+        reloaded = load_pretrained(out)
         for (name, a), (_, b) in zip(ours.state_dict().items(), reloaded.state_dict().items()):
             assert torch.equal(a, b), name
         assert reloaded.args.rope_scaling == ours.args.rope_scaling
@@ -92,20 +95,20 @@ def test_config_round_trip_preserves_unmodelled_keys_and_style():
           "rope_theta": 500000.0, "torch_dtype": "bfloat16", "bos_token_id": 7, "eos_token_id": [8, 9],
           "rope_scaling": {"type": "llama3", "factor": 32.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
                            "original_max_position_embeddings": 8192}, "custom_field": {"kept": True}}
-    args = ModelArgs.from_hf(v4)
+    args = args_from_config(v4)
     assert args.head_dim == 4 and args.hf_style == "v4" and args.dtype == "bfloat16"
     assert args.rope_scaling["rope_type"] == "llama3"
-    out = args.to_hf()
+    out = config_from_args(args)
     assert out["custom_field"] == {"kept": True} and out["eos_token_id"] == [8, 9]
     assert out["rope_theta"] == 500000.0 and out["torch_dtype"] == "bfloat16" and "rope_parameters" not in out
-    assert ModelArgs.from_hf(out).to_hf() == out
+    assert config_from_args(args_from_config(out)) == out
 
     v5 = {k: v for k, v in v4.items() if k not in ("rope_theta", "rope_scaling", "torch_dtype")}
     v5["rope_parameters"] = {"rope_type": "default", "rope_theta": 1e4}
     v5["dtype"] = "float32"
-    args5 = ModelArgs.from_hf(v5)
+    args5 = args_from_config(v5)
     assert args5.rope_scaling is None and args5.rope_theta == 1e4 and args5.hf_style == "v5"
-    assert ModelArgs.from_hf(args5.to_hf()).to_hf() == args5.to_hf()
+    assert config_from_args(args_from_config(config_from_args(args5))) == config_from_args(args5)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -140,7 +143,7 @@ def test_rejects_unsupported_configs(tiny_dir, key, value, message):
     config[key] = value
     (tiny_dir / "config.json").write_text(json.dumps(config))
     with pytest.raises(CheckpointError, match=message):
-        Transformer.from_pretrained(tiny_dir)
+        load_pretrained(tiny_dir)
 
 
 def test_rejects_missing_extra_and_misshaped_tensors(tiny_dir):
@@ -150,28 +153,28 @@ def test_rejects_missing_extra_and_misshaped_tensors(tiny_dir):
     broken = {k: v for k, v in tensors.items() if k != key}
     save_file(broken, tiny_dir / "model.safetensors")
     with pytest.raises(CheckpointError, match=f"missing tensor {key}"):
-        Transformer.from_pretrained(tiny_dir)
+        load_pretrained(tiny_dir)
 
     save_file({**tensors, "model.layers.0.self_attn.q_proj.bias": torch.zeros(16)}, tiny_dir / "model.safetensors")
     with pytest.raises(CheckpointError, match="q_proj.bias.*biases are not supported"):
-        Transformer.from_pretrained(tiny_dir)
+        load_pretrained(tiny_dir)
 
     save_file({**tensors, key: torch.zeros(24, 15)}, tiny_dir / "model.safetensors")
     with pytest.raises(CheckpointError, match=f"{key} has shape \\[24, 15\\]"):
-        Transformer.from_pretrained(tiny_dir)
+        load_pretrained(tiny_dir)
 
 
 def test_rejects_truncated_safetensors(tiny_dir):
     path = tiny_dir / "model.safetensors"
     path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
     with pytest.raises(CheckpointError, match="model.safetensors"):
-        Transformer.from_pretrained(tiny_dir).state_dict()
+        load_pretrained(tiny_dir).state_dict()
 
 
 def test_failed_save_leaves_existing_target_untouched(tiny_dir, tmp_path):
-    model = Transformer.from_pretrained(tiny_dir)
+    model = load_pretrained(tiny_dir)
     target = tmp_path / "out"
-    model.save_pretrained(target)
+    save_pretrained(model, target)
     before = {p.name: p.read_bytes() for p in target.iterdir()}
     with pytest.raises(RuntimeError, match="boom"):
         with CheckpointWriter(target, overwrite=True) as writer:
@@ -185,7 +188,7 @@ def test_failed_save_leaves_existing_target_untouched(tiny_dir, tmp_path):
 
 def test_copies_tokenizer_files(tiny_dir, tmp_path):
     (tiny_dir / "tokenizer.json").write_text("{}")
-    Transformer.from_pretrained(tiny_dir).save_pretrained(tmp_path / "out", copy_files_from=tiny_dir)
+    save_pretrained(load_pretrained(tiny_dir), tmp_path / "out", copy_files_from=tiny_dir)
     assert (tmp_path / "out" / "tokenizer.json").read_text() == "{}"
 
 
@@ -195,7 +198,7 @@ def test_expected_shapes_and_block_keys_match_the_model():
         args = ModelArgs(vocab_size=11, hidden_size=12, intermediate_size=20, num_hidden_layers=2,
                          num_attention_heads=6, num_key_value_heads=2, head_dim=4, tie_word_embeddings=tied)
         model = Transformer(args)
-        assert expected_shapes(args) == {key: tuple(t.shape) for key, t in model.hf_state()}
+        assert expected_shapes(args) == {hf_key(name): tuple(t.shape) for name, t in model.state_dict().items()}
         assert set(BLOCK_KEYS) == set(model.layers[0].state_dict())
 
 
@@ -222,14 +225,14 @@ LLAMA3 = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_fr
 ])
 def test_config_values_of_the_wrong_type_are_refused_by_key(key, value, message):
     with pytest.raises(CheckpointError, match=re.escape(message)):
-        ModelArgs.from_hf({**BASE_CONFIG, key: value})
+        args_from_config({**BASE_CONFIG, key: value})
 
 
 def test_null_config_values_mean_not_set():
     nulls = dict.fromkeys(["num_key_value_heads", "head_dim", "rms_norm_eps", "max_position_embeddings",
                            "tie_word_embeddings", "rope_theta", "rope_scaling", "attention_bias", "sliding_window"])
-    args = ModelArgs.from_hf({**BASE_CONFIG, **nulls})
-    assert args == dataclasses.replace(ModelArgs.from_hf(BASE_CONFIG), extra=args.extra)
+    args = args_from_config({**BASE_CONFIG, **nulls})
+    assert args == dataclasses.replace(args_from_config(BASE_CONFIG), extra=args.extra)
     assert args.head_dim == 4 and args.num_key_value_heads == 2 and args.rope_theta == 10000.0
 
 
@@ -246,7 +249,7 @@ def test_rejects_broken_checkpoint_folders(tmp_path, case, message):
     args = ModelArgs(vocab_size=32, hidden_size=16, intermediate_size=24, num_hidden_layers=2,
                      num_attention_heads=2, num_key_value_heads=1, head_dim=8, tie_word_embeddings=True)
     folder = tmp_path / "model"
-    Transformer(args).init_weights(torch.Generator().manual_seed(0)).save_pretrained(folder, max_shard_size=2000)
+    save_pretrained(Transformer(args).init_weights(torch.Generator().manual_seed(0)), folder, max_shard_size=2000)
     index = folder / "model.safetensors.index.json"
     weight_map = json.loads(index.read_text())["weight_map"]
     norm_shard = folder / weight_map["model.norm.weight"]
@@ -268,7 +271,7 @@ def test_rejects_broken_checkpoint_folders(tmp_path, case, message):
         save_file({"lm_head.weight": head}, folder / "head.safetensors")
         index.write_text(json.dumps({"weight_map": {**weight_map, "lm_head.weight": "head.safetensors"}}))
     with pytest.raises(CheckpointError, match=re.escape(message)):
-        Transformer.from_pretrained(folder)
+        load_pretrained(folder)
 
 
 def test_writer_refuses_a_key_twice_and_leaves_nothing(tmp_path):

@@ -12,8 +12,10 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from model import Block, ModelArgs, Transformer, rope_cos_sin
-from opt_deus import (DEFAULT_EPSILON, GrowthError, GrowthOptions, grow, grow_checkpoint, insert_after_for, main,
-                      paper_fuse, make_layout, structured_fuse, transport)
+from opt_deus import (DEFAULT_EPSILON, GrowthError, GrowthOptions, grow, insert_after_for, make_layout, paper_fuse,
+                      structured_fuse, transport)
+from opt_deus_tool.checkpoint import load_pretrained, save_pretrained
+from opt_deus_tool.grow_cli import grow_checkpoint, main
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -146,8 +148,8 @@ def test_zero_init_growth_preserves_the_function(case, tmp_path_factory):
         assert (grown(tokens) - expected).abs().max().item() <= 1e-6
         # ... and after a save/load round trip, with the growth record in config.json
         out = tmp_path_factory.mktemp("grown")
-        grown.save_pretrained(out)
-        reloaded = Transformer.from_pretrained(out)
+        save_pretrained(grown, out)
+        reloaded = load_pretrained(out)
         assert (reloaded(tokens) - expected).abs().max().item() <= 1e-6
     assert json.loads((out / "config.json").read_text())["opt_deus"]["new_layers"] == report["new_layers"]
 
@@ -307,7 +309,7 @@ def test_normalised_plan_keeps_the_norm_of_a_permuted_weight():
 @pytest.fixture(scope="module")
 def tiny_checkpoint(tmp_path_factory):
     path = tmp_path_factory.mktemp("base") / "tiny"
-    random_model(tiny_args(layers=4, tied=True), seed=11).save_pretrained(path)
+    save_pretrained(random_model(tiny_args(layers=4, tied=True), seed=11), path)
     (path / "tokenizer.json").write_text("{}")
     return path
 
@@ -333,16 +335,17 @@ def test_cli_output_loads_in_transformers(tiny_checkpoint, tmp_path, method, ext
     else:
         assert difference > 1e-4
     # streaming and in-memory growth make the same model
-    in_memory, _ = grow(Transformer.from_pretrained(tiny_checkpoint), 2, options=GrowthOptions(
+    in_memory, _ = grow(load_pretrained(tiny_checkpoint), 2, options=GrowthOptions(
         method=method, align=config["opt_deus"]["align"] or "structured", zero_init=config["opt_deus"]["zero_init"],
         normalize_plan=config["opt_deus"]["normalize_plan"] is not False))
-    streamed = Transformer.from_pretrained(out)
+    streamed = load_pretrained(out)
     for (name, a), (_, b) in zip(in_memory.state_dict().items(), streamed.state_dict().items()):
         assert torch.allclose(a, b, atol=1e-6), name
 
 
 def run_cli(*args):
-    return subprocess.run([sys.executable, str(ROOT / "opt_deus.py"), *args], capture_output=True, text=True, cwd=ROOT)
+    return subprocess.run([sys.executable, "-m", "opt_deus_tool.grow_cli", *args], capture_output=True, text=True,
+                          cwd=ROOT)
 
 
 def test_cli_bad_input(tiny_checkpoint, tmp_path):
@@ -392,7 +395,7 @@ def test_cli_rejects_nan_weights_and_non_llama(tiny_checkpoint, tmp_path):
 @pytest.fixture(scope="module")
 def smollm2_short(smollm2_dir):
     # The first 6 of SmolLM2-135M's 30 layers: real weights, fast enough for every method.
-    model = Transformer.from_pretrained(smollm2_dir, dtype=torch.float32).eval()
+    model = load_pretrained(smollm2_dir, dtype=torch.float32).eval()
     model.layers = model.layers[:6]
     return model
 
@@ -423,7 +426,7 @@ def test_smollm2_streaming_growth_loads_in_transformers(smollm2_dir, tmp_path):
 
 def test_command_line_defaults_are_growth_options_defaults():
     # One source of truth: every GrowthOptions field is a flag whose default is the field's default.
-    from opt_deus import build_parser
+    from opt_deus_tool.grow_cli import build_parser
     flags = build_parser().parse_args(["--base", "b", "--out", "o"])
     for field in dataclasses.fields(GrowthOptions):
         assert getattr(flags, field.name) == field.default, field.name

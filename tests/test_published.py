@@ -16,8 +16,9 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from safetensors import safe_open
 
-from model import BLOCK_KEYS, CheckpointReader, Transformer
-from opt_deus import GrowthError, GrowthOptions, grow, insert_after_for, main, make_new_block, published_fuse
+from opt_deus import GrowthError, GrowthOptions, grow, insert_after_for, make_new_block, published_fuse
+from opt_deus_tool.checkpoint import BLOCK_KEYS, CheckpointReader, load_pretrained, save_pretrained
+from opt_deus_tool.grow_cli import main
 from sinkhorn import published_sinkhorn
 from test_opt_deus import random_model, tiny_args
 
@@ -197,7 +198,7 @@ def test_published_growth_preserves_the_function():
     grown, report = grow(base, 3, position="top", options=GrowthOptions(align="published", max_iter=50))
     with torch.no_grad():
         assert (grown(TOKENS % 61) - base(TOKENS % 61)).abs().max().item() <= 1e-6
-    with pytest.raises(GrowthError, match="epsilon > 0"):
+    with pytest.raises(GrowthError, match="`epsilon` > 0"):
         GrowthOptions(align="published", epsilon=0.0)
     args = tiny_args(layers=1)
     blocks = [scaled_block(args, seed, 200.0) for seed in (1, 2)]  # kernels underflow: POT aborts
@@ -279,7 +280,7 @@ def deep_checkpoints(tmp_path_factory):
             for name, p in model.named_parameters():
                 if "norm" in name:
                     p.uniform_(0.5, 1.5, generator=generator)
-        model.save_pretrained(path)
+        save_pretrained(model, path)
         paths[layers] = path
     return paths
 
@@ -332,8 +333,8 @@ def test_streaming_solar_at_every_size_keeps_two_blocks(tmp_path, monkeypatch):
     # cache still holds at most two base blocks (all of them would also "fix" the crash).
     import weakref
 
-    import opt_deus
-    live, most_alive, read = [], [0], opt_deus.CheckpointReader.block
+    from opt_deus_tool import checkpoint
+    live, most_alive, read = [], [0], checkpoint.CheckpointReader.block
 
     def counting_block(self, layer, dtype=None, device=None):
         most_alive[0] = max(most_alive[0], sum(ref() is not None for ref in live))
@@ -341,17 +342,17 @@ def test_streaming_solar_at_every_size_keeps_two_blocks(tmp_path, monkeypatch):
         live.append(weakref.ref(block["input_layernorm.weight"]))
         return block
 
-    monkeypatch.setattr(opt_deus.CheckpointReader, "block", counting_block)
+    monkeypatch.setattr(checkpoint.CheckpointReader, "block", counting_block)
     for layers in (2, 5, 8, 9):
         base_dir = tmp_path / f"base{layers}"
         model = random_model(tiny_args(kv_heads=1, group=1, head_dim=4, hidden=4, intermediate=4, layers=layers), 1)
-        model.save_pretrained(base_dir)
+        save_pretrained(model, base_dir)
         for new in range(1, layers + 1):
             out = tmp_path / f"out{layers}-{new}"
             # bfloat16 output: the writer keeps converted copies, not the base blocks themselves
             assert main(["--base", str(base_dir), "--out", str(out), "--method", "solar", "--new-layers", str(new),
                          "--dtype", "bfloat16"]) == 0
-            written = Transformer.from_pretrained(out)
+            written = load_pretrained(out)
             sources = json.loads((out / "config.json").read_text())["opt_deus"]["sources"]
             for layer, (source,) in zip(written.layers, sources):
                 assert torch.equal(layer.mlp.up_proj.weight, model.layers[source].mlp.up_proj.weight.bfloat16())

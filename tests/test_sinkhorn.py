@@ -56,8 +56,11 @@ def test_marginals_met_random_cost_and_marginals(seed, n, m, eps, dtype):
     assert r.converged and r.marginal_error <= r.tol
     assert r.plan.shape == (n, m) and r.plan.dtype == dtype and r.dtype == dtype
     assert (r.plan >= 0).all()
-    assert _l1(r.plan.sum(-1), a) <= r.tol
-    assert _l1(r.plan.sum(-2), b) <= r.tol
+    # marginal_error is measured against a and b scaled to unit mass; against the caller's own a and b (in
+    # `dtype`) the rounding of that scaling adds up to a few ulps (seen: 4.6e-8 beyond tol in float32).
+    slack = 4 * torch.finfo(dtype).eps
+    assert _l1(r.plan.sum(-1), a) <= r.tol + slack
+    assert _l1(r.plan.sum(-2), b) <= r.tol + slack
     # the potentials describe the plan: P = a b^T exp((f + g - C) / eps)
     P = a[:, None] * b[None, :] * torch.exp((r.f[:, None] + r.g[None, :] - C) / eps)
     torch.testing.assert_close(P, r.plan, rtol=1e-4 if dtype == torch.float32 else 1e-9, atol=0)

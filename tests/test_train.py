@@ -1,4 +1,5 @@
-"""train.py: schedules, the frozen/trainable split, SFT masking, exact resume, the CLI, bad input."""
+"""train.py (schedules, the frozen/trainable split, the loss, exact resume) and the tool around it: data and SFT
+masking (opt_deus_tool/data.py), run folders (runs.py), the command line (train_cli.py)."""
 
 import dataclasses
 import json
@@ -19,6 +20,10 @@ from safetensors.torch import load_file, save_file
 
 import train
 from model import ModelArgs, Transformer
+from opt_deus_tool import data as data_io
+from opt_deus_tool.checkpoint import load_pretrained, save_pretrained
+from opt_deus_tool.runs import find_checkpoints, train_run
+from opt_deus_tool.train_cli import CONFIG_FLAGS, build_train_parser, parse_trainable
 
 REPO = Path(__file__).resolve().parents[1]
 # One thread per process: on a small shared CPU, OpenMP threads spinning against other processes
@@ -58,13 +63,13 @@ def test_token_cache_is_every_document_in_order_each_ended_by_eos(kind, tmp_path
     # 150 documents: several batches of 64, the last one partial. The cache must hold exactly each
     # document's own encoding followed by EOS, in file order, whatever the batching.
     if kind == "hf":
-        tokenizer = train.load_tokenizer(request.getfixturevalue("smollm2_dir"))
+        tokenizer = data_io.load_tokenizer(request.getfixturevalue("smollm2_dir"))
     else:
-        tokenizer = train.ByteTokenizer()
+        tokenizer = data_io.ByteTokenizer()
     docs = [f"document {i}: " + "word " * (i % 7) + ("é" if i % 5 == 0 else "") for i in range(150)]
     data = tmp_path / "data.jsonl"
     data.write_text("".join(json.dumps({"text": d}) + "\n" for d in docs))
-    tokens = train.tokenize_to_cache([data], tokenizer, tmp_path / "cache", log=lambda *a: None)
+    tokens = data_io.tokenize_to_cache([data], tokenizer, tmp_path / "cache", log=lambda *a: None)
     expected = [t for d in docs for t in tokenizer.encode(d) + [tokenizer.eos_id]]
     assert tokens.tolist() == expected
 
@@ -147,7 +152,7 @@ def test_trainable_specs_and_errors():
         train.set_trainable(model, "new")
     with pytest.raises(train.TrainError, match="out of range"):
         train.set_trainable(model, [4])
-    assert train.set_trainable(model, "1,3") == [1, 3]
+    assert train.set_trainable(model, parse_trainable("1,3")) == [1, 3]
     assert train.frozen_prefix_of(model) == 1
     assert not model.lm_head.weight.requires_grad and not model.norm.weight.requires_grad
     assert train.set_trainable(model, "all") == [0, 1, 2, 3]
@@ -179,24 +184,24 @@ def test_chunked_linear_cross_entropy_equals_full_cross_entropy_and_its_gradient
 
 
 def test_sft_labels_mask_prompt_and_padding():
-    tok = train.ByteTokenizer()
+    tok = data_io.ByteTokenizer()
     examples = [{"instruction": "Add.", "input": "2 and 3", "output": "5"},
                 {"instruction": "Say hi to the reader, politely.", "output": "Hello there, reader!"}]
     block = 256
     for ex in examples:
-        ids, labels = train.sft_example(ex, tok, block)
-        prompt = tok.encode(train.format_prompt(ex))
+        ids, labels = data_io.sft_example(ex, tok, block)
+        prompt = tok.encode(data_io.format_prompt(ex))
         response = tok.encode(ex["output"]) + [tok.eos_id]
         assert ids.tolist() == prompt + response
         assert (labels[: len(prompt)] == -100).all()
         assert labels[len(prompt):].tolist() == response
-    assert "### Input:\n2 and 3" in train.format_prompt(examples[0])
-    assert "### Input" not in train.format_prompt(examples[1])
+    assert "### Input:\n2 and 3" in data_io.format_prompt(examples[0])
+    assert "### Input" not in data_io.format_prompt(examples[1])
 
-    data = train.SFTDataset(examples, tok, block)
+    data = data_io.SFTDataset(examples, tok, block)
     x, y = data.get([0, 1])
     for row, ex in enumerate(examples):
-        ids, labels = train.sft_example(ex, tok, block)
+        ids, labels = data_io.sft_example(ex, tok, block)
         n = len(ids) - 1
         assert x[row, :n].tolist() == ids[:-1].tolist() and y[row, :n].tolist() == labels[1:].tolist()
         assert (y[row, n:] == -100).all() and (x[row, n:] == tok.eos_id).all()  # padding
@@ -212,11 +217,11 @@ def test_sft_labels_mask_prompt_and_padding():
 
 
 def test_sft_training_runs():
-    tok = train.ByteTokenizer()
+    tok = data_io.ByteTokenizer()
     examples = [{"instruction": f"Repeat {i}", "output": f"{i} {i}"} for i in range(12)]
-    data = train.SFTDataset(examples, tok, 256)
+    data = data_io.SFTDataset(examples, tok, 256)
     result = train.train(tiny_model(), data, tiny_config(steps=3, block_size=256, batch_tokens=4 * 256),
-                         eval_tokens=data, log=quiet)
+                         eval_data=data, log=quiet)
     assert len(result.losses) == 3 and result.eval_loss is not None
 
 
@@ -226,50 +231,49 @@ def test_sft_training_runs():
 
 def test_resume_is_exact_without_global_rng_state(tmp_path):
     tokens, N = random_tokens(), 6
-    full = train.train(tiny_model(), tokens, tiny_config(steps=N, out_dir=str(tmp_path / "a")), log=quiet)
+    full = train_run(tiny_model(), tokens, tiny_config(steps=N), out_dir=tmp_path / "a", log=quiet)
 
-    first = train.train(tiny_model(), tokens, tiny_config(steps=N, stop_after=N // 2, out_dir=str(tmp_path / "b")),
-                        metrics_path=tmp_path / "b.jsonl", log=quiet)
+    first = train_run(tiny_model(), tokens, tiny_config(steps=N, stop_after=N // 2), out_dir=tmp_path / "b",
+                      metrics_path=tmp_path / "b.jsonl", log=quiet)
     assert first.stopped == "stop_after" and first.step == N // 2
     checkpoint = Path(first.checkpoint)
     state = json.loads((checkpoint / "trainer_state.json").read_text())
     assert state["step"] == N // 2 and state["data"]["stream_position"] == N // 2 * 4
-    resumed_model = Transformer.from_pretrained(checkpoint)
+    resumed_model = load_pretrained(checkpoint)
     # Nothing restores the global RNGs on resume, and nothing needs to: no step draws from them.
     torch.manual_seed(12345)
     np.random.seed(12345)
-    second = train.train(resumed_model, tokens, tiny_config(steps=N, out_dir=str(tmp_path / "b")),
-                         metrics_path=tmp_path / "b.jsonl", log=quiet, resume_from=checkpoint)
+    second = train_run(resumed_model, tokens, tiny_config(steps=N), out_dir=tmp_path / "b",
+                       metrics_path=tmp_path / "b.jsonl", log=quiet, resume_from=checkpoint)
     assert first.losses + second.losses == full.losses  # bitwise
     assert second.step == N
     rows = [json.loads(line) for line in (tmp_path / "b.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows] == list(range(1, N + 1))
-    a, b = Transformer.from_pretrained(full.checkpoint), Transformer.from_pretrained(second.checkpoint)
+    a, b = load_pretrained(full.checkpoint), load_pretrained(second.checkpoint)
     assert all(torch.equal(p, q) for p, q in zip(a.parameters(), b.parameters()))
 
 
 def test_resume_state_must_match_model(tmp_path):
     tokens = random_tokens()
-    r = train.train(tiny_model(layers=4), tokens, tiny_config(steps=2, trainable="all", out_dir=str(tmp_path)),
-                    log=quiet)
+    r = train_run(tiny_model(layers=4), tokens, tiny_config(steps=2, trainable="all"), out_dir=tmp_path, log=quiet)
     with pytest.raises(train.TrainError, match="does not match"):
-        train.train(tiny_model(layers=5), tokens, tiny_config(steps=4, trainable="all"), log=quiet,
-                    resume_from=r.checkpoint)
+        train_run(tiny_model(layers=5), tokens, tiny_config(steps=4, trainable="all"), log=quiet,
+                  resume_from=r.checkpoint)
     with pytest.raises(train.TrainError, match="samples"):
-        train.train(Transformer.from_pretrained(r.checkpoint), tokens[:2000], tiny_config(steps=4, trainable="all"),
-                    log=quiet, resume_from=r.checkpoint)
+        train_run(load_pretrained(r.checkpoint), tokens[:2000], tiny_config(steps=4, trainable="all"),
+                  log=quiet, resume_from=r.checkpoint)
 
 
 def test_nonfinite_loss_stops_and_keeps_last_checkpoint(tmp_path):
     tokens = random_tokens()
-    good = train.train(tiny_model(), tokens, tiny_config(steps=2, out_dir=str(tmp_path)), log=quiet)
+    good = train_run(tiny_model(), tokens, tiny_config(steps=2), out_dir=tmp_path, log=quiet)
     checkpoint = Path(good.checkpoint)
     before = {f.name: f.read_bytes() for f in checkpoint.iterdir()}
-    model = Transformer.from_pretrained(checkpoint)
+    model = load_pretrained(checkpoint)
     with torch.no_grad():
         model.layers[0].mlp.up_proj.weight[0, 0] = float("inf")  # a frozen layer: loss becomes nan
     with pytest.raises(train.NonFiniteLossError, match="not finite.*checkpoint-000002"):
-        train.train(model, tokens, tiny_config(steps=4, out_dir=str(tmp_path)), log=quiet, resume_from=checkpoint)
+        train_run(model, tokens, tiny_config(steps=4), out_dir=tmp_path, log=quiet, resume_from=checkpoint)
     assert {f.name: f.read_bytes() for f in checkpoint.iterdir()} == before
     assert sorted(p.name for p in tmp_path.iterdir()) == ["checkpoint-000002"]  # no partial folders
 
@@ -288,16 +292,16 @@ def test_evaluate_is_deterministic_and_covers_all_tokens():
 
 
 def test_cli_defaults_are_the_train_config_defaults():
-    flags = train.build_train_parser().parse_args([])
-    flagged = [f for f in dataclasses.fields(train.TrainConfig) if f.metadata["help"]]
-    assert len(flagged) >= 20
+    flags = build_train_parser().parse_args([])
+    flagged = [f for f in dataclasses.fields(train.TrainConfig) if f.name in CONFIG_FLAGS]
+    assert len(flagged) >= 20 and len(flagged) == len(CONFIG_FLAGS)
     for f in flagged:
         assert getattr(flags, f.name) == f.default, f.name
 
 
 def run_cli(*args, check_rc=None):
-    p = subprocess.run([sys.executable, str(REPO / "train.py"), *map(str, args)], capture_output=True, text=True,
-                       env=ENV, cwd=REPO, timeout=120)
+    p = subprocess.run([sys.executable, "-m", "opt_deus_tool.train_cli", *map(str, args)], capture_output=True,
+                       text=True, env=ENV, cwd=REPO, timeout=120)
     if check_rc is not None:
         assert p.returncode == check_rc, p.stderr
     return p
@@ -306,7 +310,7 @@ def run_cli(*args, check_rc=None):
 @pytest.fixture(scope="module")
 def saved_model(tmp_path_factory):
     path = tmp_path_factory.mktemp("model") / "tiny"
-    tiny_model().save_pretrained(path)
+    save_pretrained(tiny_model(), path)
     text = tmp_path_factory.mktemp("data") / "data.txt"
     rng = np.random.default_rng(0)
     words = "the quick brown fox jumps over a lazy dog while cats sleep".split()
@@ -330,7 +334,7 @@ def test_cli_end_to_end(saved_model, tmp_path):
     assert set(steps[0]) >= {"step", "loss", "lr", "grad_norm", "tokens_per_s", "elapsed_s"}
     assert [r["step"] for r in rows if "eval_loss" in r] == [0, 2, 4]
     checkpoint = out / "checkpoint-000004"
-    loaded = Transformer.from_pretrained(checkpoint)
+    loaded = load_pretrained(checkpoint)
     assert loaded.args.extra["opt_deus"]["new_layers"] == [1, 3]
     assert json.loads((checkpoint / "trainer_state.json").read_text())["step"] == 4
     assert sorted(os.listdir(tmp_path / "cache"))[0].startswith("tokens-")
@@ -345,7 +349,7 @@ def test_cli_end_to_end(saved_model, tmp_path):
 
     # Resuming from the step-2 checkpoint needs no other flag and ends at the same weights.
     p = run_cli("--resume", out / "checkpoint-000002", "--out", tmp_path / "resumed", check_rc=0)
-    resumed = Transformer.from_pretrained(tmp_path / "resumed" / "checkpoint-000004")
+    resumed = load_pretrained(tmp_path / "resumed" / "checkpoint-000004")
     assert all(torch.equal(a, b) for a, b in zip(loaded.parameters(), resumed.parameters()))
 
 
@@ -354,7 +358,7 @@ def test_cli_sigint_saves_and_exits(saved_model, tmp_path):
     out = tmp_path / "run"
     args = ["--model", model_dir, "--data", text, "--out", out, "--cache-dir", tmp_path / "cache", "--steps", 100000,
             "--eval-every", 0, "--eval-fraction", 0, *TINY_FLAGS]
-    proc = subprocess.Popen([sys.executable, str(REPO / "train.py"), *map(str, args)], env=ENV, cwd=REPO,
+    proc = subprocess.Popen([sys.executable, "-m", "opt_deus_tool.train_cli", *map(str, args)], env=ENV, cwd=REPO,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     deadline = time.time() + 60
     while time.time() < deadline and not ((out / "metrics.jsonl").is_file() and (out / "metrics.jsonl").read_text()):
@@ -363,7 +367,7 @@ def test_cli_sigint_saves_and_exits(saved_model, tmp_path):
     _, stderr = proc.communicate(timeout=60)
     assert proc.returncode == 130, stderr
     assert "SIGINT received" in stderr
-    [checkpoint] = train.find_checkpoints(out)
+    [checkpoint] = find_checkpoints(out)
     assert json.loads((checkpoint / "trainer_state.json").read_text())["step"] >= 1
 
 
@@ -399,7 +403,7 @@ def test_cli_bad_resume_and_nan(saved_model, tmp_path):
 
     # A trainer state whose trainable tensors do not fit the model.
     tampered = tmp_path / "tampered"
-    tiny_model(layers=3, new_layers=(1, 2)).save_pretrained(tampered)
+    save_pretrained(tiny_model(layers=3, new_layers=(1, 2)), tampered)
     for name in ("trainer_state.json", "optimizer.pt"):
         (tampered / name).write_bytes((checkpoint / name).read_bytes())
     p = run_cli("--resume", tampered, "--out", tmp_path / "other")
@@ -407,7 +411,7 @@ def test_cli_bad_resume_and_nan(saved_model, tmp_path):
 
     # A poisoned weight: the loss goes nan, the run stops with exit 2 and writes nothing.
     poisoned = tmp_path / "poisoned"  # resumed into its own run folder (tmp_path)
-    Transformer.from_pretrained(checkpoint).save_pretrained(poisoned)
+    save_pretrained(load_pretrained(checkpoint), poisoned)
     weights = load_file(poisoned / "model.safetensors")  # poisoned behind the writer's finiteness check
     weights["model.embed_tokens.weight"].fill_(float("inf"))
     save_file(weights, poisoned / "model.safetensors")
@@ -416,6 +420,6 @@ def test_cli_bad_resume_and_nan(saved_model, tmp_path):
     p = run_cli("--resume", poisoned)
     last = p.stderr.strip().splitlines()[-1]
     assert p.returncode == 2 and "not finite" in last and "Last good checkpoint" in last, p.stderr
-    assert [c.name for c in train.find_checkpoints(out)] == ["checkpoint-000002"]
+    assert [c.name for c in find_checkpoints(out)] == ["checkpoint-000002"]
     assert {f.name: f.read_bytes() for f in checkpoint.iterdir()} == before
     assert not [p for p in out.iterdir() if p.name.startswith(".")]

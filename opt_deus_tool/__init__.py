@@ -1,0 +1,18 @@
+"""The tool around the reference: what a reader of model.py, sinkhorn.py, opt_deus.py and train.py does not come for.
+
+    hf_config.py    config.json <-> model.ModelArgs, strictly (both transformers 4.x and 5.x styles)
+    checkpoint.py   Hugging Face folders read and written one tensor at a time; load_pretrained, save_pretrained
+    atomic.py       output folders and files written whole or not at all
+    data.py         tokenizers, data files, the token cache, Alpaca-style SFT examples
+    runs.py         training run folders: checkpoints, metrics.jsonl, resume state, stopping on signals
+    cli.py          what the three commands share: one-line errors, flag names for library parameters
+    grow_cli.py     opt-deus: streaming growth of a Hugging Face folder (grow_checkpoint)
+    train_cli.py    opt-deus-train: a training run from the command line (run_training)
+    eval_cli.py     opt-deus-eval: perplexity of a folder on a text file (evaluate_text)
+
+Imports go from here to the reference files, never back.
+"""
+
+
+class CheckpointError(ValueError):
+    """A checkpoint, config or output folder we refuse; the message names the file or key."""

@@ -1,0 +1,97 @@
+"""What the three commands share: argparse types, one-line errors, and flag names for library parameters.
+
+Every error a user can cause ends in one line on stderr, `PROG: error: what, where, how to fix`, and exit code 2
+(130/143 for SIGINT/SIGTERM); progress lines may come before it. The reference files name their parameters in
+backticks (`num_new`, `block_size`); a command shows the flag the user typed instead (--new-layers).
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import re
+import sys
+from typing import Callable
+
+from opt_deus_tool.atomic import Interrupted
+from opt_deus_tool.checkpoint import parse_size
+from opt_deus_tool.data import BYTE_VOCAB_LIMIT
+
+BYTE_TOKENIZER_HELP = ("use UTF-8 bytes when the model folder has no tokenizer.json (automatic for a vocabulary "
+                       f"of at most {BYTE_VOCAB_LIMIT})")
+
+
+class OneLineArgumentParser(argparse.ArgumentParser):
+    # argparse prints the whole usage block before an error; our tools promise one line on stderr
+    # (what went wrong and which flag), exit code 2. --help still prints the full usage.
+    def error(self, message):
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
+def positive_int(text: str) -> int:
+    # argparse type for counts: "0", "-3" and "abc" all end in the same one-line error.
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
+    return value
+
+
+def finite_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = math.nan
+    if not math.isfinite(value):
+        raise argparse.ArgumentTypeError(f"expected a finite number, got {text!r}")
+    return value
+
+
+def int_list(text: str) -> list[int]:
+    try:
+        return [int(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
+
+
+def size(text: str) -> int:
+    try:
+        return parse_size(text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+
+
+def flag_names(*names: str, **renamed: str) -> dict[str, str]:
+    # Library parameter -> the flag that sets it: the name with dashes, unless renamed (num_new="--new-layers").
+    return {**{name: "--" + name.replace("_", "-") for name in names}, **renamed}
+
+
+def flag_message(message: str, flags: dict[str, str]) -> str:
+    # `num_new` -> --new-layers; a parameter no flag sets loses only its backticks. One line.
+    return " ".join(re.sub(r"`(\w+)`", lambda m: flags.get(m[1], m[1]), message).split())
+
+
+def run_command(prog: str, command: Callable[[], int], flags: dict[str, str], where: str | None = None,
+                user_errors: tuple = ()) -> int:
+    """command()'s exit code, or one line on stderr for what a user can cause: a bad request (ValueError:
+    GrowthError, TrainError, CheckpointError), the file system (a full disk, a read-only folder), a signal
+    before the work could finish. where: the output named when the file system names no file."""
+    try:
+        return command()
+    except (ValueError, *user_errors) as e:
+        message, code = str(e), 2
+    except OSError as e:
+        message, code = f"{e.filename or where}: {e.strerror or e}" if e.filename or where else str(e.strerror or e), 2
+    except Interrupted as e:
+        message, code = f"{e}; nothing written", 128 + e.signum
+    except KeyboardInterrupt:
+        message, code = "stopped by SIGINT; nothing written", 130
+    print(f"{prog}: error: {flag_message(message, flags)}", file=sys.stderr)
+    return code
+
+
+def log_to_stderr(*parts):
+    # Progress goes to stderr; stdout stays for results.
+    print(*parts, file=sys.stderr, flush=True)

@@ -1,0 +1,165 @@
+"""opt-deus: grow a Hugging Face LLaMA folder into a new one, streaming (grow_checkpoint), and its command line.
+
+    opt-deus --base Llama-3.2-1B/ --out grown/ --method opt --new-layers 8 --position top --device cuda
+    python -m opt_deus_tool.grow_cli --help
+
+Base blocks are read one at a time and the grown model is written shard by shard as opt_deus.grown_blocks()
+yields its layers: peak memory is two base blocks and a cost matrix, whatever the model's size.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from opt_deus import (ALIGNMENTS, DEFAULT_EPSILON, METHODS, POSITIONS, GrowthOptions, check_finite, check_request,
+                      grown_blocks, growth_layout)
+from opt_deus_tool import CheckpointError
+from opt_deus_tool.atomic import check_output_folder
+from opt_deus_tool.checkpoint import BLOCK_KEYS, CheckpointReader, CheckpointWriter, dtype_name
+from opt_deus_tool.cli import (OneLineArgumentParser, finite_float, flag_names, int_list, log_to_stderr,
+                               positive_int, run_command, size)
+from opt_deus_tool.hf_config import config_from_args
+from sinkhorn import SinkhornError
+from train import resolve_device
+
+
+def grow_checkpoint(base: str | Path, out: str | Path, num_new: int | None = None, *, position: str | None = "top",
+                    insert_after: list[int] | None = None, options: GrowthOptions | None = None,
+                    device: str = "cpu", dtype: torch.dtype | None = None, overwrite: bool = False,
+                    max_shard_size: str | int = "5GB", log=print) -> dict:
+    """Grow the Hugging Face LLaMA folder `base` into a new folder `out`, streaming; returns the report.
+
+    Positions, options and report as opt_deus.grow(); the report also has "options" and "base". Base blocks are
+    read one at a time onto `device`, where new layers are computed; tensors are written in `dtype` (None: the
+    base's) to shards of at most max_shard_size, with config.json, growth_report.json and the base's tokenizer
+    files. On any error nothing is left at `out`.
+    """
+    options = check_request(num_new, insert_after, options)
+    reader = CheckpointReader(base)
+    args = reader.args
+    layout, record = growth_layout(options, args.num_hidden_layers, num_new, position, insert_after)
+    out = Path(out)
+    # `out` may not be, contain or lie inside `base` (with `overwrite` that would delete the base).
+    check_output_folder(out, [("`base`", base)], overwrite)
+    # `overwrite` replaces an earlier output, not whatever folder a mistyped `out` names.
+    if overwrite and out.is_dir() and any(out.iterdir()) and not (out / "config.json").is_file():
+        raise CheckpointError(f"`out` {out}: holds files but no config.json, so it is not an earlier output; "
+                              f"`overwrite` only replaces a model folder (choose a new or empty folder)")
+    if not any((Path(base) / name).is_file() for name in ("tokenizer.json", "tokenizer.model")):
+        log(f"note: {base} has no tokenizer.json or tokenizer.model; {out} will have none either")
+    out_dtype = dtype or reader.dtype("model.embed_tokens.weight")
+    log(f"growing {base} ({args.num_hidden_layers} layers) -> {out} ({len(layout)} layers): method {options.method}"
+        + (f", {options.align} alignment, epsilon {options.epsilon}" if options.method == "opt" else "")
+        + f", new layers at {record['new_layers']}, zero-init {options.zero_init}, {device}")
+
+    def base_block(i: int) -> dict:
+        block = reader.block(i, device=device)
+        check_finite(block, f"base layer {i} ({base})")
+        return block
+
+    def checked(key: str) -> torch.Tensor:
+        tensor = reader.tensor(key)
+        check_finite({key: tensor}, f"base {base}")
+        return tensor.to(out_dtype)
+
+    started, reports = time.perf_counter(), []
+    grown_args = dataclasses.replace(args, num_hidden_layers=len(layout), dtype=dtype_name(out_dtype),
+                                     extra={**args.extra, "opt_deus": record})
+    with CheckpointWriter(out, max_shard_size=max_shard_size, overwrite=overwrite,
+                          inputs=[("`base`", base)]) as writer:
+        writer.add("model.embed_tokens.weight", checked("model.embed_tokens.weight"))
+        for index, slot, tensors, report in grown_blocks(layout, base_block, args, options, log):
+            for key in BLOCK_KEYS:
+                writer.add(f"model.layers.{index}.{key}", tensors[key].to(out_dtype))
+            reader.release()
+            if report is not None:
+                reports.append(report)
+        writer.add("model.norm.weight", checked("model.norm.weight"))
+        if not args.tie_word_embeddings:
+            writer.add("lm_head.weight", checked("lm_head.weight"))
+        reader.check_all_read()  # also checks a redundant tied head equals the embeddings (not copied)
+        growth_report = {**record, "options": dataclasses.asdict(options), "base": str(base), "layers": reports}
+        writer.finish(config_from_args(grown_args), copy_files_from=base,
+                      extra_files={"growth_report.json": json.dumps(growth_report, indent=2) + "\n"})
+    log(f"wrote {out} ({len(layout)} layers, new {record['new_layers']}) in {time.perf_counter() - started:.1f}s")
+    return growth_report
+
+
+# ----------------------------------------------------------------------------------------------
+# Command line
+
+FLAGS = flag_names("base", "out", "method", "position", "insert_after", "align", "epsilon", "normalize_plan",
+                   "zero_init", "max_iter", "tol", "strict", "device", "dtype", "max_marginal_error",
+                   "max_shard_size", "overwrite", num_new="--new-layers")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = OneLineArgumentParser(prog="opt-deus", description="Grow a LLaMA checkpoint by inserting new layers "
+                              "(OpT-DeUS and baselines). Hugging Face folder in, Hugging Face folder out.",
+                              formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+                              epilog="Exit codes: 0 written; 2 a bad request (one line on stderr, nothing "
+                                     "written, no input touched); 130/143 stopped by SIGINT/SIGTERM (the "
+                                     "partial output is deleted). --out may not be, contain or lie inside --base.")
+    p.add_argument("--base", required=True, help="base model: a Hugging Face LLaMA folder")
+    p.add_argument("--out", required=True, help="output folder for the grown model")
+    p.add_argument("--method", choices=METHODS, default=GrowthOptions.method, help="how new layers are made")
+    p.add_argument("--new-layers", type=positive_int, default=None, help="how many layers to add (K)")
+    p.add_argument("--position", choices=POSITIONS, default="top",
+                   help="where the K new layers go (llama-pro: uniform is LLaMA Pro's block expansion, a copy "
+                        "after the last layer of each of K groups)")
+    p.add_argument("--insert-after", type=int_list, default=None,
+                   help="explicit base-layer indices i (a new layer between i and i+1; llama-pro: a copy of i "
+                        "right after it, the top layer included), e.g. 7,9,11")
+    p.add_argument("--align", choices=ALIGNMENTS, default=GrowthOptions.align,
+                   help="alignment for --method opt; published reproduces the public code's float32 numbers "
+                        "(a reproduction, not a recommendation: its solver aborts on real weights)")
+    p.add_argument("--epsilon", type=finite_float, default=GrowthOptions.epsilon,
+                   help="Sinkhorn regularisation; 0 = exact assignment (small problems only); None: the "
+                        f"alignment's default {DEFAULT_EPSILON} (structured: relative to the mean cost)")
+    p.add_argument("--normalize-plan", action=argparse.BooleanOptionalAction, default=GrowthOptions.normalize_plan,
+                   help="scale the plan by n (OT fusion: columns sum to 1); --no-normalize-plan keeps the public "
+                        "code's raw plan (always so under --align published)")
+    p.add_argument("--zero-init", action=argparse.BooleanOptionalAction, default=GrowthOptions.zero_init,
+                   help="zero o_proj and down_proj of new layers; None: on for opt and llama-pro, off otherwise")
+    p.add_argument("--max-iter", type=positive_int, default=GrowthOptions.max_iter,
+                   help="Sinkhorn iterations at most, per plan")
+    p.add_argument("--tol", type=finite_float, default=GrowthOptions.tol,
+                   help="Sinkhorn stops at this relative marginal error (--align published: POT's own stopping rule)")
+    p.add_argument("--strict", action="store_true", default=GrowthOptions.strict,
+                   help="fail if a Sinkhorn plan does not converge")
+    p.add_argument("--device", default="cpu", help="where the alignment is computed (cpu, cuda, cuda:1, ...)")
+    p.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), default=None,
+                   help="dtype of the written weights; None keeps the base checkpoint's")
+    p.add_argument("--max-marginal-error", type=float, default=GrowthOptions.max_marginal_error,
+                   help="refuse a transport plan whose relative marginal error is beyond this (inf: accept any)")
+    p.add_argument("--max-shard-size", type=size, default="5GB", help="safetensors shard size of the output")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace a non-empty --out (never one that is, contains or is inside --base)")
+    return p
+
+
+def grow_command(flags: argparse.Namespace) -> int:
+    resolve_device(flags.device)  # refused now, not after the first blocks
+    options = GrowthOptions(method=flags.method, align=flags.align, epsilon=flags.epsilon, zero_init=flags.zero_init,
+                            normalize_plan=flags.normalize_plan, max_iter=flags.max_iter, tol=flags.tol,
+                            strict=flags.strict, max_marginal_error=flags.max_marginal_error)
+    grow_checkpoint(flags.base, flags.out, flags.new_layers, position=flags.position, insert_after=flags.insert_after,
+                    options=options, device=flags.device, dtype=getattr(torch, flags.dtype) if flags.dtype else None,
+                    overwrite=flags.overwrite, max_shard_size=flags.max_shard_size, log=log_to_stderr)
+    return 0
+
+
+def main(argv=None) -> int:
+    flags = build_parser().parse_args(argv)
+    return run_command("opt-deus", lambda: grow_command(flags), FLAGS, where=flags.out, user_errors=(SinkhornError,))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,199 @@
+"""Training run folders: what train.py's TrainHooks become on disk, and how a run resumes from them.
+
+    OUT/run.json                 the run's configuration and description, written once every check has passed
+    OUT/metrics.jsonl            a row per step and per evaluation
+    OUT/checkpoint-000500/       a Hugging Face folder plus optimizer.pt (the whole AdamW state, as one process
+                                 holds it) and trainer_state.json (train.TrainRun.resume_state(), the run)
+
+Checkpoints are written whole or not at all (atomic.AtomicFolder). SIGINT/SIGTERM are said at once and stop the
+loop at its next micro-batch (TrainHooks.stop); a second signal acts as usual.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import threading
+import time
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+from model import ModelArgs, Transformer
+from opt_deus_tool.atomic import AtomicFolder, remove_stale_scratch, write_text_atomic
+from opt_deus_tool.checkpoint import save_state_dict
+from train import TrainConfig, TrainError, TrainHooks, TrainResult, rank_and_world, resolve_device, train
+
+# Run-folder settings saved beside the TrainConfig in run.json and trainer_state.json ("config").
+KEEP_CHECKPOINTS = 2  # keep the newest N checkpoints of the run (0: all)
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+
+class RunFolder(TrainHooks):
+    """TrainHooks that write a run folder (out_dir None: no checkpoints, no run.json) and a metrics file.
+
+        with RunFolder("runs/a", model.current_args(), metrics_path="runs/a/metrics.jsonl") as hooks:
+            result = train(model, tokens, config, hooks=hooks, resume=load_resume("runs/a"))
+
+    run: the command line's description of the run, saved into run.json and every checkpoint; its
+    copy_files_from names the folder whose tokenizer files every checkpoint gets, its run_id which
+    checkpoints in out_dir are this run's (the only ones keep_checkpoints ever deletes)."""
+
+    def __init__(self, out_dir, args: ModelArgs, *, metrics_path=None, keep_checkpoints: int = KEEP_CHECKPOINTS,
+                 run: dict | None = None, log: Callable = print):
+        check_keep_checkpoints(keep_checkpoints)
+        self.out_dir = Path(out_dir) if out_dir is not None else None
+        self.saves_checkpoints = self.out_dir is not None
+        self.args, self.metrics_path, self.keep = args, metrics_path, keep_checkpoints
+        self.run, self.log = run, log
+        self.metrics = None  # the open metrics.jsonl
+        self.received: list[int] = []  # signals, in the order they came
+        self.previous_handlers = {}
+
+    def folder_config(self, config: dict) -> dict:
+        return {**config, "out_dir": None if self.out_dir is None else str(self.out_dir),
+                "keep_checkpoints": self.keep}
+
+    def __enter__(self):
+        if threading.current_thread() is threading.main_thread():
+            for s in STOP_SIGNALS:
+                self.previous_handlers[s] = signal.signal(s, self._on_signal)
+        return self
+
+    def __exit__(self, exc_type, exc, tb):
+        for s, handler in self.previous_handlers.items():
+            signal.signal(s, handler)
+        if self.metrics is not None:
+            self.metrics.close()
+
+    def _on_signal(self, signum, frame):
+        self.received.append(signum)
+        signal.signal(signum, self.previous_handlers[signum])
+        if rank_and_world()[0] == 0:  # straight to fd 2: a print() interrupting a print() raises "reentrant call"
+            message = (f"{signal.Signals(signum).name} received: stopping at the next micro-batch and saving a "
+                       f"checkpoint of the last finished step (send it again to stop at once)\n")
+            os.write(2, message.encode())
+
+    def stop(self) -> int:
+        return self.received[0] if self.received else 0
+
+    def start(self, state: dict):
+        if self.out_dir is not None:
+            remove_stale_scratch(self.out_dir, None)  # what a killed run left in this folder
+            if self.run is not None:
+                self.out_dir.mkdir(parents=True, exist_ok=True)
+                write_text_atomic(self.out_dir / "run.json", json.dumps(
+                    {"config": self.folder_config(state["config"]), "run": self.run}, indent=2) + "\n")
+        if self.metrics_path is not None:
+            path, start_step = Path(self.metrics_path), state["step"]
+            path.parent.mkdir(parents=True, exist_ok=True)
+            if start_step and path.is_file():  # drop rows written after the checkpoint resumed from
+                rows = [r for r in path.read_text().splitlines() if json.loads(r).get("step", 0) <= start_step]
+                write_text_atomic(path, "".join(r + "\n" for r in rows))
+            self.metrics = open(path, "a" if start_step else "w")
+
+    def record(self, row: dict):
+        if self.metrics is not None:
+            self.metrics.write(json.dumps(row) + "\n")
+            self.metrics.flush()
+
+    def save(self, step: int, weights: dict, optimizer_state: dict, state: dict) -> str:
+        state = {**state, "config": self.folder_config(state["config"]), "time": time.strftime("%Y-%m-%dT%H:%M:%S")}
+        if self.run is not None:
+            state["run"] = self.run
+        copy_files_from = (self.run or {}).get("copy_files_from")
+        path = save_checkpoint(self.out_dir / f"checkpoint-{step:06d}", self.args, weights, optimizer_state, state,
+                               copy_files_from)
+        if self.keep:  # the newest N of this run (another run's, if any, stay); never the one just written
+            run_id = (self.run or {}).get("run_id")
+            ours = [c for c in find_checkpoints(self.out_dir)
+                    if read_trainer_state(c).get("run", {}).get("run_id") in (None, run_id)]
+            for old in ours[: -self.keep]:
+                if old.resolve() != path.resolve():
+                    shutil.rmtree(old, ignore_errors=True)
+        self.log(f"saved {path}")
+        return str(path)
+
+
+def check_keep_checkpoints(keep: int):
+    if isinstance(keep, bool) or not isinstance(keep, int) or keep < 0:
+        raise TrainError(f"`keep_checkpoints` {keep} must be >= 0 (0: keep all) (default `keep_checkpoints` "
+                         f"{KEEP_CHECKPOINTS})")
+
+
+def save_checkpoint(path, args: ModelArgs, weights: dict, optimizer_state: dict, trainer_state: dict,
+                    copy_files_from=None) -> Path:
+    # A Hugging Face folder plus optimizer.pt and trainer_state.json, built in a hidden temporary folder and
+    # renamed into place: it loads in transformers, opt-deus-eval, as --model, and resumes at any world size.
+    path = Path(path).absolute()
+    with AtomicFolder(path, overwrite=True) as folder:
+        save_state_dict(args, weights, folder.tmp, copy_files_from=copy_files_from, atomic=False)
+        torch.save(optimizer_state, folder.tmp / "optimizer.pt")
+        (folder.tmp / "trainer_state.json").write_text(json.dumps(trainer_state, indent=2) + "\n")
+        folder.commit()
+    return path
+
+
+def find_checkpoints(out_dir) -> list[Path]:
+    return sorted(p for p in Path(out_dir).glob("checkpoint-*") if (p / "trainer_state.json").is_file())
+
+
+def read_trainer_state(path) -> dict:
+    file = Path(path) / "trainer_state.json"
+    try:
+        state = json.loads(file.read_text())
+        assert isinstance(state, dict) and isinstance(state["step"], int)
+        return state
+    except (OSError, json.JSONDecodeError, AssertionError, KeyError) as e:
+        raise TrainError(f"{file}: unreadable trainer state ({e!r})") from None
+
+
+def resolve_checkpoint(path) -> Path:
+    # A checkpoint folder, or a run folder (its newest checkpoint).
+    path = Path(path)
+    if (path / "trainer_state.json").is_file():
+        return path
+    found = find_checkpoints(path) if path.is_dir() else []
+    if not found:
+        raise TrainError(f"{path}: not a checkpoint (no trainer_state.json) nor a run folder with checkpoints")
+    return found[-1]
+
+
+def load_resume(path, device: str = "auto") -> dict:
+    """train()'s `resume` from a checkpoint folder (or a run folder: its newest): its trainer state with the
+    optimizer state loaded (memory-mapped on the CPU under torchrun, where each rank keeps its own rows)."""
+    path = resolve_checkpoint(path)
+    state = read_trainer_state(path)
+    sharded = torch.distributed.is_initialized()
+    try:
+        optimizer = torch.load(path / "optimizer.pt", map_location="cpu" if sharded else resolve_device(device),
+                               weights_only=True, mmap=sharded)
+    except (OSError, RuntimeError, ValueError, KeyError) as e:
+        raise TrainError(f"{path}: cannot restore the optimizer state ({str(e).splitlines()[0]})") from None
+    return {**state, "optimizer": optimizer, "path": str(path)}
+
+
+def saved_train_config(state: dict, where) -> tuple[TrainConfig, int]:
+    # The TrainConfig and keep_checkpoints a checkpoint's trainer_state.json was trained with.
+    saved = dict(state.get("config") or {})
+    saved.pop("out_dir", None)
+    keep = saved.pop("keep_checkpoints", KEEP_CHECKPOINTS)
+    try:
+        return TrainConfig(**saved), keep
+    except TypeError as e:
+        raise TrainError(f"{where}/trainer_state.json: config does not fit this train.py ({e})") from None
+
+
+def train_run(model: Transformer, train_data, config: TrainConfig, eval_data=None, *, out_dir=None,
+              metrics_path=None, keep_checkpoints: int = KEEP_CHECKPOINTS, resume_from=None, run: dict | None = None,
+              log: Callable = print) -> TrainResult:
+    """train() into a run folder: checkpoints under out_dir (None: none), metrics in metrics_path, resumed from
+    the checkpoint resume_from (whose weights `model` already holds), stopped in order by SIGINT/SIGTERM."""
+    hooks = RunFolder(out_dir, model.current_args(), metrics_path=metrics_path, keep_checkpoints=keep_checkpoints,
+                      run=run, log=log)
+    resume = None if resume_from is None else load_resume(resume_from, config.device)
+    with hooks:
+        return train(model, train_data, config, eval_data, hooks=hooks, resume=resume, log=log)
