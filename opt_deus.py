@@ -273,14 +273,23 @@ class GrowthOptions:
     max_marginal_error: float = MAX_MARGINAL_ERROR  # inf accepts any plan
 
     def __post_init__(self):
+        for name in ("epsilon", "tol", "max_marginal_error"):  # numbers, not True (which Python counts as 1)
+            value = getattr(self, name)
+            number = isinstance(value, (int, float)) and not isinstance(value, bool)
+            if not (number or (value is None and name == "epsilon")):
+                raise GrowthError(f"`{name}` must be a number, got {value!r}")
+        for name in ("zero_init", "normalize_plan", "strict"):
+            value = getattr(self, name)
+            if not (isinstance(value, bool) or (value is None and name == "zero_init")):
+                raise GrowthError(f"`{name}` must be True or False, got {value!r}")
         if self.method not in METHODS:
             raise GrowthError(f"unknown `method` {self.method!r} (choose from {', '.join(METHODS)})")
         if self.align not in ALIGNMENTS:
             raise GrowthError(f"unknown alignment `align` {self.align!r} (choose from {', '.join(ALIGNMENTS)})")
         if self.epsilon is None:
             self.epsilon = DEFAULT_EPSILON[self.align]
-        if not (self.epsilon >= 0 and math.isfinite(self.epsilon)):
-            raise GrowthError(f"`epsilon` must be a finite number >= 0, got {self.epsilon}")
+        if not 0 <= self.epsilon <= 1e30:  # NaN too; beyond 1e30 float32 overflows (and the plan is a b^T anyway)
+            raise GrowthError(f"`epsilon` must be a finite number >= 0 (at most 1e30), got {self.epsilon}")
         if self.align == "published":
             # The public code has no exact-assignment case and never rescales its plans.
             if self.epsilon == 0:
@@ -379,6 +388,11 @@ def make_layout(method: str, num_base_layers: int, insert_after: list[int] | Non
     return layout
 
 
+# Depth up-scaling adds a fraction of a model's depth; beyond this many new layers per base layer a request is a
+# typo (--new-layers 1000000000 would otherwise allocate gigabytes of positions before any other check).
+MAX_NEW_PER_BASE_LAYER = 64
+
+
 def check_request(num_new, insert_after, options: GrowthOptions | None) -> GrowthOptions:
     # What grow() and streaming growth (so the command line) both check before any work.
     if num_new is not None and (isinstance(num_new, bool) or not isinstance(num_new, int) or num_new <= 0):
@@ -394,6 +408,10 @@ def growth_layout(options: GrowthOptions, num_base_layers: int, num_new: int | N
                   insert_after: list[int] | None) -> tuple[list[Slot], dict]:
     # The grown model's layout, and the record config.json keeps under "opt_deus": enough to know how
     # the model was made and which layers train.py should train by default.
+    limit = MAX_NEW_PER_BASE_LAYER * num_base_layers
+    if max(num_new or 0, len(insert_after or ())) > limit:
+        raise GrowthError(f"`num_new` {num_new or len(insert_after)} is more than {MAX_NEW_PER_BASE_LAYER} new layers "
+                          f"per base layer ({limit} for {num_base_layers} layers)")
     if options.method == "solar":
         layout, insert_after = make_layout("solar", num_base_layers, insert_after, num_new), None
     else:
@@ -498,6 +516,11 @@ def grow(model: Transformer, num_new: int | None = None, *, position: str | None
     and the report: the record plus "layers", per new layer its index, sources, seconds and "matrices" (the
     fuse function's statistics). log: called with a progress line per new layer.
     """
+    if not (hasattr(model, "layers") and hasattr(model, "current_args")):
+        raise GrowthError(f"`model` must be a model.Transformer, got {type(model).__name__} (a Hugging Face folder "
+                          f"grows with opt_deus_tool.grow_cli.grow_checkpoint)")
+    if any(tensor.is_meta for tensor in model.state_dict().values()):
+        raise GrowthError("`model` has tensors on the meta device, without data: load its weights first")
     options = check_request(num_new, insert_after, options)
     args = model.current_args()
     layout, record = growth_layout(options, args.num_hidden_layers, num_new, position, insert_after)

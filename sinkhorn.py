@@ -101,11 +101,11 @@ def _prepare(cost, a, b, epsilon, tol, max_iter, check_every, eps_scaling):
     # Checks the arguments -> centred cost C (..., n, m), its transpose CT, unit-mass a, b, masses, centres, spread.
     if not isinstance(cost, Tensor):
         raise TypeError(f"sinkhorn: cost must be a torch.Tensor, got {type(cost).__name__}")
-    if cost.dim() < 2 or cost.numel() == 0 or cost.is_complex():
-        raise ValueError(f"sinkhorn: cost must be a real (..., n, m) tensor with n, m >= 1 and a non-empty "
-                         f"batch, got shape {tuple(cost.shape)} {cost.dtype}")
-    if not (isinstance(epsilon, (int, float)) and math.isfinite(epsilon) and epsilon > 0):
-        raise ValueError(f"sinkhorn: epsilon must be a finite number > 0, got {epsilon!r}")
+    if cost.dim() < 2 or cost.numel() == 0 or cost.is_complex() or cost.is_meta:
+        raise ValueError(f"sinkhorn: cost must be a real (..., n, m) tensor with data, n, m >= 1 and a non-empty "
+                         f"batch, got shape {tuple(cost.shape)} {cost.dtype} on {cost.device}")
+    if not (isinstance(epsilon, (int, float)) and not isinstance(epsilon, bool) and 0 < epsilon <= 1e30):
+        raise ValueError(f"sinkhorn: epsilon must be a number in (0, 1e30] (float32 overflows beyond), got {epsilon!r}")
     if tol is not None and not (tol > 0):
         raise ValueError(f"sinkhorn: tol must be > 0, got {tol!r}")
     if not (isinstance(max_iter, int) and max_iter >= 1):
@@ -295,8 +295,9 @@ def _assign(c: np.ndarray) -> np.ndarray:
 def hard_assignment(cost: Tensor) -> Tensor:
     # cost (..., n, m), n <= m -> (..., n) long: the injective perm minimising sum_i cost[i, perm[i]], exact (CPU).
     cost = torch.as_tensor(cost)
-    if cost.dim() < 2 or cost.shape[-2] > cost.shape[-1]:
-        raise ValueError(f"hard_assignment: cost must be (..., n, m) with n <= m, got {tuple(cost.shape)}")
+    if cost.dim() < 2 or cost.shape[-2] > cost.shape[-1] or cost.is_meta:
+        raise ValueError(f"hard_assignment: cost must be (..., n, m) with n <= m and data, got {tuple(cost.shape)} "
+                         f"on {cost.device}")
     c = cost.detach().to("cpu", torch.float64).numpy()
     if not np.isfinite(c).all():
         raise ValueError("hard_assignment: cost contains NaN or inf")
@@ -326,8 +327,7 @@ def published_sinkhorn(cost: Tensor, epsilon: float = 0.06, max_iter: int = 1000
     # numbers: v = b / (K^T u), u = 1 / ((K / a) v); a zero in K^T u or NaN/inf in u, v keeps the previous (u, v)
     # and stops; every 10 iterations it stops if ||P^T 1 - b||_2 < stop_threshold.
     n, m = cost.shape
-    a = torch.ones(n, dtype=cost.dtype, device=cost.device) / n
-    b = torch.ones(m, dtype=cost.dtype, device=cost.device) / m
+    a, b = (torch.ones(k, dtype=cost.dtype, device=cost.device) / k for k in (n, m))
     u, v = torch.ones_like(a) / n, torch.ones_like(b) / m
     kernel = torch.exp(cost / -epsilon)
     kernel_over_a = (1 / a).reshape(-1, 1) * kernel

@@ -3,14 +3,13 @@
 OpT-DeUS grows a pretrained model by inserting layers; train(model, tokens, config) trains those layers with
 everything else frozen, on plain text (continued pre-training) or masked instruction data (SFT). Read top to
 bottom: samples and their order, the loss, what trains, configuration and schedule, the distributed path
-(under torchrun, init_distributed() first), evaluation, the loop. The loop hands metrics, checkpoints and stop
-requests to TrainHooks (opt_deus_tool/runs.py: a run folder). Errors name config fields in backticks.
+(under torchrun: FSDP2 once a process group exists), evaluation, the loop. The loop hands metrics, checkpoints
+and stop requests to TrainHooks (opt_deus_tool/runs.py: a run folder). Errors name config fields in backticks.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import datetime
 import functools
 import math
 import os
@@ -46,6 +45,9 @@ class TokenBlocks:
     # share one token). Any dataset with __len__ and get(indices) -> (x, y), (B, L) each, trains alike (SFT's).
     def __init__(self, tokens, block_size: int, what: str = "data"):
         self.tokens, self.block_size = np.asarray(tokens), block_size  # numpy, memmap or CPU torch
+        if not np.issubdtype(self.tokens.dtype, np.integer) or self.tokens.ndim != 1:  # floats would be truncated
+            raise TrainError(f"{what}: token ids must be a 1-D integer array, got {self.tokens.dtype} "
+                             f"{self.tokens.shape}")
         if len(tokens) < block_size + 1:
             raise TrainError(f"{what}: {len(tokens)} tokens is shorter than one block of {block_size + 1} "
                              f"(block size + 1); add data or lower `block_size`")
@@ -53,21 +55,27 @@ class TokenBlocks:
     def __len__(self):
         return (len(self.tokens) - 1) // self.block_size
 
+    def id_range(self) -> tuple[int, int]:
+        return int(self.tokens.min()), int(self.tokens.max())
+
     def get(self, indices) -> tuple[torch.Tensor, torch.Tensor]:
         T = self.block_size
-        rows = np.stack([np.asarray(self.tokens[i * T: i * T + T + 1], dtype=np.int64) for i in indices])
-        rows = torch.from_numpy(rows)  # (B, T+1)
-        return rows[:, :-1], rows[:, 1:]
+        rows = torch.from_numpy(np.stack([np.asarray(self.tokens[i * T: i * T + T + 1], np.int64) for i in indices]))
+        return rows[:, :-1], rows[:, 1:]  # rows (B, T+1)
 
 
-def as_dataset(data, block_size: int, what: str):
-    return data if hasattr(data, "get") and hasattr(data, "__len__") else TokenBlocks(data, block_size, what)
+def as_dataset(data, block_size: int, what: str, vocab_size: int):
+    # A token array becomes TokenBlocks. Every id must index the vocabulary: an embedding lookup would fail.
+    data = data if hasattr(data, "get") and hasattr(data, "__len__") else TokenBlocks(data, block_size, what)
+    low, high = data.id_range() if hasattr(data, "id_range") else (0, 0)
+    if low < 0 or high >= vocab_size:
+        raise TrainError(f"{what}: token id {low if low < 0 else high} is outside the vocabulary [0, {vocab_size})")
+    return data
 
 
 class SampleOrder:
-    # The training stream is an endless sequence of epochs, each a permutation of the samples
-    # seeded by (seed, epoch): the sample at stream position p is a pure function of (seed, p),
-    # so a resumed run reads exactly what an uninterrupted one would, with no iterator state.
+    # The training stream is an endless sequence of epochs, each a permutation seeded by (seed, epoch): the sample
+    # at stream position p is a function of (seed, p), so a resumed run reads what an uninterrupted one would.
     def __init__(self, n_samples: int, seed: int):
         self.n, self.seed, self.epoch, self.perm = n_samples, seed, None, None
 
@@ -170,8 +178,9 @@ def set_trainable(model: Transformer, spec: str | list[int]) -> list[int]:
         model.requires_grad_(True)
         return list(range(n_layers))
     if spec == "new":
-        spec = (model.args.extra.get("opt_deus") or {}).get("new_layers")
-        if not spec:
+        record = model.args.extra.get("opt_deus")
+        spec = record.get("new_layers") if isinstance(record, dict) else None
+        if not spec or not isinstance(spec, list):
             raise TrainError("`trainable` new: the checkpoint records no new layers (config.json has no "
                              "opt_deus.new_layers); pass `trainable` all or a comma list of layer indices")
     layers = sorted(set(spec))
@@ -188,10 +197,8 @@ def frozen_prefix_of(model: Transformer) -> int | None:
     # How many leading blocks can run without autograd; None when the embeddings themselves train.
     if model.embed_tokens.weight.requires_grad:
         return None
-    for i, block in enumerate(model.layers):
-        if any(p.requires_grad for p in block.parameters()):
-            return i
-    return len(model.layers)
+    trains = [any(p.requires_grad for p in block.parameters()) for block in model.layers]
+    return trains.index(True) if True in trains else len(model.layers)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -238,10 +245,9 @@ def validate_config(c: TrainConfig):
         if value is None and name == "stop_after":
             continue
         is_number = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
-        if name in INT_FIELDS and not (is_number and isinstance(value, int)):
-            raise TrainError(f"`{name}` {value!r}: expected an integer")
-        if not is_number:
-            raise TrainError(f"`{name}` {value!r}: expected a finite number")
+        kind = "an integer" if name in INT_FIELDS else "a finite number"
+        if not (is_number and (isinstance(value, int) or name in FLOAT_FIELDS)):
+            raise TrainError(f"`{name}` {value!r}: expected {kind}")
 
     def require(ok: bool, name: str, rule: str):
         if not ok:
@@ -294,10 +300,10 @@ def resolve_device(name: str) -> torch.device:
     count = {"cpu": 1, "cuda": torch.cuda.device_count(), "mps": int(torch.backends.mps.is_available())}
     if device.type not in count:
         raise TrainError(f"`device` {name}: unsupported device type {device.type!r} (cpu, cuda or mps)")
-    if not count[device.type]:
-        raise TrainError(f"`device` {name}: {device.type.upper()} is not available on this machine (use `device` cpu)")
-    if (device.index or 0) >= count[device.type]:
-        raise TrainError(f"`device` {name}: this machine has {count[device.type]} {device.type.upper()} device(s)")
+    kind, available = device.type.upper(), count[device.type]
+    if (device.index or 0) >= available:
+        why = f"only {available} {kind} device(s)" if available else f"{kind} is not available"
+        raise TrainError(f"`device` {name}: {why} on this machine (use `device` cpu)")
     if device.type == "cuda" and device.index is None and "LOCAL_RANK" in os.environ:
         device = torch.device("cuda", int(os.environ["LOCAL_RANK"]))  # torchrun: one GPU per process
     return device
@@ -324,20 +330,6 @@ def rank_and_world() -> tuple[int, int]:
     if torch.distributed.is_available() and torch.distributed.is_initialized():
         return torch.distributed.get_rank(), torch.distributed.get_world_size()
     return 0, 1
-
-
-def init_distributed(device_name: str, timeout_s: float = 1800.0) -> bool:
-    # torchrun sets WORLD_SIZE, RANK, LOCAL_RANK, MASTER_ADDR/PORT; a plain process keeps the single-process
-    # path. The timeout bounds every collective: a rank that died or hangs fails the others, not hangs them.
-    if "WORLD_SIZE" not in os.environ or torch.distributed.is_initialized():
-        return torch.distributed.is_initialized()
-    device = resolve_device(device_name)
-    cuda = device.type == "cuda"
-    if cuda:
-        torch.cuda.set_device(device)
-    torch.distributed.init_process_group("nccl" if cuda else "gloo", timeout=datetime.timedelta(seconds=timeout_s),
-                                         device_id=device if cuda else None)
-    return True
 
 
 class ShardedLoss(torch.nn.Module):
@@ -367,16 +359,15 @@ def shard_model(model: Transformer, device: torch.device, loss_fn: Callable) -> 
         else:
             policy = MixedPrecisionPolicy(reduce_dtype=torch.float32)
         fully_shard(module, mesh=mesh, mp_policy=policy)
-        # Each rank's loss is already divided by the whole step's target count: sum, don't average
-        # (a plain SUM collective: gloo has no PREMUL_SUM).
+        # Each rank's loss is already divided by the step's target count: sum (gloo has no PREMUL_SUM), don't average.
         module.set_gradient_divide_factor(1.0)
         module.set_force_sum_reduction_for_comms(True)
     return root
 
 
 def gather_full(state, keep: bool):
-    # DTensor shards -> whole CPU tensors, through nested dicts and lists. Every rank joins each
-    # all-gather in the same order; only ranks with `keep` hold on to the result.
+    # DTensor shards -> whole CPU tensors, through nested dicts and lists. Every rank joins each all-gather in the
+    # same order; only ranks with `keep` hold on to the result.
     from torch.distributed.tensor import DTensor
     if isinstance(state, dict):
         return {k: gather_full(v, keep) for k, v in state.items()}
@@ -389,9 +380,8 @@ def gather_full(state, keep: bool):
 
 
 def shard_optimizer_state(saved: dict, params: list[torch.nn.Parameter]) -> dict:
-    # A full optimizer state (what one process saves; state i belongs to the i-th trainable parameter)
-    # -> this rank's shards, laid out like each parameter. Every rank reads the file (memory-mapped)
-    # and keeps its own rows: no communication.
+    # A full optimizer state (one process's; state i is the optimizer's i-th parameter's) -> this rank's shards, laid
+    # out like each parameter. Every rank reads the file (memory-mapped) and keeps its own rows: no communication.
     from torch.distributed.tensor import distribute_tensor
     state = {}
     for i, s in saved["state"].items():
@@ -417,15 +407,15 @@ def evaluate(model: Transformer, tokens, block_size: int, batch_size: int, max_b
     token array (or an SFT dataset); max_batches=None reads it all, the last partial block too. sharded: the
     FSDP root under torchrun (ranks split the batches). log: progress, at most a line every 10 s."""
     device = next(model.parameters()).device
-    data = as_dataset(tokens, block_size, "evaluation data")
+    data = as_dataset(tokens, block_size, "evaluation data", model.args.vocab_size)
     n = len(data) if max_batches is None else min(len(data), max_batches * batch_size)
     batches = [data.get(range(i, min(i + batch_size, n))) for i in range(0, n, batch_size)]
     if max_batches is None and isinstance(data, TokenBlocks) and len(data.tokens) - n * block_size >= 2:
         tail = torch.from_numpy(np.asarray(data.tokens[n * block_size:], dtype=np.int64))[None]
         batches.append((tail[:, :-1], tail[:, 1:]))
     if sharded is not None:
-        # Rank r takes batches r, r+N, ...; every rank runs the same number of forwards (FSDP gathers
-        # are collectives), padding with a batch whose targets are all ignored: it adds nothing.
+        # Rank r takes batches r, r+N, ...; every rank runs as many forwards (FSDP gathers are collectives),
+        # padding with a batch whose targets are all ignored: it adds nothing.
         rank, world = rank_and_world()
         x0, y0 = batches[0]
         padding = [(x0, torch.full_like(y0, IGNORE_INDEX))] * (-(-len(batches) // world) - len(batches[rank::world]))
@@ -492,6 +482,8 @@ class TrainRun:
     # A run set up for train() (every check passed, FSDP2 shards, optimizer, resume); its methods: the loop's parts.
 
     def __init__(self, model: Transformer, train_data, config: TrainConfig, eval_data, resume: dict | None):
+        if not isinstance(model, Transformer):
+            raise TrainError(f"`model` must be a model.Transformer, got {type(model).__name__}")
         validate_config(config)
         if config.block_size > model.args.max_position_embeddings:
             raise TrainError(f"`block_size` {config.block_size} is beyond the model's max_position_embeddings "
@@ -500,8 +492,10 @@ class TrainRun:
         self.device, self.distributed = resolve_device(config.device), torch.distributed.is_initialized()
         if not self.distributed:
             model.to(self.device)
-        self.train_data = as_dataset(train_data, config.block_size, "training data")
-        self.eval_data = None if eval_data is None else as_dataset(eval_data, config.block_size, "evaluation data")
+        vocab = model.args.vocab_size
+        self.train_data = as_dataset(train_data, config.block_size, "training data", vocab)
+        self.eval_data = None if eval_data is None else as_dataset(eval_data, config.block_size, "evaluation data",
+                                                                   vocab)
         self.layers = set_trainable(model, config.trainable)
         self.frozen_prefix = frozen_prefix_of(model)
         loss_fn = torch.compile(forward_loss) if config.compile else forward_loss
@@ -547,7 +541,14 @@ class TrainRun:
         if (n_saved := resume.get("data", {}).get("n_samples")) != len(self.train_data):
             raise TrainError(f"{where}: the checkpoint was trained on {n_saved} samples, the data given has "
                              f"{len(self.train_data)}: resuming would not continue the same data order")
-        saved, params = resume["optimizer"], [p for _, p in self.named_params]
+        # AdamW moments shaped like their parameter (state i: the optimizer's i-th, through its groups), and finite.
+        saved, params = resume["optimizer"], [p for group in self.optimizer.param_groups for p in group["params"]]
+        for index, moments in saved["state"].items():
+            ok = isinstance(index, int) and 0 <= index < len(params) and isinstance(moments, dict) and all(
+                key == "step" or (isinstance(value, torch.Tensor) and value.shape == params[index].shape
+                                  and bool(torch.isfinite(value).all())) for key, value in moments.items())
+            if not ok:
+                raise TrainError(f"{where}: optimizer state of trainable tensor {index} is misshaped or not finite")
         try:
             self.optimizer.load_state_dict(shard_optimizer_state(saved, params) if self.distributed else saved)
         except (RuntimeError, ValueError, KeyError) as e:
@@ -690,8 +691,7 @@ def train(model: Transformer, train_data, config: TrainConfig, eval_data=None, *
             break
     timed = step_times[c.timing_skip_steps:] or step_times
     mean_step = sum(timed) / len(timed) if timed else math.nan
-    # The evaluation of the weights the run ends with, or none: an interrupted run must not report
-    # an earlier (say step 0) evaluation as its result.
+    # The evaluation of the weights the run ends with, or none: an interrupted run reports no earlier one.
     last_eval = evals[-1] if evals and evals[-1]["step"] == run.start_step + len(losses) else {}
     return TrainResult(
         final_loss=losses[-1] if losses else math.nan, losses=losses, eval_loss=last_eval.get("eval_loss"),

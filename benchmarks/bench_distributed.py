@@ -32,6 +32,7 @@ import train  # noqa: E402
 from experiments.common import cpu_model  # noqa: E402
 from model import ModelArgs, Transformer  # noqa: E402
 from opt_deus_tool.checkpoint import expected_shapes  # noqa: E402
+from opt_deus_tool.train_cli import init_distributed  # noqa: E402
 
 LLAMA_31_8B = dict(vocab_size=128256, hidden_size=4096, intermediate_size=14336, num_attention_heads=32,
                    num_key_value_heads=8, head_dim=128, tie_word_embeddings=False)
@@ -58,7 +59,7 @@ PRESETS = {
 
 def worker(flags) -> int:
     # One process of a measurement (under torchrun, or alone for the plain path).
-    distributed = train.init_distributed(flags.device, 600)
+    distributed = init_distributed(flags.device, 600)
     rank, world = train.rank_and_world()
     p = PRESETS[flags.preset]
     args = ModelArgs(**p["model"], max_position_embeddings=max(4096, p["block_size"]))

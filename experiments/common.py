@@ -97,7 +97,9 @@ def output_folder(out):
     """Yields a temporary folder beside `out`; on success it replaces `out`, on error it is deleted."""
     # opt_deus_tool.atomic.AtomicFolder: the project's one temp-folder-then-rename writer (an existing folder is
     # moved aside and deleted only once the new one is in place; SIGTERM cleans up too).
-    with AtomicFolder(out, overwrite=True) as folder:
+    def earlier_results(path):
+        return None if (path / "summary.json").is_file() else "holds files but no summary.json, so no earlier results"
+    with AtomicFolder(out, overwrite=True, replaceable=earlier_results) as folder:
         yield folder.tmp
         folder.commit()
 

@@ -20,8 +20,9 @@ from safetensors import SafetensorError, safe_open
 
 from model import ModelArgs, Transformer
 from opt_deus_tool import CheckpointError
-from opt_deus_tool.atomic import AtomicFolder
+from opt_deus_tool.atomic import AtomicFolder, model_folder_problem
 from opt_deus_tool.hf_config import args_from_config, config_from_args
+from opt_deus_tool.inputs import parse_json, read_json_object
 
 # The tensors of one block, keyed as in `Block.state_dict()`, in the order growth writes them.
 BLOCK_KEYS = ("input_layernorm.weight", "post_attention_layernorm.weight", "self_attn.q_proj.weight",
@@ -56,11 +57,16 @@ def expected_shapes(args: ModelArgs) -> dict[str, tuple[int, ...]]:
 
 
 def load_pretrained(path, dtype: torch.dtype | None = None, device=None) -> Transformer:
-    """A Transformer from a Hugging Face folder, strictly: every tensor used, every shape checked.
+    """A Transformer from a Hugging Face folder, strictly: every tensor used, every shape checked, every value
+    finite (a NaN would surface only steps into training, or as a perplexity of nan).
 
-    dtype None: the dtype config.json states, float32 if none. Built on the meta device and allocated once
-    in that dtype: peak memory is the model plus one tensor in flight."""
+    dtype None: the dtype config.json states, float32 if none; a checkpoint that mixes dtypes needs one given.
+    Built on the meta device and allocated once in that dtype: peak memory is the model plus one tensor."""
+    if dtype is not None and not (isinstance(dtype, torch.dtype) and dtype.is_floating_point):
+        raise CheckpointError(f"`dtype` must be a floating-point torch.dtype such as torch.float32, got {dtype!r}")
     reader = CheckpointReader(path)
+    if dtype is None:
+        reader.check_one_dtype("`dtype`")
     stated = {"float16": torch.float16, "bfloat16": torch.bfloat16}.get(reader.args.dtype, torch.float32)
     with torch.device("meta"):
         model = Transformer(reader.args).to(dtype or stated)
@@ -68,24 +74,29 @@ def load_pretrained(path, dtype: torch.dtype | None = None, device=None) -> Tran
     with torch.no_grad():
         for name, param in model.named_parameters():
             param.copy_(reader.tensor(hf_key(name)))
+            if not torch.isfinite(param).all():
+                raise CheckpointError(f"{reader.files[hf_key(name)]}: tensor {hf_key(name)} contains NaN or inf")
     reader.check_all_read()
     return model
 
 
 def save_pretrained(model: Transformer, path, max_shard_size: int | str = "5GB", copy_files_from=None,
-                    overwrite: bool = True, atomic: bool = True):
+                    overwrite: bool = False, atomic: bool = True):
     """`model` as a Hugging Face folder at `path` (config.json, safetensors shards, the tokenizer files of
-    copy_files_from); atomic=False writes into `path`, an empty folder the caller renames."""
+    copy_files_from). As the command lines: a non-empty `path` is replaced only with overwrite=True, and only if
+    it holds a model (its own tokenizer files then go with it); atomic=False writes into `path`, an empty
+    folder the caller renames."""
     save_state_dict(model.current_args(), model.state_dict(), path, max_shard_size, copy_files_from, overwrite,
                     atomic)
 
 
 def save_state_dict(args: ModelArgs, state_dict: dict, path, max_shard_size: int | str = "5GB",
-                    copy_files_from=None, overwrite: bool = True, atomic: bool = True):
+                    copy_files_from=None, overwrite: bool = False, atomic: bool = True):
     # A Transformer's state dict (model.py names), e.g. one gathered from FSDP shards, as save_pretrained.
     args = dataclasses.replace(args, dtype=dtype_name(state_dict["embed_tokens.weight"].dtype))
     with CheckpointWriter(path, max_shard_size=max_shard_size, overwrite=overwrite, atomic=atomic,
-                          inputs=[("`copy_files_from`", copy_files_from)], name="`path`") as writer:
+                          inputs=[("`copy_files_from`", copy_files_from)], name="`path`",
+                          replaceable=model_folder_problem) as writer:
         for name, tensor in state_dict.items():
             writer.add(hf_key(name), tensor)
         writer.finish(config_from_args(args), copy_files_from=copy_files_from)
@@ -102,10 +113,9 @@ class CheckpointReader:
             raise CheckpointError(f"{self.path}: not a folder")
         if not config_path.is_file():
             raise CheckpointError(f"{config_path}: missing (not a Hugging Face checkpoint folder)")
+        config = read_json_object(config_path, CheckpointError)
         try:
-            self.args = args_from_config(json.loads(config_path.read_text()))
-        except (json.JSONDecodeError, UnicodeDecodeError) as e:
-            raise CheckpointError(f"{config_path}: not valid JSON ({e})") from None
+            self.args = args_from_config(config)
         except CheckpointError as e:
             raise CheckpointError(f"{config_path}: {e}") from None
         self._handles = {}  # file -> open safetensors file
@@ -118,11 +128,16 @@ class CheckpointReader:
         single = self.path / "model.safetensors"
         if not index.is_file() and not single.is_file():
             raise CheckpointError(f"{self.path}: no model.safetensors or model.safetensors.index.json")
+        if index.is_file() and single.is_file():  # transformers would load the single file: which is the model?
+            raise CheckpointError(f"{self.path}: holds both model.safetensors and model.safetensors.index.json; "
+                                  f"remove the one that is not the model")
         if not index.is_file():
             return dict.fromkeys(self._open(single).keys(), single)
         try:
-            files = {key: self.path / name for key, name in json.loads(index.read_text())["weight_map"].items()}
-        except (json.JSONDecodeError, KeyError, TypeError, AttributeError) as e:
+            weight_map = parse_json(index.read_text(encoding="utf-8"), str(index), CheckpointError)["weight_map"]
+            files = {key: self.path / name for key, name in weight_map.items()}
+            assert all(isinstance(name, str) and name == Path(name).name for name in weight_map.values())
+        except (CheckpointError, UnicodeDecodeError, KeyError, TypeError, AttributeError, AssertionError) as e:
             raise CheckpointError(f"{index}: not a safetensors index ({e!r})") from None
         for file in set(files.values()):
             if not file.is_file():
@@ -160,6 +175,15 @@ class CheckpointReader:
         if missing:
             more = f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""
             raise CheckpointError(f"{self.path}: missing tensor {missing[0]}{more}")
+
+    def check_one_dtype(self, remedy: str):
+        # A base that mixes dtypes (bf16 embeddings, float32 layers) cannot be written in "its" dtype.
+        dtypes = {}
+        for key in self.files:
+            dtypes.setdefault(self.dtype(key), key)
+        if len(dtypes) > 1:
+            found = ", ".join(f"{key} in {dtype_name(dtype)}" for dtype, key in dtypes.items())
+            raise CheckpointError(f"{self.path}: its tensors mix dtypes ({found}); pass {remedy} to choose one")
 
     def dtype(self, key: str) -> torch.dtype:
         stored = self._open(self.files[key]).get_slice(key).get_dtype()  # "BF16", ...
@@ -201,11 +225,13 @@ class CheckpointWriter:
     """
 
     def __init__(self, path, max_shard_size: int | str = "5GB", overwrite: bool = False, inputs=(),
-                 atomic: bool = True, name: str = "`out`"):
+                 atomic: bool = True, name: str = "`out`", replaceable=model_folder_problem):
         # atomic=False writes straight into `path`, an empty folder the caller made and will rename
         # (a training checkpoint adds optimizer state to it).
         self.max_shard_size = parse_size(max_shard_size)
-        self.folder = AtomicFolder(path, overwrite=overwrite, inputs=inputs, name=name) if atomic else None
+        self.folder = (AtomicFolder(path, overwrite=overwrite, inputs=inputs, name=name, replaceable=replaceable)
+                       if atomic else None)
+        self.path = Path(path)
         self.tmp = self.folder.tmp if atomic else Path(path).absolute()
         self.shard_files: list[str] = []  # finished shards
         self.key_to_shard: dict[str, int] = {}  # for the finished shards
@@ -224,6 +250,8 @@ class CheckpointWriter:
             self.data.close()
         if self.folder is not None:
             self.folder.__exit__(exc_type, exc, tb)
+        if isinstance(exc, OSError) and exc.filename is None:  # a full disk's write error names no file: ours
+            raise OSError(exc.errno, exc.strerror or str(exc), str(self.path)) from exc
 
     def add(self, key: str, tensor: torch.Tensor):
         if key in self.key_to_shard or key in self.header:

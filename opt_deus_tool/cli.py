@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import math
+import os
 import re
 import sys
 from typing import Callable
@@ -86,12 +87,16 @@ def run_command(prog: str, command: Callable[[], int], flags: dict[str, str], wh
         message, code = f"{e.filename or where}: {e.strerror or e}" if e.filename or where else str(e.strerror or e), 2
     except Interrupted as e:
         message, code = f"{e}; nothing written", 128 + e.signum
-    except KeyboardInterrupt:
-        message, code = "stopped by SIGINT; nothing written", 130
-    print(f"{prog}: error: {flag_message(message, flags)}", file=sys.stderr)
+    except KeyboardInterrupt as e:
+        message, code = (str(e.args[0]) if e.args else "stopped by SIGINT; nothing written"), 130
+    log_to_stderr(f"{prog}: error: {flag_message(message, flags)}")
     return code
 
 
 def log_to_stderr(*parts):
-    # Progress goes to stderr; stdout stays for results.
-    print(*parts, file=sys.stderr, flush=True)
+    # Progress goes to stderr, stdout stays for results. A stderr its reader closed (`2>&1 | head -1`) or that
+    # cannot take more (`2>/dev/null` on a full disk, `2>/dev/full`) must never stop the work: lines are dropped.
+    try:
+        print(*parts, file=sys.stderr, flush=True)
+    except (OSError, ValueError):  # BrokenPipeError, ENOSPC; ValueError: stderr already closed
+        sys.stderr = open(os.devnull, "w")

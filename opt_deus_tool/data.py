@@ -20,6 +20,7 @@ import numpy as np
 import torch
 
 from opt_deus_tool.atomic import remove_stale_scratch, scratch_path
+from opt_deus_tool.inputs import check_text, not_a_file, parse_json, read_json_object
 from train import IGNORE_INDEX, TrainError
 
 # ----------------------------------------------------------------------------------------------
@@ -54,29 +55,16 @@ class HFTokenizer:
         return [e.ids for e in self.tokenizer.encode_batch(texts, add_special_tokens=False)]
 
 
-def _json_object(path: Path) -> dict:
-    # {} when the file is absent; a file that is present must hold a JSON object.
-    if not path.is_file():
-        return {}
-    try:
-        value = json.loads(path.read_text())
-    except ValueError:
-        value = None
-    if not isinstance(value, dict):
-        raise TrainError(f"{path}: not a JSON object")
-    return value
-
-
 def _special_id(model_dir: Path, key: str, tokenizer) -> int | None:
     # config.json's <key>_token_id (an int, or a list whose first entry is the main one), else
     # tokenizer_config.json's <key>_token string looked up in the vocabulary.
     for name in ("config.json", "generation_config.json"):
-        value = _json_object(model_dir / name).get(f"{key}_token_id")
+        value = read_json_object(model_dir / name, TrainError, missing_ok=True).get(f"{key}_token_id")
         if isinstance(value, list) and value:
             value = value[0]
         if isinstance(value, int):
             return value
-    token = _json_object(model_dir / "tokenizer_config.json").get(f"{key}_token")
+    token = read_json_object(model_dir / "tokenizer_config.json", TrainError, missing_ok=True).get(f"{key}_token")
     if isinstance(token, dict):
         token = token.get("content")
     return tokenizer.token_to_id(token) if isinstance(token, str) else None
@@ -92,7 +80,7 @@ def load_tokenizer(model_dir, byte_tokenizer: bool = False) -> ByteTokenizer | H
     # model fed bytes trains "fine" and evaluates to nonsense.
     model_dir = Path(model_dir)
     path = model_dir / "tokenizer.json"
-    vocab_size = _json_object(model_dir / "config.json").get("vocab_size")
+    vocab_size = read_json_object(model_dir / "config.json", TrainError, missing_ok=True).get("vocab_size")
     made_for_bytes = byte_tokenizer or (isinstance(vocab_size, int) and vocab_size <= BYTE_VOCAB_LIMIT)
     if not path.is_file():
         if made_for_bytes:
@@ -122,16 +110,17 @@ def load_tokenizer(model_dir, byte_tokenizer: bool = False) -> ByteTokenizer | H
 
 
 def list_data_files(paths) -> list[Path]:
-    # Folders are walked recursively in sorted order; hidden files (a cache, .DS_Store) are skipped.
+    # Folders are walked recursively in sorted order; hidden files (a cache, .DS_Store) are skipped. A FIFO or a
+    # device is refused by what it is: the token cache is keyed on content, so a file is read more than once.
     files = []
     for p in map(Path, paths):
-        if p.is_file():
-            files.append(p)
-        elif p.is_dir():
+        if p.is_dir():
             files += sorted(f for f in p.rglob("*") if f.is_file()
                             and not any(part.startswith(".") for part in f.relative_to(p).parts))
+        elif (problem := not_a_file(p)) is not None:
+            raise TrainError(f"{p}: {'no such file or folder' if problem == 'no such file' else 'is ' + problem}")
         else:
-            raise TrainError(f"{p}: no such file or folder")
+            files.append(p)
     if not files:
         raise TrainError(f"{', '.join(map(str, paths))}: no data files found")
     return files
@@ -158,14 +147,14 @@ def iter_documents(files: list[Path]) -> Iterator[str]:
                 for lineno, line in enumerate(f, 1):
                     if not line.strip():
                         continue
-                    try:
-                        text = json.loads(line).get("text")
-                    except (json.JSONDecodeError, AttributeError):
-                        raise TrainError(f"{path}:{lineno}: not a JSON object") from None
+                    record = parse_json(line, f"{path}:{lineno}", TrainError)
+                    if not isinstance(record, dict):
+                        raise TrainError(f"{path}:{lineno}: not a JSON object")
+                    text = record.get("text")
                     if not isinstance(text, str):
                         raise TrainError(f"{path}:{lineno}: no string field 'text'")
                     if text:
-                        yield text
+                        yield check_text(text, f"{path}:{lineno}", TrainError)
         except UnicodeDecodeError:
             raise TrainError(f"{path}: not UTF-8 text") from None
         except (OSError, EOFError) as e:
@@ -183,14 +172,23 @@ def _batches(items, n: int) -> Iterator[list]:
         yield batch
 
 
+def content_digest(path: Path) -> str:
+    digest = hashlib.blake2b(digest_size=16)
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 22):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
 def tokenize_to_cache(paths, tokenizer, cache_dir, log: Callable = print) -> np.ndarray:
     """Documents joined with EOS as one 1-D uint32 memmap, tokenised once and cached on disk."""
     files = list_data_files(paths)
-    # Keyed by what determines the tokens: each file's path, size and mtime, and the tokenizer.
-    # uint32 because Llama 3's 128k vocabulary overflows uint16.
-    stats = [(str(f.resolve()), f.stat().st_size, f.stat().st_mtime_ns) for f in files]
-    key = hashlib.sha256(json.dumps({"files": stats, "tokenizer": tokenizer.name,
-                                     "eos": tokenizer.eos_id, "version": 1}).encode()).hexdigest()[:24]
+    # Keyed by what determines the tokens: each file's path and content, and the tokenizer. Not by size and
+    # mtime: `tar`, `rsync -t` and `cp -p` restore both on edited data. Hashing costs a read of the data
+    # (docs/BENCHMARKS_TRAIN.md). uint32 because Llama 3's 128k vocabulary overflows uint16.
+    contents = [(str(f.resolve()), content_digest(f)) for f in files]
+    key = hashlib.sha256(json.dumps({"files": contents, "tokenizer": tokenizer.name,
+                                     "eos": tokenizer.eos_id, "version": 2}).encode()).hexdigest()[:24]
     cache_dir = Path(cache_dir)
     final = cache_dir / f"tokens-{key}.u32"
     if final.is_file():
@@ -209,6 +207,9 @@ def tokenize_to_cache(paths, tokenizer, cache_dir, log: Callable = print) -> np.
         if n_tokens == 0:
             raise TrainError(f"{', '.join(map(str, paths))}: no text (the data files are empty)")
         os.replace(tmp, final)  # the .u32 file appears only once complete
+    except OSError as e:  # a full or read-only cache folder: numpy's message names no file
+        raise TrainError(f"{final}: cannot write the token cache ({e.strerror or e}); free space or choose another "
+                         f"`cache_dir`") from None
     finally:
         tmp.unlink(missing_ok=True)
     log(f"tokenised {len(files)} file(s): {n_tokens:,} tokens in {time.time() - t0:.1f}s -> {final}")
@@ -250,17 +251,22 @@ def load_alpaca(path) -> list[dict]:
     path = Path(path)
     try:
         with open_text(path) as f:
-            records = [json.loads(line) for line in f if line.strip()] if _is_jsonl(path) else json.load(f)
-    except json.JSONDecodeError as e:
-        raise TrainError(f"{path}: not valid JSON ({e})") from None
+            if _is_jsonl(path):
+                records = [parse_json(line, f"{path}:{n}", TrainError) for n, line in enumerate(f, 1) if line.strip()]
+            else:
+                records = parse_json(f.read(), str(path), TrainError)
     except UnicodeDecodeError:
         raise TrainError(f"{path}: not UTF-8 text") from None
+    except (OSError, EOFError) as e:  # gzip.BadGzipFile, a truncated .gz
+        raise TrainError(f"{path}: cannot read ({e})") from None
     if not isinstance(records, list) or not records:
         raise TrainError(f"{path}: expected a non-empty JSON list of {{instruction, input, output}} records")
     for i, r in enumerate(records):
         ok = isinstance(r, dict) and "instruction" in r and "output" in r
         if not (ok and all(isinstance(r.get(k, ""), str) for k in ("instruction", "input", "output"))):
             raise TrainError(f"{path}: record {i} needs string fields 'instruction', 'output' (and optional 'input')")
+        for key in ("instruction", "input", "output"):
+            check_text(r.get(key, ""), f"{path}: record {i} field {key!r}", TrainError)
     return records
 
 
@@ -278,6 +284,9 @@ class SFTDataset:
 
     def __len__(self):
         return len(self.ids)
+
+    def id_range(self) -> tuple[int, int]:
+        return min(int(ids.min()) for ids in self.ids), max(int(ids.max()) for ids in self.ids)
 
     def split(self, n: int) -> tuple[SFTDataset, SFTDataset]:
         # -> (the first n examples, the rest)

@@ -22,6 +22,7 @@ from opt_deus_tool.checkpoint import load_pretrained
 from opt_deus_tool.cli import (BYTE_TOKENIZER_HELP, OneLineArgumentParser, flag_names, log_to_stderr, positive_int,
                                run_command)
 from opt_deus_tool.data import iter_documents, load_tokenizer
+from opt_deus_tool.inputs import not_a_file
 from train import TrainError, evaluate, resolve_device
 
 EVAL_BLOCK_SIZE = 2048  # the window when the model allows it
@@ -38,8 +39,8 @@ def evaluate_text(model_dir, text_path, block_size: int | None = None, batch_siz
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
             raise TrainError(f"`{name}` {value!r}: expected an integer >= 1")
     text_path = Path(text_path)
-    if not text_path.is_file():
-        raise TrainError(f"{text_path}: no such file")
+    if (problem := not_a_file(text_path)) is not None:
+        raise TrainError(f"{text_path}: {problem if problem == 'no such file' else 'is ' + problem}")
     text = "\n".join(iter_documents([text_path]))
     if not text.strip():
         raise TrainError(f"{text_path}: empty")
@@ -68,6 +69,9 @@ def eval_command(flags: argparse.Namespace) -> int:
         json_path = Path(flags.json)
         if json_path.is_dir():
             raise TrainError(f"--json {flags.json}: is a folder")
+        if json_path.is_symlink() or (json_path.exists() and not json_path.is_file()):
+            raise TrainError(f"--json {flags.json}: exists and is not a regular file (a symlink, a device or a "
+                             f"FIFO), which writing the report would replace; choose a file path")
         if not json_path.absolute().parent.is_dir():
             raise TrainError(f"--json {flags.json}: no such folder {json_path.absolute().parent}")
         for flag, source in (("--text", flags.text), ("--model", flags.model)):

@@ -20,8 +20,7 @@ import torch
 
 from opt_deus import (ALIGNMENTS, DEFAULT_EPSILON, METHODS, POSITIONS, GrowthOptions, check_finite, check_request,
                       grown_blocks, growth_layout)
-from opt_deus_tool import CheckpointError
-from opt_deus_tool.atomic import check_output_folder
+from opt_deus_tool.atomic import check_output_folder, model_folder_problem
 from opt_deus_tool.checkpoint import BLOCK_KEYS, CheckpointReader, CheckpointWriter, dtype_name
 from opt_deus_tool.cli import (OneLineArgumentParser, finite_float, flag_names, int_list, log_to_stderr,
                                positive_int, run_command, size)
@@ -46,14 +45,13 @@ def grow_checkpoint(base: str | Path, out: str | Path, num_new: int | None = Non
     args = reader.args
     layout, record = growth_layout(options, args.num_hidden_layers, num_new, position, insert_after)
     out = Path(out)
-    # `out` may not be, contain or lie inside `base` (with `overwrite` that would delete the base).
-    check_output_folder(out, [("`base`", base)], overwrite)
-    # `overwrite` replaces an earlier output, not whatever folder a mistyped `out` names.
-    if overwrite and out.is_dir() and any(out.iterdir()) and not (out / "config.json").is_file():
-        raise CheckpointError(f"`out` {out}: holds files but no config.json, so it is not an earlier output; "
-                              f"`overwrite` only replaces a model folder (choose a new or empty folder)")
+    # `out` may not be, contain or lie inside `base` (with `overwrite` that would delete the base); `overwrite`
+    # replaces an earlier output, not whatever folder a mistyped `out` names. Checked before any work.
+    check_output_folder(out, [("`base`", base)], overwrite, replaceable=model_folder_problem)
     if not any((Path(base) / name).is_file() for name in ("tokenizer.json", "tokenizer.model")):
         log(f"note: {base} has no tokenizer.json or tokenizer.model; {out} will have none either")
+    if dtype is None:  # "the base's dtype" must be one: a mixed base (bf16 embeddings) would be rounded silently
+        reader.check_one_dtype("`dtype`")
     out_dtype = dtype or reader.dtype("model.embed_tokens.weight")
     log(f"growing {base} ({args.num_hidden_layers} layers) -> {out} ({len(layout)} layers): method {options.method}"
         + (f", {options.align} alignment, epsilon {options.epsilon}" if options.method == "opt" else "")

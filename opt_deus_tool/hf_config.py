@@ -31,14 +31,15 @@ def args_from_config(config: dict) -> ModelArgs:
     check_config(config)
     config = dict(config)
     hf_style = "v5" if "rope_parameters" in config else "v4"
-    rope = dict(config.pop("rope_scaling", None) or {})
-    rope_theta = config.pop("rope_theta", None)
+    v4_rope = rope_of(config.pop("rope_scaling", None), config.pop("rope_theta", None))
+    rope_type, rope, rope_theta = v4_rope
     if hf_style == "v5":
-        rope = dict(config.pop("rope_parameters") or {})
-        rope_theta = rope.pop("rope_theta", None)
-    # 4.x configs sometimes spell the rope type "type".
-    rope_type = rope.pop("rope_type", None) or rope.pop("type", None) or "default"
-    rope.pop("type", None)
+        v5_parameters = dict(config.pop("rope_parameters") or {})
+        rope_type, rope, rope_theta = rope_of(v5_parameters, v5_parameters.pop("rope_theta", None))
+        if v4_rope != (rope_type, rope, rope_theta) and v4_rope != ("default", {}, None):
+            # Both styles at once, disagreeing: transformers and we could read different models. Refuse.
+            raise CheckpointError(f"config keys rope_parameters ({rope_type}, theta {rope_theta}) and rope_scaling/"
+                                  f"rope_theta ({v4_rope[0]}, theta {v4_rope[2]}) disagree; keep one of them")
     dtype, torch_dtype = config.pop("dtype", None), config.pop("torch_dtype", None)
     # null in config.json means "not set": the field keeps its default.
     values = {key: config.pop(key, None) for key in PLAIN_KEYS}
@@ -52,6 +53,14 @@ def args_from_config(config: dict) -> ModelArgs:
                          dtype=dtype or torch_dtype, extra=config, hf_style=hf_style)
     except ValueError as e:  # ModelArgs' own checks (head counts, rope type)
         raise CheckpointError(str(e)) from None
+
+
+def rope_of(scaling: dict | None, theta) -> tuple[str, dict, float | None]:
+    # (rope type, its parameters, rope_theta); 4.x configs sometimes spell the rope type "type".
+    rope = dict(scaling or {})
+    rope_type = rope.pop("rope_type", None) or rope.pop("type", None) or "default"
+    rope.pop("type", None)
+    return rope_type, rope, theta
 
 
 def config_from_args(args: ModelArgs) -> dict:
@@ -87,6 +96,8 @@ def check_config(config: dict):
         for name in ("rope_theta", *LLAMA3_ROPE_KEYS):
             if rope and name in rope:
                 check_value(f"{key}.{name}", rope[name], float)
+    if config.get("opt_deus") is not None and not isinstance(config["opt_deus"], dict):
+        raise CheckpointError(f"config key opt_deus (the growth record) must be an object, got {config['opt_deus']!r}")
     if config.get("model_type") != "llama":
         raise CheckpointError(f"model_type={config.get('model_type')!r}: only LLaMA checkpoints "
                               f"(model_type 'llama') are supported")

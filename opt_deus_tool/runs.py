@@ -5,7 +5,8 @@
     OUT/checkpoint-000500/       a Hugging Face folder plus optimizer.pt (the whole AdamW state, as one process
                                  holds it) and trainer_state.json (train.TrainRun.resume_state(), the run)
 
-Checkpoints are written whole or not at all (atomic.AtomicFolder). SIGINT/SIGTERM are said at once and stop the
+Checkpoints are written whole or not at all (atomic.AtomicFolder), and one process at a time trains into a run
+folder (atomic.FolderLock). SIGINT, SIGTERM and SIGHUP (a dropped ssh session) are said at once and stop the
 loop at its next micro-batch (TrainHooks.stop); a second signal acts as usual.
 """
 
@@ -23,13 +24,15 @@ from typing import Callable
 import torch
 
 from model import ModelArgs, Transformer
-from opt_deus_tool.atomic import AtomicFolder, remove_stale_scratch, write_text_atomic
+from opt_deus_tool.atomic import (AtomicFolder, FolderLock, model_folder_problem, remove_stale_scratch,
+                                  write_text_atomic)
 from opt_deus_tool.checkpoint import save_state_dict
+from opt_deus_tool.inputs import parse_json, read_json_object
 from train import TrainConfig, TrainError, TrainHooks, TrainResult, rank_and_world, resolve_device, train
 
 # Run-folder settings saved beside the TrainConfig in run.json and trainer_state.json ("config").
 KEEP_CHECKPOINTS = 2  # keep the newest N checkpoints of the run (0: all)
-STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
 
 
 class RunFolder(TrainHooks):
@@ -52,12 +55,15 @@ class RunFolder(TrainHooks):
         self.metrics = None  # the open metrics.jsonl
         self.received: list[int] = []  # signals, in the order they came
         self.previous_handlers = {}
+        self.lock, self.started = None, False
 
     def folder_config(self, config: dict) -> dict:
         return {**config, "out_dir": None if self.out_dir is None else str(self.out_dir),
                 "keep_checkpoints": self.keep}
 
     def __enter__(self):
+        if self.out_dir is not None and rank_and_world()[0] == 0:  # one process at a time trains into a run folder
+            self.lock = FolderLock(self.out_dir).__enter__()
         if threading.current_thread() is threading.main_thread():
             for s in STOP_SIGNALS:
                 self.previous_handlers[s] = signal.signal(s, self._on_signal)
@@ -68,6 +74,12 @@ class RunFolder(TrainHooks):
             signal.signal(s, handler)
         if self.metrics is not None:
             self.metrics.close()
+        if self.lock is not None:
+            self.lock.__exit__(None, None, None)
+        if exc_type is KeyboardInterrupt and self.started and self.out_dir is not None:
+            # A second SIGINT stops at once: say what the run folder holds rather than "nothing written".
+            raise KeyboardInterrupt(f"stopped by a second SIGINT; {self.out_dir} keeps run.json, metrics.jsonl and "
+                                    f"the checkpoints written before it") from None
 
     def _on_signal(self, signum, frame):
         self.received.append(signum)
@@ -81,6 +93,11 @@ class RunFolder(TrainHooks):
         return self.received[0] if self.received else 0
 
     def start(self, state: dict):
+        path, start_step = Path(self.metrics_path or os.devnull), state["step"]
+        resumed_rows = None
+        if self.metrics_path is not None and start_step and path.is_file():  # read (and refused) before writing
+            resumed_rows = [r for r in metrics_rows(path) if r.get("step", 0) <= start_step]
+        self.started = True
         if self.out_dir is not None:
             remove_stale_scratch(self.out_dir, None)  # what a killed run left in this folder
             if self.run is not None:
@@ -88,17 +105,18 @@ class RunFolder(TrainHooks):
                 write_text_atomic(self.out_dir / "run.json", json.dumps(
                     {"config": self.folder_config(state["config"]), "run": self.run}, indent=2) + "\n")
         if self.metrics_path is not None:
-            path, start_step = Path(self.metrics_path), state["step"]
             path.parent.mkdir(parents=True, exist_ok=True)
-            if start_step and path.is_file():  # drop rows written after the checkpoint resumed from
-                rows = [r for r in path.read_text().splitlines() if json.loads(r).get("step", 0) <= start_step]
-                write_text_atomic(path, "".join(r + "\n" for r in rows))
+            if resumed_rows is not None:  # drop rows written after the checkpoint resumed from
+                write_text_atomic(path, "".join(json.dumps(r) + "\n" for r in resumed_rows))
             self.metrics = open(path, "a" if start_step else "w")
 
     def record(self, row: dict):
         if self.metrics is not None:
-            self.metrics.write(json.dumps(row) + "\n")
-            self.metrics.flush()
+            try:
+                self.metrics.write(json.dumps(row) + "\n")
+                self.metrics.flush()
+            except OSError as e:  # a full disk names no file
+                raise TrainError(f"{self.metrics_path}: cannot write metrics ({e.strerror or e})") from None
 
     def save(self, step: int, weights: dict, optimizer_state: dict, state: dict) -> str:
         state = {**state, "config": self.folder_config(state["config"]), "time": time.strftime("%Y-%m-%dT%H:%M:%S")}
@@ -129,12 +147,34 @@ def save_checkpoint(path, args: ModelArgs, weights: dict, optimizer_state: dict,
     # A Hugging Face folder plus optimizer.pt and trainer_state.json, built in a hidden temporary folder and
     # renamed into place: it loads in transformers, opt-deus-eval, as --model, and resumes at any world size.
     path = Path(path).absolute()
-    with AtomicFolder(path, overwrite=True) as folder:
-        save_state_dict(args, weights, folder.tmp, copy_files_from=copy_files_from, atomic=False)
-        torch.save(optimizer_state, folder.tmp / "optimizer.pt")
-        (folder.tmp / "trainer_state.json").write_text(json.dumps(trainer_state, indent=2) + "\n")
+    with AtomicFolder(path, overwrite=True, replaceable=model_folder_problem) as folder:
+        try:
+            save_state_dict(args, weights, folder.tmp, copy_files_from=copy_files_from, atomic=False)
+            torch.save(optimizer_state, folder.tmp / "optimizer.pt")
+            (folder.tmp / "trainer_state.json").write_text(json.dumps(trainer_state, indent=2) + "\n")
+        except (OSError, RuntimeError) as e:  # a full disk: torch.save says RuntimeError, and names no file
+            message = getattr(e, "strerror", None) or str(e).strip().splitlines()[0]
+            raise TrainError(f"{path}: cannot write the checkpoint ({message}); nothing of it was kept") from None
         folder.commit()
     return path
+
+
+def metrics_rows(path: Path) -> list[dict]:
+    # A killed run (SIGKILL, a full disk) may leave its last line half-written: dropped. A bad line before the
+    # last is not a torn write but a damaged file: refused, naming the line.
+    lines = path.read_text(encoding="utf-8", errors="replace").splitlines()
+    rows = []
+    for number, line in enumerate(lines, 1):
+        try:
+            row = parse_json(line, f"{path}:{number}", TrainError)
+            if not isinstance(row, dict):
+                raise TrainError(f"{path}:{number}: not a JSON object")
+        except TrainError as e:
+            if number == len(lines):
+                break
+            raise TrainError(f"{e}; metrics.jsonl is damaged before its last line (move it away to resume)") from None
+        rows.append(row)
+    return rows
 
 
 def find_checkpoints(out_dir) -> list[Path]:
@@ -142,13 +182,23 @@ def find_checkpoints(out_dir) -> list[Path]:
 
 
 def read_trainer_state(path) -> dict:
+    # The schema train.TrainRun.resume_state() writes, checked before anything trusts it.
     file = Path(path) / "trainer_state.json"
-    try:
-        state = json.loads(file.read_text())
-        assert isinstance(state, dict) and isinstance(state["step"], int)
-        return state
-    except (OSError, json.JSONDecodeError, AssertionError, KeyError) as e:
-        raise TrainError(f"{file}: unreadable trainer state ({e!r})") from None
+    state = read_json_object(file, TrainError)
+
+    def require(ok: bool, what: str):
+        if not ok:
+            raise TrainError(f"{file}: unreadable trainer state ({what})")
+
+    step = state.get("step")
+    require(isinstance(step, int) and not isinstance(step, bool) and step >= 0, f"step {step!r} is not a count")
+    for key, kind in (("config", dict), ("data", dict), ("trainable_params", list)):
+        require(isinstance(state.get(key), kind), f"{key} is {type(state.get(key)).__name__}, not {kind.__name__}")
+    require(isinstance(state.get("run", {}), dict), "run is not an object")
+    require(all(isinstance(p, list) and len(p) == 2 and isinstance(p[0], str) and isinstance(p[1], list)
+                and all(isinstance(n, int) for n in p[1]) for p in state["trainable_params"]),
+            "trainable_params is not a list of [name, shape]")
+    return state
 
 
 def resolve_checkpoint(path) -> Path:
@@ -168,11 +218,15 @@ def load_resume(path, device: str = "auto") -> dict:
     path = resolve_checkpoint(path)
     state = read_trainer_state(path)
     sharded = torch.distributed.is_initialized()
-    try:
-        optimizer = torch.load(path / "optimizer.pt", map_location="cpu" if sharded else resolve_device(device),
-                               weights_only=True, mmap=sharded)
-    except (OSError, RuntimeError, ValueError, KeyError) as e:
-        raise TrainError(f"{path}: cannot restore the optimizer state ({str(e).splitlines()[0]})") from None
+    map_location = "cpu" if sharded else resolve_device(device)
+    try:  # weights_only: tensors and plain containers, never arbitrary pickled objects
+        optimizer = torch.load(path / "optimizer.pt", map_location=map_location, weights_only=True, mmap=sharded)
+    except Exception as e:  # torch.load raises anything from EOFError to UnpicklingError on a bad file
+        message = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise TrainError(f"{path}: cannot restore the optimizer state (optimizer.pt: {message})") from None
+    if not (isinstance(optimizer, dict) and isinstance(optimizer.get("state"), dict)
+            and isinstance(optimizer.get("param_groups"), list)):
+        raise TrainError(f"{path}: cannot restore the optimizer state (optimizer.pt holds no optimizer state dict)")
     return {**state, "optimizer": optimizer, "path": str(path)}
 
 
@@ -194,6 +248,6 @@ def train_run(model: Transformer, train_data, config: TrainConfig, eval_data=Non
     the checkpoint resume_from (whose weights `model` already holds), stopped in order by SIGINT/SIGTERM."""
     hooks = RunFolder(out_dir, model.current_args(), metrics_path=metrics_path, keep_checkpoints=keep_checkpoints,
                       run=run, log=log)
-    resume = None if resume_from is None else load_resume(resume_from, config.device)
-    with hooks:
+    with hooks:  # the run folder is locked before its checkpoint is read
+        resume = None if resume_from is None else load_resume(resume_from, config.device)
         return train(model, train_data, config, eval_data, hooks=hooks, resume=resume, log=log)

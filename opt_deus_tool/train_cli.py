@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import datetime
 import json
 import math
 import os
@@ -29,8 +30,7 @@ from opt_deus_tool.cli import BYTE_TOKENIZER_HELP, OneLineArgumentParser, flag_n
 from opt_deus_tool.data import ByteTokenizer, load_data, load_tokenizer
 from opt_deus_tool.runs import (KEEP_CHECKPOINTS, check_keep_checkpoints, find_checkpoints, read_trainer_state,
                                 resolve_checkpoint, saved_train_config, train_run)
-from train import (TokenBlocks, TrainConfig, TrainError, TrainResult, init_distributed, rank_and_world,
-                   resolve_device, validate_config)
+from train import TokenBlocks, TrainConfig, TrainError, TrainResult, rank_and_world, resolve_device, validate_config
 
 SIGNALS_HELP = ("SIGINT (Ctrl-C) or SIGTERM (a scheduler's stop): the run says so at once, stops at the next "
                 "micro-batch (the unfinished step is dropped; under torchrun, at the end of the step), saves a "
@@ -110,6 +110,29 @@ def build_train_parser() -> argparse.ArgumentParser:
     return p
 
 
+def init_distributed(device_name: str, timeout_s: float) -> bool:
+    # torchrun sets WORLD_SIZE, RANK, LOCAL_RANK, MASTER_ADDR/PORT; a plain process sets none and keeps the
+    # single-process path. The timeout bounds every collective: a rank that died or hangs fails the others.
+    if "WORLD_SIZE" not in os.environ or torch.distributed.is_initialized():
+        return torch.distributed.is_initialized()
+    missing = [key for key in ("RANK", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT") if key not in os.environ]
+    if missing:
+        raise TrainError(f"WORLD_SIZE is set but {', '.join(missing)} {'is' if len(missing) == 1 else 'are'} not: "
+                         f"start the run with torchrun, or unset WORLD_SIZE")
+    device = resolve_device(device_name)
+    cuda = device.type == "cuda"
+    if cuda:
+        torch.cuda.set_device(device)
+    try:
+        torch.distributed.init_process_group("nccl" if cuda else "gloo", device_id=device if cuda else None,
+                                             timeout=datetime.timedelta(seconds=timeout_s))
+    except (torch.distributed.DistError, ValueError) as e:
+        where = f"{os.environ['MASTER_ADDR']}:{os.environ['MASTER_PORT']}"
+        raise TrainError(f"cannot join the other processes at {where} (WORLD_SIZE {os.environ['WORLD_SIZE']}): "
+                         f"{str(e).strip().splitlines()[0]}; start the run with torchrun") from None
+    return True
+
+
 def typed_flags(parser: argparse.ArgumentParser, argv: list[str]) -> set[str]:
     # The flags given on the command line: a second parse into a namespace whose every attribute is preset
     # to a marker, which argparse replaces only for the flags it meets.
@@ -184,6 +207,14 @@ def check_run_folder(flags, typed: set[str], resume: Path | None, run: dict, inp
     if foreign:
         raise TrainError(f"--resume {flags.resume}: {out} also holds {', '.join(foreign)} of another run, which "
                          f"this run could replace or delete; pass --out with an empty folder")
+    # Checkpoints of this run's own future (resumed from checkpoint 2 of a run that kept 1-4) would be
+    # overwritten by a different history: refuse, never replace them.
+    resumed_step = read_trainer_state(resume)["step"]
+    later = [c.name for c in find_checkpoints(out) if read_trainer_state(c)["step"] > resumed_step]
+    if later:
+        raise TrainError(f"--resume {flags.resume}: {out} already holds {', '.join(later)}, later than the "
+                         f"checkpoint resumed, which this run would overwrite; resume from the newest (--resume "
+                         f"{run_dir}) or pass --out with an empty folder to branch")
     if out.resolve() != run_dir.resolve():
         inputs.append(("--resume", resume))
     copy_from = run.get("copy_files_from") or resume
@@ -308,7 +339,7 @@ def train_command(argv: list[str]) -> int:
     finally:
         if torch.distributed.is_initialized():
             torch.distributed.destroy_process_group()
-    return 128 + signal.Signals[result.stopped].value if result.stopped in ("SIGINT", "SIGTERM") else 0
+    return 128 + signal.Signals[result.stopped].value if result.stopped not in (None, "stop_after") else 0
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -496,7 +496,8 @@ def test_api_bad_input(ws, case):
 
 def command(name: str) -> list[str]:
     found = shutil.which(name, path=str(Path(sys.executable).parent))
-    module = {"opt-deus": ["-m", "opt_deus_tool.grow_cli"], "opt-deus-train": ["-m", "opt_deus_tool.train_cli"]}[name]
+    module = {"opt-deus": ["-m", "opt_deus_tool.grow_cli"], "opt-deus-train": ["-m", "opt_deus_tool.train_cli"],
+              "opt-deus-eval": ["-m", "opt_deus_tool.eval_cli"]}[name]
     return [found] if found else [sys.executable, *module]
 
 
