@@ -361,3 +361,43 @@ def run_cli(prog: str, flags, start, user_errors: tuple) -> int:
         print(f"{prog}: error: {e}", file=sys.stderr)
         return 2
     return 0
+
+
+# ----------------------------------------------------------------------------------------------
+# Accuracy on a multiple-choice task: paired per-question bootstrap
+
+
+def paired_bootstrap(values, baseline, resamples: int = 2000, seed: int = 0) -> dict:
+    """Mean of values - baseline (arrays seeds x questions, e.g. 1.0/0.0 per question: the same question and
+    seed pair up) with a 95 % percentile bootstrap interval. Questions are resampled with replacement, each
+    with all its seeds: the question sample is what the interval is about, and one question's seeds are not
+    independent of each other. A fixed `seed` gives the same interval every run."""
+    import numpy as np
+    a, b = np.atleast_2d(np.asarray(values, dtype=np.float64)), np.atleast_2d(np.asarray(baseline, dtype=np.float64))
+    if a.shape != b.shape or a.size == 0:
+        raise ValueError(f"paired_bootstrap needs equal, non-empty seeds x questions arrays ({a.shape} vs {b.shape})")
+    if resamples < 1:
+        raise ValueError(f"resamples must be >= 1, got {resamples}")
+    diff = a - b  # (seeds, questions)
+    n_questions = diff.shape[1]
+    rng = np.random.Generator(np.random.PCG64(seed))
+    per_question = diff.mean(axis=0)  # (questions,): each question's mean over seeds
+    picks = rng.integers(0, n_questions, size=(resamples, n_questions))
+    means = per_question[picks].mean(axis=1)  # (resamples,)
+    lo, hi = np.percentile(means, [2.5, 97.5])
+    return {"n_questions": int(n_questions), "n_seeds": int(diff.shape[0]), "mean": float(diff.mean()),
+            "lo": float(lo), "hi": float(hi), "resamples": resamples, "seed": seed}
+
+
+def bootstrap_comparisons(scores: dict, resamples: int = 2000, seed: int = 0) -> dict:
+    """scores: {arm: seeds x questions} (the same seeds and questions, in the same order, for every arm) ->
+    {arm: {baseline: paired_bootstrap(arm, baseline)}} for the BASELINES present. Positive: the arm answers
+    more questions right than the baseline."""
+    return {arm: {b: paired_bootstrap(values, scores[b], resamples, seed)
+                  for b in BASELINES if b in scores and b != arm}
+            for arm, values in scores.items()}
+
+
+def fmt_bootstrap(diff: dict, digits: int = 3) -> str:
+    mark = "" if diff["lo"] <= 0 <= diff["hi"] else " *"  # the interval excludes 0
+    return f"{diff['mean']:+.{digits}f} [{diff['lo']:+.{digits}f}, {diff['hi']:+.{digits}f}]{mark}"

@@ -16,6 +16,14 @@ seeds change the training data order.
 Zero-init arms must start at the base's held-out loss exactly (checked). Final held-out losses are
 compared paired by seed against avg-zero and llama-pro (mean difference, 95 % t-interval).
 
+Beside perplexity, every arm is scored after growth and after training (per seed) on the local downstream task,
+the Emma cloze of experiments/cloze (four choices, chance 25 %; --accuracy-questions of its questions, --no-accuracy
+to skip): acc and acc_norm as lm-evaluation-harness's multiple_choice computes them, with our own model's
+log-likelihoods (opt_deus_tool/cloze.py; tests/test_lm_eval.py checks them against lm-eval's), and each arm's
+accuracy difference against avg-zero and llama-pro with a paired per-question bootstrap 95 % interval (pairs: the
+same question and seed; questions resampled; 2000 resamples, seed 0). Emma is the held-out novel, so the task is
+not in the training data.
+
 Outputs under --out: runs/<method>@<position>-seed<k>.jsonl (training metrics; first line: the run,
 the Python version and the corpus fingerprint), summary.md, summary.json, curves.png, loss_curves.png
 and step_time_by_position.png (with matplotlib).
@@ -45,36 +53,46 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))  # so `python experiments/smollm2.py` works without `pip install -e .`
 
-from experiments.common import (METHODS, ExperimentError, ema, environment, fmt,  # noqa: E402
-                                fmt_interval, fmt_pm, grow_by_name, growth_options, map_jobs, markdown_table,
-                                mean_std, new_figure, paired_comparisons, parse_list,
+from experiments.common import (BASELINES, METHODS, ExperimentError, bootstrap_comparisons, ema,  # noqa: E402
+                                environment, fmt, fmt_bootstrap, fmt_interval, fmt_pm, grow_by_name, growth_options,
+                                map_jobs, markdown_table, mean_std, new_figure, paired_comparisons, parse_list,
                                 plot_paired_curves, reproducibility, run_cli, run_study, save_figure, stamp_jsonl,
                                 write_json)
 from model import Transformer  # noqa: E402
 from opt_deus import POSITIONS  # noqa: E402
 from opt_deus_tool import CheckpointError  # noqa: E402
 from opt_deus_tool.checkpoint import load_pretrained  # noqa: E402
+from opt_deus_tool.cloze import (DEFAULT_TASK_JSONL, EncodedQuestion, TaskFileError, encode_questions,  # noqa: E402
+                                 read_questions, score_questions, tokenizer_encoder)
 from opt_deus_tool.data import HFTokenizer, iter_documents, list_data_files, load_tokenizer  # noqa: E402
 from opt_deus_tool.runs import train_run  # noqa: E402
 from train import TrainConfig, TrainError, evaluate, resolve_device  # noqa: E402
+
+# The cloze questions the study scores per evaluation (the first of the task's, a uniform sample of them):
+# sized so that 8 arms x (3 seeds + after growth) and the base add at most ~10 minutes on 2 cores with --jobs 2
+# (measured: one evaluation of a 45-layer grown SmolLM2 is ~1.0 s per question in each of two one-thread
+# workers, so 16 evaluations per worker + the base's ~9 minutes; docs/EVALUATION.md).
+STUDY_QUESTIONS = 32
+BOOTSTRAP_RESAMPLES, BOOTSTRAP_SEED = 2000, 0
 
 # Settings that differ between the presets; every other option has one default. Each is a flag too.
 PRESETS = {
     # One H100, bf16 autocast: 10 configurations (8 arms at the top, opt-structured at 2 more
     # positions) x 3 seeds x 100 steps of 8 x 2048 tokens, the whole held-out novel evaluated every 25
-    # steps. Sized (for 8 configurations) to fit a 10-minute call; not run yet.
+    # steps. Sized (for 8 configurations) to fit a 10-minute call; not run yet. 200 cloze questions per
+    # evaluation: an estimate (one forward of 4 short sequences per question, ~31 evaluations), not measured.
     "gpu": dict(device="cuda", block_size=2048, batch_size=8, micro_batch_size=8, steps=100, lr=3e-4,
-                seeds=(0, 1, 2), eval_tokens=None, evals=4),
+                seeds=(0, 1, 2), eval_tokens=None, evals=4, accuracy_questions=200),
     # 2 CPU cores: a handful of short steps per run, a few thousand held-out tokens. Enough to see
     # function preservation, early trends and step time by position, not converged numbers.
     "cpu": dict(device="cpu", block_size=256, batch_size=2, micro_batch_size=2, steps=8, lr=3e-4,
-                seeds=(0, 1), eval_tokens=2048, evals=0),
+                seeds=(0, 1), eval_tokens=2048, evals=0, accuracy_questions=8),
     # The study's SmolLM2 part, 2 CPU cores with --jobs 2: every arm at the top gaps, 3 seeds, 20 steps, 4,096
     # held-out tokens evaluated at steps 0, 10 and 20 (one evaluation costs ~4 steps, so the curves are
     # sparse: training losses fill them in). Sized with the embedded part to fit 90 minutes; measured time
     # and results: docs/RESULTS.md.
     "study": dict(device="cpu", block_size=256, batch_size=2, micro_batch_size=2, steps=20, lr=3e-4,
-                  seeds=(0, 1, 2), eval_tokens=4096, evals=2, positions=()),
+                  seeds=(0, 1, 2), eval_tokens=4096, evals=2, positions=(), accuracy_questions=STUDY_QUESTIONS),
 }
 
 
@@ -112,6 +130,8 @@ class SmolConfig:
     eval_tokens: int | None = 2048               # held-out tokens evaluated (None: the whole file)
     evals: int = 0                               # held-out evaluations during training (0: only the end)
     device: str = "cpu"
+    accuracy_task: str | None = None             # the cloze JSONL scored after growth and training (None: none)
+    accuracy_questions: int | None = None        # its first N questions (None: all); the presets set their own
 
     def validate(self):
         if min(self.new_layers, self.steps, self.block_size, self.batch_size, self.micro_batch_size) < 1:
@@ -129,6 +149,11 @@ class SmolConfig:
                 raise ExperimentError(f"unknown position {position!r} (choose from {', '.join(POSITIONS)})")
         if not self.seeds:
             raise ExperimentError("no seeds")
+        if self.accuracy_task is not None and not Path(self.accuracy_task).is_file():
+            raise ExperimentError(f"--accuracy-task {self.accuracy_task}: no such file (--no-accuracy to skip it)")
+        if self.accuracy_questions is not None and self.accuracy_questions < 1:
+            raise ExperimentError(f"--accuracy-questions {self.accuracy_questions}: expected >= 1 (0 on the command "
+                                  f"line: all)")
 
 
 def runs_of(config: SmolConfig) -> list[tuple[str, str]]:
@@ -218,6 +243,24 @@ class Prepared:
     data_info: dict
     base: Transformer
     base_eval: dict
+    questions: list[EncodedQuestion] | None  # the cloze questions scored, tokenized (None: no accuracy)
+
+
+def load_questions(config: SmolConfig) -> list[EncodedQuestion] | None:
+    if config.accuracy_task is None:
+        return None
+    questions = read_questions(config.accuracy_task)
+    if config.accuracy_questions is not None:
+        if config.accuracy_questions > len(questions):
+            raise ExperimentError(f"--accuracy-questions {config.accuracy_questions}: {config.accuracy_task} has "
+                                  f"{len(questions)}")
+        questions = questions[: config.accuracy_questions]
+    return encode_questions(tokenizer_encoder(config.base), questions)
+
+
+def accuracy(model, prepared: Prepared) -> dict | None:
+    # acc and acc_norm on the cloze, per question too (for the paired bootstrap); None when it is off.
+    return None if prepared.questions is None else score_questions(model, prepared.questions)
 
 
 def prepare(config: SmolConfig, log) -> Prepared:
@@ -230,7 +273,8 @@ def prepare(config: SmolConfig, log) -> Prepared:
     if base.args.vocab_size < tokenizer.vocab_size:
         raise ExperimentError(f"{config.base}: tokenizer has {tokenizer.vocab_size} tokens, "
                               f"model {base.args.vocab_size}")
-    return Prepared(train_tokens, eval_tokens, data_info, base, held_out(base, eval_tokens, config))
+    return Prepared(train_tokens, eval_tokens, data_info, base, held_out(base, eval_tokens, config),
+                    load_questions(config))
 
 
 def run_arm(prepared: Prepared, config: SmolConfig, method: str, position: str, runs_dir: str | None, log) -> dict:
@@ -248,8 +292,9 @@ def run_arm(prepared: Prepared, config: SmolConfig, method: str, position: str, 
         raise ExperimentError(f"{name}: held-out loss right after growth {after_growth['loss']!r} differs from "
                               f"the base's {p.base_eval['loss']!r}; a zero-init arm must start exactly at the base "
                               f"function")
+    growth_accuracy = accuracy(grown, p)
     log(f"{name}: grew {L} -> {len(grown.layers)} layers in {grow_s:.1f}s (new {report['new_layers']}); "
-        f"held-out perplexity {after_growth['perplexity']:.3f}")
+        f"held-out perplexity {after_growth['perplexity']:.3f}" + _accuracy_note(growth_accuracy))
     stamp = reproducibility(p.data_info["corpus_sha256"])
     seeds = []
     for seed in config.seeds:
@@ -262,19 +307,29 @@ def run_arm(prepared: Prepared, config: SmolConfig, method: str, position: str, 
         if metrics is not None:
             stamp_jsonl(metrics, {"run": name, "seed": seed, **stamp})
         # train() evaluated the whole held-out set (whole blocks) at its last step.
-        after = {"loss": r.evals[-1]["eval_loss"], "perplexity": r.evals[-1]["eval_perplexity"]}
+        after = {"loss": r.evals[-1]["eval_loss"], "perplexity": r.evals[-1]["eval_perplexity"],
+                 "accuracy": accuracy(model, p)}
         evals = [{"step": e["step"], "loss": e["eval_loss"]} for e in r.evals]
         if evals[0]["step"] != 0:  # the curve starts where growth left the model
             evals.insert(0, {"step": 0, "loss": after_growth["loss"]})
-        log(f"{name} seed {seed}: held-out perplexity {after['perplexity']:.3f}, {r.mean_step_s:.2f} s/step")
+        log(f"{name} seed {seed}: held-out perplexity {after['perplexity']:.3f}, {r.mean_step_s:.2f} s/step"
+            + _accuracy_note(after["accuracy"]))
         seeds.append({"seed": seed, "after_training": after, "mean_step_s": r.mean_step_s,
                       "tokens_per_s": r.tokens_per_s, "losses": r.losses, "evals": evals,
                       "trainable_params": r.trainable_params})
         del model
     return {"run": name, "method": method, "position": "own" if method == "solar" else position,
             "new_layers": report["new_layers"], "layers": len(grown.layers), "grow_seconds": grow_s,
-            "zero_init": zero_init, "after_growth": after_growth, "base_held_out": p.base_eval,
+            "zero_init": zero_init, "after_growth": {**after_growth, "accuracy": growth_accuracy},
+            "base_held_out": p.base_eval,
             "trainable_params": seeds[0]["trainable_params"], "seeds": seeds}
+
+
+def _accuracy_note(result: dict | None) -> str:
+    if result is None:
+        return ""
+    return (f"; cloze acc {result['acc']:.3f}, acc_norm {result['acc_norm']:.3f} ({result['questions']} questions, "
+            f"{result['seconds']:.0f}s)")
 
 
 def _arm_job(job) -> dict:
@@ -298,8 +353,9 @@ def _run(config: SmolConfig, folder: Path | None, log, jobs: int) -> dict:
     log(f"data: {data_info['train_tokens']:,} training tokens, {data_info['eval_tokens']:,} held-out tokens "
         f"of {Path(data_info['held_out_file']).name}; Python {reproducibility('')['python']}, corpus sha256 "
         f"{data_info['corpus_sha256']}")
+    base_accuracy = accuracy(base, prepared)
     log(f"base: {L} layers, {sum(p.numel() for p in base.parameters()):,} parameters; held-out perplexity "
-        f"{prepared.base_eval['perplexity']:.3f} ({time.perf_counter() - t0:.1f}s)")
+        f"{prepared.base_eval['perplexity']:.3f}{_accuracy_note(base_accuracy)} ({time.perf_counter() - t0:.1f}s)")
 
     runs = runs_of(config)
     if jobs > 1:
@@ -309,13 +365,21 @@ def _run(config: SmolConfig, folder: Path | None, log, jobs: int) -> dict:
     for r in results:  # every worker loaded the same base and data
         if r["base_held_out"] != prepared.base_eval:
             raise ExperimentError(f"{r['run']}: the base's held-out loss differs between processes")
+        # A zero-init arm computes the base function: every choice's log-likelihood too, to the last bit.
+        grown = r["after_growth"]["accuracy"]
+        if r["zero_init"] and base_accuracy is not None and (grown["per_question"]["loglikelihoods"]
+                                                             != base_accuracy["per_question"]["loglikelihoods"]):
+            raise ExperimentError(f"{r['run']}: cloze log-likelihoods right after growth differ from the base's; a "
+                                  f"zero-init arm must start exactly at the base function")
 
     top = [r for r in results if r["position"] in ("top", "own")]
     summary = {"config": dataclasses.asdict(config), "data": data_info,
                "reproducibility": reproducibility(data_info["corpus_sha256"]), "environment": environment(),
-               "device": str(device), "base": {"layers": L, "held_out": prepared.base_eval}, "results": results,
+               "device": str(device), "base": {"layers": L, "held_out": prepared.base_eval, "accuracy": base_accuracy},
+               "results": results,
                "comparisons": paired_comparisons({r["method"]: [s["after_training"]["loss"] for s in r["seeds"]]
                                                   for r in top}),
+               "accuracy_comparisons": accuracy_comparisons(top) if base_accuracy is not None else None,
                "elapsed_s": time.perf_counter() - t_start, "jobs": jobs, "plots": []}
     if folder is not None:
         (folder / "summary.md").write_text(summary_markdown(summary))
@@ -324,6 +388,30 @@ def _run(config: SmolConfig, folder: Path | None, log, jobs: int) -> dict:
     log("\n" + summary_markdown(summary))
     log(f"total time {summary['elapsed_s']:.0f}s")
     return summary
+
+
+def accuracy_comparisons(top: list[dict]) -> dict:
+    """{"after_growth" | "after_training": {"acc" | "acc_norm": {arm: {baseline: paired_bootstrap}}}}: per
+    question and seed, each arm's score minus the baseline's (seeds x questions; after growth one row)."""
+    out = {}
+    for when in ("after_growth", "after_training"):
+        out[when] = {}
+        for metric in ("acc", "acc_norm"):
+            scores = {r["method"]: [a["per_question"][metric] for a in _accuracies(r, when)] for r in top}
+            out[when][metric] = bootstrap_comparisons(scores, BOOTSTRAP_RESAMPLES, BOOTSTRAP_SEED)
+    return out
+
+
+def _accuracies(r: dict, when: str) -> list[dict]:
+    return [r["after_growth"]["accuracy"]] if when == "after_growth" else [s[when]["accuracy"] for s in r["seeds"]]
+
+
+def accuracy_seconds(summary: dict) -> tuple[float, int]:
+    # The cloze evaluations' time summed over the processes that ran them, and how many there were.
+    results = [a for r in summary["results"] for when in ("after_growth", "after_training")
+               for a in _accuracies(r, when)]
+    done = [a for a in [summary["base"]["accuracy"], *results] if a is not None]
+    return sum(a["seconds"] for a in done), len(done)
 
 
 def _ppl(r) -> list[float]:
@@ -363,6 +451,8 @@ def summary_markdown(summary: dict) -> str:
                      fmt_interval(comp["avg-zero"]) if "avg-zero" in comp else "",
                      fmt_interval(comp["llama-pro"]) if "llama-pro" in comp else ""])
     text += markdown_table(headers, rows)
+    if summary.get("accuracy_comparisons"):
+        text += accuracy_markdown(summary)
     rows = [[r["position"], _layers(r["new_layers"]), fmt(r["after_growth"]["perplexity"], 3), fmt_pm(_ppl(r), 3),
              fmt_pm([s["mean_step_s"] for s in r["seeds"]], 3), fmt_pm([s["tokens_per_s"] for s in r["seeds"]], 0)]
             for r in summary["results"] if r["method"] == "opt-structured"]
@@ -371,6 +461,39 @@ def summary_markdown(summary: dict) -> str:
     text += "\n### OpT-DeUS (structured) by position\n\n"
     headers = ["position", "new layers", "ppl after growth", "ppl after training", "s/step", "tokens/s"]
     return text + markdown_table(headers, rows)
+
+
+def accuracy_markdown(summary: dict) -> str:
+    c, base = summary["config"], summary["base"]["accuracy"]
+    n, n_seeds = base["questions"], len(c["seeds"])
+    top = [r for r in summary["results"] if r["position"] in ("top", "own")]
+    text = (f"\n### Accuracy on the Emma cloze ({n} questions of {Path(c['accuracy_task']).name}, 4 choices, "
+            f"chance 0.25)\n\n"
+            f"acc: the choice with the highest log-likelihood is the right one; acc_norm: the same per character of "
+            f"the choice (lm-evaluation-harness's multiple_choice metrics, computed with our model). Base model: acc "
+            f"{base['acc']:.3f}, acc_norm {base['acc_norm']:.3f}. After training: mean ± sd over {n_seeds} "
+            f"seeds.\n\n")
+
+    def seeds_of(r, metric):
+        return fmt_pm([s["after_training"]["accuracy"][metric] for s in r["seeds"]], 3)
+
+    headers = ["method", "acc after growth", "acc_norm after growth", "acc after training", "acc_norm after training"]
+    text += markdown_table(headers, [[r["method"], fmt(r["after_growth"]["accuracy"]["acc"], 3),
+                                      fmt(r["after_growth"]["accuracy"]["acc_norm"], 3), seeds_of(r, "acc"),
+                                      seeds_of(r, "acc_norm")] for r in top])
+    text += (f"\nAccuracy minus the baseline's, paired by question and seed: mean [95 % bootstrap interval: "
+             f"questions resampled with their seeds, {BOOTSTRAP_RESAMPLES} resamples, seed {BOOTSTRAP_SEED}]; * marks "
+             f"an interval that excludes 0. On {n} questions (and even on ~1000) a difference of a few points is "
+             f"noise unless its interval excludes 0.\n")
+    comparisons = summary["accuracy_comparisons"]
+    headers = ["method"] + [f"Δ{m} vs {b}" for m in ("acc", "acc_norm") for b in BASELINES]
+    for when, pairs in (("after_training", f"{n} questions x {n_seeds} seeds"), ("after_growth", f"{n} questions")):
+        rows = [[r["method"]] + [fmt_bootstrap(comparisons[when][m][r["method"]][b])
+                                 if b in comparisons[when][m][r["method"]] else ""
+                                 for m in ("acc", "acc_norm") for b in BASELINES] for r in top]
+        text += f"\n{when.replace('_', ' ')} ({pairs}):\n\n" + markdown_table(headers, rows)
+    seconds, evaluations = accuracy_seconds(summary)
+    return text + f"\nScoring time: {seconds:.0f} s for {evaluations} evaluations, summed over the processes.\n"
 
 
 def _layers(indices: list[int]) -> str:
@@ -451,6 +574,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--evals", type=int, default=None,
                    help="held-out evaluations during training, 0 = only the end (preset)")
     p.add_argument("--device", default=None, help="(preset)")
+    p.add_argument("--accuracy-task", default=str(DEFAULT_TASK_JSONL),
+                   help="the cloze JSONL scored (acc, acc_norm) after growth and after training")
+    p.add_argument("--accuracy-questions", type=int, default=None,
+                   help="its first N questions, 0 = all (preset)")
+    p.add_argument("--no-accuracy", action="store_true", help="skip the accuracy evaluation (perplexity only)")
     p.add_argument("--threads", type=int, default=1,
                    help="CPU threads for torch (0: torch's default, all cores). On a small or busy machine, "
                         "OpenMP threads competing with other processes can be many times slower than one")
@@ -475,6 +603,8 @@ def config_from_flags(flags) -> SmolConfig:
             preset[key] = getattr(flags, key)
     if flags.eval_tokens is not None:
         preset["eval_tokens"] = flags.eval_tokens or None
+    if flags.accuracy_questions is not None:
+        preset["accuracy_questions"] = flags.accuracy_questions or None
     if flags.seeds is not None:
         try:
             preset["seeds"] = tuple(int(s) for s in parse_list(flags.seeds, "--seeds"))
@@ -494,7 +624,9 @@ def config_from_flags(flags) -> SmolConfig:
                       seeds=tuple(preset["seeds"]), steps=preset["steps"], lr=preset["lr"],
                       block_size=preset["block_size"], batch_size=preset["batch_size"],
                       micro_batch_size=preset["micro_batch_size"], eval_tokens=preset["eval_tokens"],
-                      evals=preset["evals"], device=preset["device"])
+                      evals=preset["evals"], device=preset["device"],
+                      accuracy_task=None if flags.no_accuracy else flags.accuracy_task,
+                      accuracy_questions=preset["accuracy_questions"])
 
 
 def main(argv=None) -> int:
@@ -504,7 +636,7 @@ def main(argv=None) -> int:
         config = config_from_flags(flags)
         run_smollm2(config, flags.out, log=lambda *a: print(*a, flush=True), jobs=flags.jobs)
 
-    return run_cli("smollm2.py", flags, start, (TrainError, CheckpointError))
+    return run_cli("smollm2.py", flags, start, (TrainError, CheckpointError, TaskFileError))
 
 
 if __name__ == "__main__":

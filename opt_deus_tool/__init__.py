@@ -3,12 +3,15 @@
     hf_config.py    config.json <-> model.ModelArgs, strictly (both transformers 4.x and 5.x styles)
     checkpoint.py   Hugging Face folders read and written one tensor at a time; load_pretrained, save_pretrained
     atomic.py       output folders and files written whole or not at all
+    inputs.py       reading what users hand us: hostile JSON, FIFOs and devices where files belong
     data.py         tokenizers, data files, the token cache, Alpaca-style SFT examples
     runs.py         training run folders: checkpoints, metrics.jsonl, resume state, stopping on signals
     cli.py          what the three commands share: one-line errors, flag names for library parameters
     grow_cli.py     opt-deus: streaming growth of a Hugging Face folder (grow_checkpoint)
     train_cli.py    opt-deus-train: a training run from the command line (run_training)
     eval_cli.py     opt-deus-eval: perplexity of a folder on a text file (evaluate_text)
+    cloze.py        the local multiple-choice cloze task: its file, and our scorer (lm-eval's multiple_choice)
+    lm_eval_cli.py  opt-deus-lm-eval: lm-evaluation-harness on a folder, offline, with the local task
 
 Imports go from here to the reference files, never back.
 """

@@ -296,3 +296,113 @@ def test_study_script_runs_both_parts_with_the_study_presets_and_stops_at_a_fail
     failed = subprocess.run(["bash", str(script), str(tmp_path / "out")], env={**env, "FAIL": "smollm2.py"},
                             capture_output=True, text=True)
     assert failed.returncode != 0 and len((tmp_path / "calls").read_text().splitlines()) == 1
+
+
+# ----------------------------------------------------------------------------------------------
+# Accuracy on the Emma cloze: the paired per-question bootstrap, and experiments/smollm2.py's use of it
+
+
+def test_paired_bootstrap_resamples_questions_with_their_seeds():
+    import numpy as np
+    rng = np.random.default_rng(0)
+    baseline = (rng.random((3, 400)) < 0.5).astype(float)  # seeds x questions, right (1) or wrong (0)
+    same = common.paired_bootstrap(baseline, baseline)
+    assert (same["mean"], same["lo"], same["hi"]) == (0.0, 0.0, 0.0)  # paired: no difference, no spread
+    # One arm right on 10 % more questions, on every seed: mean +0.1; interval ~ 1.96 * sqrt(0.1 * 0.9 / 400).
+    flips = rng.random(400) < 0.1
+    better = np.where(flips, 1.0, baseline)
+    d = common.paired_bootstrap(better, baseline, resamples=2000, seed=0)
+    diff = better - baseline
+    assert d["mean"] == pytest.approx(diff.mean(), abs=1e-15) and d["lo"] < d["mean"] < d["hi"]
+    half = 1.96 * diff.mean(axis=0).std() / math.sqrt(400)
+    assert (d["hi"] - d["lo"]) / 2 == pytest.approx(half, rel=0.2)
+    # Questions are the resampled unit: a difference the same on every seed gives the one-seed interval exactly.
+    one = common.paired_bootstrap(better[:1], baseline[:1], resamples=2000, seed=0)
+    same_on_seeds = common.paired_bootstrap(np.repeat(better[:1], 3, 0), np.repeat(baseline[:1], 3, 0), 2000, 0)
+    assert (one["lo"], one["hi"]) == (same_on_seeds["lo"], same_on_seeds["hi"])
+    assert common.paired_bootstrap(better, baseline, 2000, 0) == d  # a fixed seed: the same interval every run
+    assert common.fmt_bootstrap(d).endswith(" *") and not common.fmt_bootstrap(same).endswith("*")
+    with pytest.raises(ValueError):
+        common.paired_bootstrap(better[:, :10], baseline)
+    comps = common.bootstrap_comparisons({"a": better, "avg-zero": baseline, "llama-pro": baseline})
+    assert set(comps["a"]) == {"avg-zero", "llama-pro"} and set(comps["avg-zero"]) == {"llama-pro"}
+    assert comps["a"]["avg-zero"] == d
+
+
+def test_smollm2_accuracy_flags(tmp_path):
+    from experiments import smollm2
+    from opt_deus_tool.cloze import DEFAULT_TASK_JSONL
+
+    def config(*argv):
+        return smollm2.config_from_flags(smollm2.build_parser().parse_args(
+            ["--base", str(tmp_path), "--data", str(tmp_path), *argv]))
+
+    assert config("--preset", "study").accuracy_task == str(DEFAULT_TASK_JSONL)
+    assert config("--preset", "study").accuracy_questions == smollm2.STUDY_QUESTIONS
+    assert config("--preset", "study", "--accuracy-questions", "0").accuracy_questions is None  # 0: all
+    assert config("--preset", "study", "--no-accuracy").accuracy_task is None
+    assert all(preset["accuracy_questions"] for preset in smollm2.PRESETS.values())  # on in every preset
+
+
+def test_smollm2_reports_accuracy_with_paired_intervals(smollm2_dir, tmp_path):
+    # The study's code path at its smallest: a tiny random model with SmolLM2's tokenizer as the base, two short
+    # text files, one step, two questions. acc and acc_norm for the base, every arm after growth and every seed
+    # after training; a zero-init arm after growth scores every choice exactly as the base does, a
+    # non-preserving one does not.
+    from experiments import smollm2
+    from model import ModelArgs, Transformer
+    from opt_deus_tool.checkpoint import save_pretrained
+    from opt_deus_tool.cloze import DEFAULT_TASK_JSONL, read_questions
+    args = ModelArgs(vocab_size=49152, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                     num_attention_heads=2, num_key_value_heads=1, head_dim=16, tie_word_embeddings=True)
+    base_dir = tmp_path / "base"
+    save_pretrained(Transformer(args).init_weights(torch.Generator().manual_seed(0), std=0.5), base_dir,
+                    copy_files_from=smollm2_dir)
+    questions = read_questions(DEFAULT_TASK_JSONL)
+    data = tmp_path / "data"
+    data.mkdir()
+    (data / "emma.txt").write_text(" ".join(q["context"] for q in questions[100:110]))
+    (data / "other.txt").write_text(" ".join(q["context"] for q in questions[200:260]))
+    config = smollm2.SmolConfig(base=str(base_dir), data=[str(data)], new_layers=1, methods=("avg-zero", "avg"),
+                                positions=(), seeds=(0, 1), steps=1, block_size=16, batch_size=1, micro_batch_size=1,
+                                eval_tokens=32, accuracy_task=str(DEFAULT_TASK_JSONL), accuracy_questions=2)
+    summary = smollm2.run_smollm2(config, None, log=lambda *a: None)
+    base = summary["base"]["accuracy"]
+    assert base["questions"] == 2 and len(base["per_question"]["loglikelihoods"]) == 2
+    by_method = {r["method"]: r for r in summary["results"]}
+    assert (by_method["avg-zero"]["after_growth"]["accuracy"]["per_question"]["loglikelihoods"]
+            == base["per_question"]["loglikelihoods"])
+    assert (by_method["avg"]["after_growth"]["accuracy"]["per_question"]["loglikelihoods"]
+            != base["per_question"]["loglikelihoods"])
+    for r in summary["results"]:
+        assert [len(s["after_training"]["accuracy"]["per_question"]["acc"]) for s in r["seeds"]] == [2, 2]
+    d = summary["accuracy_comparisons"]["after_training"]["acc"]["avg"]["avg-zero"]
+    assert (d["n_questions"], d["n_seeds"], d["resamples"]) == (2, 2, smollm2.BOOTSTRAP_RESAMPLES)
+    acc = [[s["after_training"]["accuracy"]["per_question"]["acc"] for s in by_method[m]["seeds"]]
+           for m in ("avg", "avg-zero")]
+    assert d == common.paired_bootstrap(*acc, smollm2.BOOTSTRAP_RESAMPLES, smollm2.BOOTSTRAP_SEED)
+    text = smollm2.summary_markdown(summary)
+    assert "Accuracy on the Emma cloze (2 questions" in text and "noise unless its interval excludes 0" in text
+    saved = json.loads(json.dumps(summary, allow_nan=False))  # what summary.json holds (tuples become lists)
+    assert saved["accuracy_comparisons"] == summary["accuracy_comparisons"] and saved["base"] == summary["base"]
+
+
+def test_smollm2_accuracy_comparisons_are_arm_minus_baseline():
+    # Made-up per-question scores: opt-structured right on question 0 where the baselines are wrong, on every
+    # seed; after growth every arm is the same. Positive means the arm answers more questions right.
+    from experiments import smollm2
+
+    def arm(method, right_first):
+        def score(first):
+            return {"acc": [first, 0.0, 1.0], "acc_norm": [first, 1.0, 0.0]}
+        return {"method": method, "after_growth": {"accuracy": {"per_question": score(0.0)}},
+                "seeds": [{"after_training": {"accuracy": {"per_question": score(right_first)}}} for _ in range(3)]}
+
+    top = [arm("opt-structured", 1.0), arm("avg-zero", 0.0), arm("llama-pro", 0.0)]
+    comps = smollm2.accuracy_comparisons(top)
+    for metric in ("acc", "acc_norm"):
+        trained = comps["after_training"][metric]["opt-structured"]
+        assert trained["avg-zero"]["mean"] == pytest.approx(1 / 3) and trained["llama-pro"]["n_seeds"] == 3
+        assert comps["after_training"][metric]["avg-zero"]["llama-pro"]["mean"] == 0
+        assert comps["after_growth"][metric]["opt-structured"]["avg-zero"]["mean"] == 0
+        assert comps["after_growth"][metric]["opt-structured"]["avg-zero"]["n_seeds"] == 1
