@@ -104,17 +104,23 @@ class Attention(nn.Module):
         self.v_proj = nn.Linear(args.hidden_size, self.n_kv_heads * self.head_dim, bias=False)
         self.o_proj = nn.Linear(self.n_heads * self.head_dim, args.hidden_size, bias=False)
 
-    def forward(self, x, cos, sin):
+    def forward(self, x, cos, sin, record: dict | None = None):
         B, T, _ = x.shape
-        q = self.q_proj(x).view(B, T, self.n_heads, self.head_dim).transpose(1, 2)
-        k = self.k_proj(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)
-        v = self.v_proj(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)
+        q_out, k_out, v_out = self.q_proj(x), self.k_proj(x), self.v_proj(x)
+        q = q_out.view(B, T, self.n_heads, self.head_dim).transpose(1, 2)
+        k = k_out.view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)
+        v = v_out.view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         # Query head h reads key/value head h // (n_heads / n_kv_heads): the GQA grouping that
         # structured alignment in opt_deus.py must respect.
         gqa = self.n_heads != self.n_kv_heads
         y = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=gqa)  # (B, heads, T, head_dim)
-        return self.o_proj(y.transpose(1, 2).reshape(B, T, self.n_heads * self.head_dim))
+        heads = y.transpose(1, 2)  # (B, T, heads, head_dim)
+        out = self.o_proj(heads.reshape(B, T, self.n_heads * self.head_dim))
+        if record is not None:  # what each unit computed: activation-based alignment's costs (opt_deus.py)
+            record.update({"self_attn.q_proj": q_out, "self_attn.k_proj": k_out, "self_attn.v_proj": v_out,
+                           "self_attn.heads": heads, "self_attn.o_proj": out})
+        return out
 
 
 class MLP(nn.Module):
@@ -124,8 +130,13 @@ class MLP(nn.Module):
         self.up_proj = nn.Linear(args.hidden_size, args.intermediate_size, bias=False)
         self.down_proj = nn.Linear(args.intermediate_size, args.hidden_size, bias=False)
 
-    def forward(self, x):
-        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+    def forward(self, x, record: dict | None = None):
+        gate, up = self.gate_proj(x), self.up_proj(x)
+        swiglu = F.silu(gate) * up  # (B, T, intermediate): what each MLP neuron passes to down_proj
+        out = self.down_proj(swiglu)
+        if record is not None:
+            record.update({"mlp.gate_proj": gate, "mlp.up_proj": up, "mlp.swiglu": swiglu, "mlp.down_proj": out})
+        return out
 
 
 class Block(nn.Module):
@@ -136,11 +147,12 @@ class Block(nn.Module):
         self.post_attention_layernorm = RMSNorm(args.hidden_size, args.rms_norm_eps)
         self.mlp = MLP(args)
 
-    def forward(self, x, cos, sin):
+    def forward(self, x, cos, sin, record: dict | None = None):
         # A block with zeroed o_proj and down_proj adds nothing to the residual stream: the identity
-        # map that function-preserving growth (LLaMA Pro, OpT-DeUS) starts new layers from.
-        x = x + self.self_attn(self.input_layernorm(x), cos, sin)
-        return x + self.mlp(self.post_attention_layernorm(x))
+        # map that function-preserving growth (LLaMA Pro, OpT-DeUS) starts new layers from. record: a dict
+        # that receives every linear layer's output, the attention heads' outputs and the SwiGLU products.
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, record)
+        return x + self.mlp(self.post_attention_layernorm(x), record)
 
 
 class Transformer(nn.Module):
@@ -166,10 +178,14 @@ class Transformer(nn.Module):
                     p.normal_(0.0, std, generator=generator)
         return self
 
+    def embed(self, input_ids: torch.Tensor):
+        # input_ids (B, T) -> the residual stream's start x (B, T, h) and the RoPE tables every block reads.
+        x = self.embed_tokens(input_ids)
+        return (x, *rope_cos_sin(self.args, torch.arange(input_ids.shape[1], device=input_ids.device), x.dtype))
+
     def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
         # input_ids (B, T) -> logits (B, T, vocab)
-        x = self.embed_tokens(input_ids)
-        cos, sin = rope_cos_sin(self.args, torch.arange(input_ids.shape[1], device=input_ids.device), x.dtype)
+        x, cos, sin = self.embed(input_ids)
         for block in self.layers:
             x = block(x, cos, sin)
         head = self.embed_tokens if self.lm_head is None else self.lm_head

@@ -22,7 +22,7 @@ from typing import Callable
 import numpy as np
 import torch
 
-from model import Transformer, rope_cos_sin
+from model import Transformer
 
 
 class TrainError(ValueError):
@@ -154,8 +154,7 @@ def forward_loss(model: Transformer, x: torch.Tensor, y: torch.Tensor, frozen_pr
     # x, y (B, T) -> loss summed over targets != IGNORE_INDEX (float32). The embeddings and the first
     # `frozen_prefix` blocks run under no_grad (None: the embeddings train): backward stops below them.
     with torch.no_grad() if frozen_prefix is not None else nullcontext():
-        h = model.embed_tokens(x)  # (B, T, D)
-        cos, sin = rope_cos_sin(model.args, torch.arange(x.shape[1], device=x.device), h.dtype)
+        h, cos, sin = model.embed(x)  # (B, T, D) and the RoPE tables
         for block in model.layers[: frozen_prefix or 0]:
             h = block(h, cos, sin)
     for block in model.layers[frozen_prefix or 0:]:

@@ -5,6 +5,9 @@ For each setting, fuses base layers A and B of a checkpoint and prints, per plan
 weight the norm ratio of the aligned A to A (1 for a permutation, small for a blurred mix):
     python benchmarks/bench_alignment.py --base ~/.cache/opt-deus/smollm2-135m-instruct-hf
 
+A setting `align:epsilon@activations` aligns by what the units compute on --calibration text instead of their
+weights (GrowthOptions.cost "activations"; the base runs on it, streamed as opt-deus does).
+
 With --composition, instead: for every gap of the base and each alignment (published, paper,
 paper without plan normalisation, structured), what each fused weight F = (Â + B)/2 is made of (Â:
 A after alignment), averaged over the gaps, as a Markdown table (docs/ALIGNMENT.md):
@@ -22,6 +25,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from opt_deus_tool.checkpoint import BLOCK_KEYS, CheckpointReader  # noqa: E402
+from opt_deus_tool.grow_cli import calibration_pass, calibration_tokens  # noqa: E402
 from opt_deus import GrowthOptions, make_new_block  # noqa: E402
 
 # Which of structured alignment's plans move each weight's rows or columns.
@@ -102,6 +106,8 @@ def main():
     p.add_argument("--json", type=Path, default=None)
     p.add_argument("--composition", action="store_true", help="what each fused weight is made of, per alignment")
     p.add_argument("--gaps", default="all", help="with --composition: comma list of gaps i (between base i and i+1)")
+    p.add_argument("--calibration", default=None, help="text for the @activations settings")
+    p.add_argument("--calibration-tokens", type=int, default=2048)
     flags = p.parse_args()
 
     reader = CheckpointReader(flags.base)
@@ -117,15 +123,24 @@ def main():
     a, b = (int(x) for x in flags.layers.split(","))
     A = reader.block(a, torch.float32, flags.device)
     B = reader.block(b, torch.float32, flags.device)
+    records = None
+    if "@activations" in flags.settings:  # layers 0 .. b run on the calibration tokens, one at a time
+        start = time.perf_counter()
+        calibrate = calibration_pass(reader, calibration_tokens(flags.base, flags.calibration,
+                                                                flags.calibration_tokens), flags.device)
+        records = [calibrate(i, reader.block(i, torch.float32, flags.device)) for i in range(b + 1)][a:]
+        print(f"calibration pass over layers 0..{b}: {time.perf_counter() - start:.1f}s")
     rows = []
     for setting in flags.settings.split(","):
-        align, epsilon = setting.split(":")
-        options = GrowthOptions(align=align, epsilon=float(epsilon))
+        align, _, cost = setting.partition("@")
+        align, epsilon = align.split(":")
+        options = GrowthOptions(align=align, epsilon=float(epsilon), cost=cost or "weights")
         start = time.perf_counter()
-        _, report = make_new_block([A, B], reader.args, options)
+        _, report = make_new_block([A, B], reader.args, options, records)
         seconds = time.perf_counter() - start
-        rows.append({"align": align, "epsilon": float(epsilon), "seconds": seconds, "report": report})
-        print(f"\n{align}, epsilon {epsilon}: {seconds:.1f}s")
+        rows.append({"align": align, "epsilon": float(epsilon), "cost": options.cost, "seconds": seconds,
+                     "report": report})
+        print(f"\n{align}, epsilon {epsilon}, {options.cost}: {seconds:.1f}s")
         for name, stats in report.items():
             parts = []
             if "sharpness" in stats:

@@ -91,6 +91,8 @@ def main():
                    help="OMP_NUM_THREADS for the growth process (default: torch's)")
     p.add_argument("--workdir", type=Path, default=None, help="scratch folder (default: a temporary one)")
     p.add_argument("--json", type=Path, default=None, help="also write the results here")
+    p.add_argument("--extra", default="", help="more opt-deus flags for every run, e.g. '--cost activations "
+                                               "--calibration novel.txt' (issue 21: its extra time and memory)")
     flags = p.parse_args()
 
     workdir = flags.workdir or Path(tempfile.mkdtemp(prefix="bench-grow-"))
@@ -109,7 +111,8 @@ def main():
     for align in flags.aligns.split(","):
         run = run_growth(base, workdir / f"grown-{align}", ["--method", "opt", "--align", align,
                                                             "--new-layers", str(flags.new_layers),
-                                                            "--device", flags.device], flags.threads)
+                                                            "--device", flags.device, *flags.extra.split()],
+                          flags.threads)
         run["align"] = align
         results["runs"].append(run)
         print(json.dumps(run), flush=True)

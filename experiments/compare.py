@@ -50,7 +50,7 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))  # so `python experiments/compare.py` works without `pip install -e .`
 
-from experiments.common import (METHODS, ExperimentError, environment, fmt,  # noqa: E402
+from experiments.common import (CLASSIC_ARMS, METHODS, STUDY_ARMS, ExperimentError, environment, fmt,  # noqa: E402
                                 fmt_interval, fmt_pm, grow_by_name, growth_options, map_jobs, markdown_table,
                                 mean_std, paired_comparisons, parse_list, plot_paired_curves,
                                 reproducibility, run_cli, run_study, stamp_jsonl, write_json)
@@ -82,7 +82,7 @@ class CompareConfig:
     # Growth: `new_layers` layers at `position`; SOLAR places its own
     new_layers: int = 4
     position: str = "top"
-    methods: tuple[str, ...] = tuple(METHODS)
+    methods: tuple[str, ...] = CLASSIC_ARMS
     reference: bool = True            # also continue training the un-grown base (all layers)
     # The base: constant lr after warmup until flat (or base_max_steps), then a linear anneal
     batch_size: int = 16              # sequences per step (one micro-batch)
@@ -142,7 +142,7 @@ PRESETS = {
     # The full CPU study, with --jobs 2: one shared base trained until flat (at most 3000 steps), then five
     # seeds of 300 steps per arm, one job per (seed, arm). Measured time and results: docs/RESULTS.md.
     "study": dict(seeds=(0, 1, 2, 3, 4), shared_base=True, base_max_steps=3000, base_warmup=50, check_every=50,
-                  flat_window=250, flat_tol=0.01, grow_steps=300),
+                  flat_window=250, flat_tol=0.01, grow_steps=300, methods=STUDY_ARMS, reference=False),
     # One GPU (bf16 autocast): a wider, deeper base, still tiny for a GPU; sized by estimate, not run yet.
     "gpu": dict(device="cuda", layers=16, hidden=512, heads=8, kv_heads=4, head_dim=64, intermediate=1536,
                 block_size=256, batch_size=32, train_bytes=8_000_000, eval_blocks=256, base_max_steps=4000,
@@ -357,6 +357,8 @@ def run_seed(config: CompareConfig, seed: int, runs_dir: str | None, log=print, 
         if folder is not None:
             stamp_jsonl(metrics(name), {"arm": name, **stamp})
 
+    # The activation-aligned arm's calibration text: the first 16 blocks of the training bytes.
+    calibration = torch.from_numpy(np.asarray(train_tokens[: 16 * config.block_size], np.int64)).view(16, -1)
     base = make_base(config, seed)
     n_params = sum(p.numel() for p in base.parameters())
     log(f"base: {config.layers} layers, hidden {config.hidden}, {n_params:,} parameters")
@@ -375,7 +377,7 @@ def run_seed(config: CompareConfig, seed: int, runs_dir: str | None, log=print, 
     names = config.methods if only is None else [name for name in config.methods if name == only]
     for name in names:
         t0 = time.perf_counter()
-        grown, report = grow_by_name(base, name, config.new_layers, config.position)
+        grown, report = grow_by_name(base, name, config.new_layers, config.position, calibration)
         grow_s = time.perf_counter() - t0
         zero_init = growth_options(name).zero_init
         after_growth = held_out(grown, eval_tokens, config)

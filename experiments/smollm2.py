@@ -53,8 +53,9 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))  # so `python experiments/smollm2.py` works without `pip install -e .`
 
-from experiments.common import (BASELINES, METHODS, ExperimentError, bootstrap_comparisons, ema,  # noqa: E402
-                                environment, fmt, fmt_bootstrap, fmt_interval, fmt_pm, grow_by_name, growth_options,
+from experiments.common import (BASELINES, CLASSIC_ARMS, METHODS, STUDY_ARMS, ExperimentError,  # noqa: E402
+                                bootstrap_comparisons, ema, environment, fmt, fmt_bootstrap, fmt_interval, fmt_pm,
+                                grow_by_name, growth_options,
                                 map_jobs, markdown_table, mean_std, new_figure, paired_comparisons, parse_list,
                                 plot_paired_curves, reproducibility, run_cli, run_study, save_figure, stamp_jsonl,
                                 write_json)
@@ -92,7 +93,8 @@ PRESETS = {
     # sparse: training losses fill them in). Sized with the embedded part to fit 90 minutes; measured time
     # and results: docs/RESULTS.md.
     "study": dict(device="cpu", block_size=256, batch_size=2, micro_batch_size=2, steps=20, lr=3e-4,
-                  seeds=(0, 1, 2), eval_tokens=4096, evals=2, positions=(), accuracy_questions=STUDY_QUESTIONS),
+                  seeds=(0, 1, 2), eval_tokens=4096, evals=2, positions=(), accuracy_questions=STUDY_QUESTIONS,
+                  methods=STUDY_ARMS),
 }
 
 
@@ -119,7 +121,7 @@ class SmolConfig:
     data: list[str]                             # text files/folders; one file is held out
     held_out: str = "emma"                      # the held-out file: its name up to the first dot
     new_layers: int = 15
-    methods: tuple[str, ...] = tuple(METHODS)   # all at `top` positions (solar: its own)
+    methods: tuple[str, ...] = CLASSIC_ARMS     # all at `top` positions (solar: its own)
     positions: tuple[str, ...] = ("top", "middle", "bottom")  # for opt-structured
     seeds: tuple[int, ...] = (0, 1)
     steps: int = 8
@@ -283,7 +285,8 @@ def run_arm(prepared: Prepared, config: SmolConfig, method: str, position: str, 
     name = run_name(method, position)
     L = p.base.args.num_hidden_layers
     t0 = time.perf_counter()
-    grown, report = grow_by_name(p.base, method, config.new_layers, position)
+    calibration = torch.from_numpy(np.asarray(p.train_tokens[:2048], np.int64))[None]  # for the activation arm
+    grown, report = grow_by_name(p.base, method, config.new_layers, position, calibration)
     grow_s = time.perf_counter() - t0
     zero_init = growth_options(method).zero_init
     after_growth = held_out(grown, p.eval_tokens, config)
@@ -561,7 +564,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--held-out", default="emma",
                    help="the file held out for perplexity (its name before the first dot)")
     p.add_argument("--new-layers", type=int, default=15)
-    p.add_argument("--methods", default=",".join(METHODS), help="comma list, grown at the top positions")
+    p.add_argument("--methods", default=None,
+                   help=f"comma list, grown at the top positions (preset; default {','.join(CLASSIC_ARMS)})")
     p.add_argument("--positions", default=None,
                    help="comma list, for opt-structured (preset; default top,middle,bottom; 'none' for none)")
     p.add_argument("--seeds", default=None, help="comma list (preset)")
@@ -619,7 +623,8 @@ def config_from_flags(flags) -> SmolConfig:
     if str(preset["device"]).startswith("cuda") and not torch.cuda.is_available():
         raise ExperimentError(f"device {preset['device']}: CUDA is not available (use --preset cpu or --device cpu)")
     return SmolConfig(base=flags.base, data=list(flags.data), held_out=flags.held_out, new_layers=flags.new_layers,
-                      methods=tuple(parse_list(flags.methods, "--methods", METHODS)),
+                      methods=tuple(parse_list(flags.methods, "--methods", METHODS)) if flags.methods
+                      else tuple(preset.get("methods", CLASSIC_ARMS)),
                       positions=positions,
                       seeds=tuple(preset["seeds"]), steps=preset["steps"], lr=preset["lr"],
                       block_size=preset["block_size"], batch_size=preset["batch_size"],

@@ -18,27 +18,67 @@ from pathlib import Path
 
 import torch
 
-from opt_deus import (ALIGNMENTS, DEFAULT_EPSILON, METHODS, POSITIONS, GrowthOptions, check_finite, check_request,
-                      grown_blocks, growth_layout)
+from model import Block, rope_cos_sin
+from opt_deus import (ALIGNMENTS, COSTS, DEFAULT_EPSILON, METHODS, POSITIONS, CalibrationPass, GrowthOptions,
+                      check_finite, check_request, grown_blocks, growth_layout)
+from opt_deus_tool import CheckpointError
 from opt_deus_tool.atomic import check_output_folder, model_folder_problem
 from opt_deus_tool.checkpoint import BLOCK_KEYS, CheckpointReader, CheckpointWriter, dtype_name
 from opt_deus_tool.cli import (OneLineArgumentParser, finite_float, flag_names, int_list, log_to_stderr,
                                positive_int, run_command, size)
+from opt_deus_tool.data import iter_documents, load_tokenizer
+from opt_deus_tool.inputs import not_a_file
 from opt_deus_tool.hf_config import config_from_args
 from sinkhorn import SinkhornError
 from train import resolve_device
 
 
+CALIBRATION_TOKENS = 2048  # --calibration-tokens' default: a few thousand tokens describe a unit well enough
+
+
+def calibration_tokens(base, text_path, count: int = CALIBRATION_TOKENS) -> torch.Tensor:
+    """The first `count` tokens of a text file, in the base's tokenizer, as one row (1, count) after a start
+    token: what the base runs on for cost="activations"."""
+    if (problem := not_a_file(text_path)) is not None:
+        raise CheckpointError(f"`calibration` {text_path}: {'' if problem == 'no such file' else 'is '}{problem}")
+    tokenizer = load_tokenizer(base)
+    start = tokenizer.bos_id if tokenizer.bos_id is not None else tokenizer.eos_id
+    tokens = [start] + tokenizer.encode("\n".join(iter_documents([Path(text_path)])))[: count - 1]
+    if len(tokens) < count:
+        raise CheckpointError(f"`calibration` {text_path}: {len(tokens)} tokens, fewer than "
+                              f"`calibration_tokens` {count}; give a longer text or fewer tokens")
+    return torch.tensor([tokens])
+
+
+def calibration_pass(reader: CheckpointReader, tokens: torch.Tensor, device) -> CalibrationPass:
+    # The calibration tokens' hidden states, carried up the base as its blocks stream in: one block at a time
+    # runs in float32 on `device` (no second model in memory), its record kept for the two blocks held.
+    args = reader.args
+    if tokens.shape[1] > args.max_position_embeddings:
+        raise CheckpointError(f"`calibration_tokens` {tokens.shape[1]} is beyond the base's max_position_embeddings "
+                              f"{args.max_position_embeddings}")
+    hidden = reader.tensor("model.embed_tokens.weight", torch.float32, device)[tokens.to(device)]
+    cos, sin = rope_cos_sin(args, torch.arange(tokens.shape[1], device=device), torch.float32)
+
+    def run(i, tensors, x, record):
+        with torch.device("meta"):
+            block = Block(args)
+        block.load_state_dict({key: value.float() for key, value in tensors.items()}, assign=True)
+        return block(x, cos, sin, record)
+    return CalibrationPass(hidden, run)
+
+
 def grow_checkpoint(base: str | Path, out: str | Path, num_new: int | None = None, *, position: str | None = "top",
                     insert_after: list[int] | None = None, options: GrowthOptions | None = None,
                     device: str = "cpu", dtype: torch.dtype | None = None, overwrite: bool = False,
-                    max_shard_size: str | int = "5GB", log=print) -> dict:
+                    max_shard_size: str | int = "5GB", calibration: torch.Tensor | None = None, log=print) -> dict:
     """Grow the Hugging Face LLaMA folder `base` into a new folder `out`, streaming; returns the report.
 
     Positions, options and report as opt_deus.grow(); the report also has "options" and "base". Base blocks are
     read one at a time onto `device`, where new layers are computed; tensors are written in `dtype` (None: the
     base's) to shards of at most max_shard_size, with config.json, growth_report.json and the base's tokenizer
-    files. On any error nothing is left at `out`.
+    files. calibration: token ids (1, T) for options.cost "activations" (calibration_tokens()). On any error
+    nothing is left at `out`.
     """
     options = check_request(num_new, insert_after, options)
     reader = CheckpointReader(base)
@@ -67,13 +107,18 @@ def grow_checkpoint(base: str | Path, out: str | Path, num_new: int | None = Non
         check_finite({key: tensor}, f"base {base}")
         return tensor.to(out_dtype)
 
+    calibrate = None
+    if options.cost == "activations" and options.method == "opt":
+        if calibration is None:
+            raise CheckpointError("`cost` activations compares what units compute: give `calibration` text")
+        calibrate = calibration_pass(reader, calibration, device)
     started, reports = time.perf_counter(), []
     grown_args = dataclasses.replace(args, num_hidden_layers=len(layout), dtype=dtype_name(out_dtype),
                                      extra={**args.extra, "opt_deus": record})
     with CheckpointWriter(out, max_shard_size=max_shard_size, overwrite=overwrite,
                           inputs=[("`base`", base)]) as writer:
         writer.add("model.embed_tokens.weight", checked("model.embed_tokens.weight"))
-        for index, slot, tensors, report in grown_blocks(layout, base_block, args, options, log):
+        for index, slot, tensors, report in grown_blocks(layout, base_block, args, options, log, calibrate):
             for key in BLOCK_KEYS:
                 writer.add(f"model.layers.{index}.{key}", tensors[key].to(out_dtype))
             reader.release()
@@ -83,7 +128,8 @@ def grow_checkpoint(base: str | Path, out: str | Path, num_new: int | None = Non
         if not args.tie_word_embeddings:
             writer.add("lm_head.weight", checked("lm_head.weight"))
         reader.check_all_read()  # also checks a redundant tied head equals the embeddings (not copied)
-        growth_report = {**record, "options": dataclasses.asdict(options), "base": str(base), "layers": reports}
+        growth_report = {**record, "options": dataclasses.asdict(options), "base": str(base), "layers": reports,
+                         "calibration_tokens": None if calibrate is None else int(calibration.shape[1])}
         writer.finish(config_from_args(grown_args), copy_files_from=base,
                       extra_files={"growth_report.json": json.dumps(growth_report, indent=2) + "\n"})
     log(f"wrote {out} ({len(layout)} layers, new {record['new_layers']}) in {time.perf_counter() - started:.1f}s")
@@ -95,7 +141,8 @@ def grow_checkpoint(base: str | Path, out: str | Path, num_new: int | None = Non
 
 FLAGS = flag_names("base", "out", "method", "position", "insert_after", "align", "epsilon", "normalize_plan",
                    "zero_init", "max_iter", "tol", "strict", "device", "dtype", "max_marginal_error",
-                   "max_shard_size", "overwrite", num_new="--new-layers")
+                   "max_shard_size", "overwrite", "cost", "out_scale", "calibration", "calibration_tokens",
+                   num_new="--new-layers")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -126,6 +173,15 @@ def build_parser() -> argparse.ArgumentParser:
                         "code's raw plan (always so under --align published)")
     p.add_argument("--zero-init", action=argparse.BooleanOptionalAction, default=GrowthOptions.zero_init,
                    help="zero o_proj and down_proj of new layers; None: on for opt and llama-pro, off otherwise")
+    p.add_argument("--out-scale", type=finite_float, default=GrowthOptions.out_scale,
+                   help="multiply new layers' o_proj and down_proj by this (0: --zero-init; 1: --no-zero-init); "
+                        "None: from --zero-init")
+    p.add_argument("--cost", choices=COSTS, default=GrowthOptions.cost,
+                   help="what --method opt's plans compare: the units' weights, or their activations on "
+                        "--calibration text (whole heads and neurons alike)")
+    p.add_argument("--calibration", default=None, help="--cost activations: a text file (.gz ok) the base runs on")
+    p.add_argument("--calibration-tokens", type=positive_int, default=CALIBRATION_TOKENS,
+                   help="--cost activations: how many tokens of --calibration, as one sequence")
     p.add_argument("--max-iter", type=positive_int, default=GrowthOptions.max_iter,
                    help="Sinkhorn iterations at most, per plan")
     p.add_argument("--tol", type=finite_float, default=GrowthOptions.tol,
@@ -147,10 +203,17 @@ def grow_command(flags: argparse.Namespace) -> int:
     resolve_device(flags.device)  # refused now, not after the first blocks
     options = GrowthOptions(method=flags.method, align=flags.align, epsilon=flags.epsilon, zero_init=flags.zero_init,
                             normalize_plan=flags.normalize_plan, max_iter=flags.max_iter, tol=flags.tol,
-                            strict=flags.strict, max_marginal_error=flags.max_marginal_error)
+                            strict=flags.strict, max_marginal_error=flags.max_marginal_error, cost=flags.cost,
+                            out_scale=flags.out_scale)
+    calibration = None
+    if options.cost == "activations":
+        if flags.calibration is None:
+            raise CheckpointError("--cost activations: give --calibration, a text file the base runs on")
+        calibration = calibration_tokens(flags.base, flags.calibration, flags.calibration_tokens)
     grow_checkpoint(flags.base, flags.out, flags.new_layers, position=flags.position, insert_after=flags.insert_after,
                     options=options, device=flags.device, dtype=getattr(torch, flags.dtype) if flags.dtype else None,
-                    overwrite=flags.overwrite, max_shard_size=flags.max_shard_size, log=log_to_stderr)
+                    overwrite=flags.overwrite, max_shard_size=flags.max_shard_size, calibration=calibration,
+                    log=log_to_stderr)
     return 0
 
 

@@ -208,9 +208,16 @@ def test_mixed_dtype_base_grows_with_a_dtype_and_keeps_the_function(camp, tmp_pa
 
 def slow_growth(base: Path, out: Path, **popen) -> subprocess.Popen:
     # A growth of a few seconds (paper alignment of 7 new layers of 1536 neurons) in its own process.
+    # Signals at their defaults in the child: a shell's background job (`pytest &`, nohup) inherits SIGINT,
+    # SIGQUIT and SIGHUP ignored, and the command rightly leaves an ignored signal ignored.
     return subprocess.Popen([*command("opt-deus"), "--base", str(base), "--out", str(out), "--new-layers", "7",
                              "--align", "paper"], env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            **popen)
+                            preexec_fn=default_signals, **popen)
+
+
+def default_signals():
+    for s in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGQUIT, signal.SIGUSR1):
+        signal.signal(s, signal.SIG_DFL)
 
 
 @pytest.fixture(scope="module")
@@ -395,7 +402,7 @@ def slow_training(camp, out: Path, *extra) -> subprocess.Popen:
     argv = ["--model", camp["base"], "--data", camp["text"], "--out", out, "--cache-dir", camp["cache"], *TINY,
             "--batch-tokens", 32 * 2 * 512, "--steps", 1000, "--eval-fraction", 0.2, *extra]
     return subprocess.Popen([*command("opt-deus-train"), *map(str, argv)], env=ENV, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True)
+                            stderr=subprocess.PIPE, text=True, preexec_fn=default_signals)
 
 
 def test_two_trainings_into_one_run_folder_the_second_fails(camp, tmp_path):
@@ -505,7 +512,7 @@ def api_cases(c):
         ("train-no-model", lambda: train.train(None, tokens(), cfg()), train.TrainError, "`model` must be"),
         ("options-epsilon-true", lambda: GrowthOptions(epsilon=True), GrowthError, "`epsilon` must be a number"),
         ("options-zero-init-text", lambda: GrowthOptions(zero_init="yes"), GrowthError, "`zero_init` must be True"),
-        ("grow-a-path", lambda: grow("some/folder", 2), GrowthError, "grow_checkpoint"),
+        ("grow-a-path", lambda: grow("some/folder", 2), GrowthError, "must be a model.Transformer"),
         ("grow-meta-model", lambda: grow(meta_model, 2), GrowthError, "meta device"),
         ("load_pretrained-dtype-string", lambda: load_pretrained(base, dtype="float32"), CheckpointError, "`dtype`"),
         ("load_pretrained-mixed-dtype", lambda: load_pretrained(r / "mixed_dtype"), CheckpointError, "mix dtypes"),

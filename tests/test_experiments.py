@@ -42,7 +42,7 @@ def tiny_run(tmp_path_factory):
 
 def test_every_arm_on_every_seed_with_finite_numbers(tiny_run):
     summary, _ = tiny_run
-    expected = [*common.available_methods(tuple(common.METHODS), log=lambda *a: None), compare.REFERENCE]
+    expected = [*common.available_methods(common.CLASSIC_ARMS, log=lambda *a: None), compare.REFERENCE]
     assert summary["arms"] == expected
     assert [s["seed"] for s in summary["seeds"]] == [0, 1]
     assert all(math.isfinite(x) for x in numbers(summary))
@@ -209,8 +209,8 @@ def test_shared_base_jobs_per_seed_and_arm_equal_one_process():
 def test_a_zero_init_arm_that_moves_the_function_stops_the_study(monkeypatch):
     grow = compare.grow_by_name
 
-    def nudged(model, name, num_new, position):
-        grown, report = grow(model, name, num_new, position)
+    def nudged(model, name, num_new, position, calibration=None):
+        grown, report = grow(model, name, num_new, position, calibration)
         with torch.no_grad():
             grown.layers[report["new_layers"][0]].mlp.down_proj.weight.add_(1e-2)
         return grown, report
