@@ -56,6 +56,9 @@ STUDY_ARMS = ("opt-paper", "opt-structured", "avg-zero", "llama-pro", "avg@0.1",
               "opt-structured@0.1", "opt-structured-act@0.1")
 # The paired comparisons: every arm against these two zero-init baselines, seed by seed.
 BASELINES = ("avg-zero", "llama-pro")
+# ... and each scaled arm against its zero-init arm (issue 21: does a non-zero new layer train better?).
+ZERO_INIT_ARM = {"avg@0.1": "avg-zero", "llama-pro@0.1": "llama-pro", "opt-structured@0.1": "opt-structured",
+                 "opt-structured-act@0.1": "opt-structured"}
 
 
 class ExperimentError(ValueError):
@@ -248,8 +251,15 @@ def paired_comparisons(final: dict[str, list[float]]) -> dict:
     """final: {arm: [final held-out loss of seed 0, seed 1, ...]} (same seeds, same order for every
     arm) -> {arm: {baseline: paired_difference(arm, baseline)}} for the BASELINES present.
     Negative: the arm ends lower (better) than the baseline."""
-    return {arm: {b: paired_difference(values, final[b]) for b in BASELINES if b in final and b != arm}
+    return {arm: {b: paired_difference(values, final[b]) for b in (*BASELINES, ZERO_INIT_ARM.get(arm))
+                  if b in final and b != arm}
             for arm, values in final.items()}
+
+
+def fmt_against_zero_init(arm: str, comparisons: dict) -> str:
+    # The table cell "Δ vs its zero-init arm": empty for an arm without one (or when that arm did not run).
+    zero = ZERO_INIT_ARM.get(arm)
+    return f"{fmt_interval(comparisons[zero])} ({zero})" if zero in comparisons else ""
 
 
 def fmt_interval(diff: dict, digits: int = 4) -> str:

@@ -51,8 +51,8 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))  # so `python experiments/compare.py` works without `pip install -e .`
 
 from experiments.common import (CLASSIC_ARMS, METHODS, STUDY_ARMS, ExperimentError, environment, fmt,  # noqa: E402
-                                fmt_interval, fmt_pm, grow_by_name, growth_options, map_jobs, markdown_table,
-                                mean_std, paired_comparisons, parse_list, plot_paired_curves,
+                                fmt_against_zero_init, fmt_interval, fmt_pm, grow_by_name, growth_options, map_jobs,
+                                markdown_table, mean_std, paired_comparisons, parse_list, plot_paired_curves,
                                 reproducibility, run_cli, run_study, stamp_jsonl, write_json)
 from model import ModelArgs, Transformer  # noqa: E402
 from opt_deus import POSITIONS  # noqa: E402
@@ -527,8 +527,9 @@ def summary_markdown(summary: dict) -> str:
             f"{c['block_size']} bytes (lr {c['grow_lr']}, WSD), {trained} trainable, the same data order for every arm "
             f"of a seed. Loss: nats per byte on the held-out bytes.\n\n")
     headers = ["arm", "zero-init", "loss after growth", "final loss (mean ± sd)", "Δ vs avg-zero [95% CI]",
-               "Δ vs llama-pro [95% CI]", "flat (seeds)", "s/step"]
-    rows = [["base (before growth)", "", fmt_pm([s["base"]["held_out"]["loss"] for s in seeds], 4), "", "", "", "", ""]]
+               "Δ vs llama-pro [95% CI]", "Δ vs its zero-init arm", "flat (seeds)", "s/step"]
+    rows = [["base (before growth)", "", fmt_pm([s["base"]["held_out"]["loss"] for s in seeds], 4), "", "", "", "", "",
+             ""]]
     for arm in summary["arms"]:
         runs = [s["arms"][arm] for s in seeds]
         comp = summary["comparisons"][arm]
@@ -538,7 +539,7 @@ def summary_markdown(summary: dict) -> str:
                      fmt_pm(final_losses(seeds, arm), 4),
                      fmt_interval(comp["avg-zero"]) if "avg-zero" in comp else "",
                      fmt_interval(comp["llama-pro"]) if "llama-pro" in comp else "",
-                     flat_count([r["flattened"] for r in runs]),
+                     fmt_against_zero_init(arm, comp), flat_count([r["flattened"] for r in runs]),
                      fmt(mean_std([r["mean_step_s"] for r in runs])[0], 3)])
     text += markdown_table(headers, rows)
     text += (f"\nΔ: final held-out loss of the arm minus the baseline's, paired by seed (negative: the arm is "

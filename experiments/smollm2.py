@@ -55,7 +55,7 @@ if str(ROOT) not in sys.path:
 
 from experiments.common import (BASELINES, CLASSIC_ARMS, METHODS, STUDY_ARMS, ExperimentError,  # noqa: E402
                                 bootstrap_comparisons, ema, environment, fmt, fmt_bootstrap, fmt_interval, fmt_pm,
-                                grow_by_name, growth_options,
+                                fmt_against_zero_init, grow_by_name, growth_options,
                                 map_jobs, markdown_table, mean_std, new_figure, paired_comparisons, parse_list,
                                 plot_paired_curves, reproducibility, run_cli, run_study, save_figure, stamp_jsonl,
                                 write_json)
@@ -443,7 +443,8 @@ def summary_markdown(summary: dict) -> str:
     text += markdown_table(headers, rows)
     text += (f"\n### Paired by seed: final held-out loss (nats/token) minus the baseline's (negative: better), "
              f"mean over {n} seeds [95% t-interval]\n\n")
-    headers = ["method", "zero-init", "final loss (mean ± sd)", "Δ vs avg-zero", "Δ vs llama-pro"]
+    headers = ["method", "zero-init", "final loss (mean ± sd)", "Δ vs avg-zero", "Δ vs llama-pro",
+               "Δ vs its zero-init arm"]
     rows = []
     for r in summary["results"]:
         if r["position"] not in ("top", "own"):
@@ -452,7 +453,8 @@ def summary_markdown(summary: dict) -> str:
         rows.append([r["method"], "yes" if r["zero_init"] else "no",
                      fmt_pm([s["after_training"]["loss"] for s in r["seeds"]], 4),
                      fmt_interval(comp["avg-zero"]) if "avg-zero" in comp else "",
-                     fmt_interval(comp["llama-pro"]) if "llama-pro" in comp else ""])
+                     fmt_interval(comp["llama-pro"]) if "llama-pro" in comp else "",
+                     fmt_against_zero_init(r["method"], comp)])
     text += markdown_table(headers, rows)
     if summary.get("accuracy_comparisons"):
         text += accuracy_markdown(summary)

@@ -406,3 +406,15 @@ def test_smollm2_accuracy_comparisons_are_arm_minus_baseline():
         assert comps["after_training"][metric]["avg-zero"]["llama-pro"]["mean"] == 0
         assert comps["after_growth"][metric]["opt-structured"]["avg-zero"]["mean"] == 0
         assert comps["after_growth"][metric]["opt-structured"]["avg-zero"]["n_seeds"] == 1
+
+
+def test_each_scaled_arm_is_also_paired_with_its_zero_init_arm():
+    # Issue 21's question, per arm: the scaled arm minus its zero-init arm, seed by seed.
+    final = {"avg-zero": [1.0, 2.0, 3.0], "llama-pro": [1.0, 2.0, 3.5], "opt-structured": [1.5, 2.0, 3.0],
+             "opt-structured-act@0.1": [1.0, 2.5, 3.0]}
+    comparisons = common.paired_comparisons(final)
+    assert math.isclose(comparisons["opt-structured-act@0.1"]["opt-structured"]["mean"], 0.0)
+    assert set(comparisons["opt-structured"]) == {"avg-zero", "llama-pro"}
+    assert common.fmt_against_zero_init("opt-structured-act@0.1", comparisons["opt-structured-act@0.1"]) \
+        .endswith("(opt-structured)")
+    assert all(common.ZERO_INIT_ARM[arm] in common.STUDY_ARMS for arm in common.STUDY_ARMS if "@" in arm)
