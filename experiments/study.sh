@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
-# The whole CPU study of docs/RESULTS.md (issue 13), sized for 90 minutes on 2 cores: the SmolLM2-135M
+# The whole CPU study of docs/RESULTS.md (issues 13 and 21), sized for 90 minutes on 2 cores: the SmolLM2-135M
 # part, then the embedded part, each with two worker processes. SmolLM2 goes first because it is the
 # part that needs files besides this repository (the checkpoint tests/smollm2.py converts, the Austen
-# novels): if one is missing, the study stops in seconds, not after the 45-minute embedded part.
+# novels): if one is missing, the study stops in seconds, not after the 40-minute embedded part.
 # Measured time, hardware and results: docs/RESULTS.md.
 #
 #     bash experiments/study.sh [OUT]      # default OUT: study-out; writes OUT/smollm2 and OUT/compare
