@@ -419,7 +419,7 @@ def make_layout(method: str, num_base_layers: int, insert_after: list[int] | Non
 
 
 # Depth up-scaling adds a fraction of a model's depth; beyond this many new layers per base layer a request is a
-# typo (--new-layers 1000000000 would otherwise allocate gigabytes of positions before any other check).
+# typo (num_new=10**9 would otherwise allocate gigabytes of positions before any other check).
 MAX_NEW_PER_BASE_LAYER = 64
 
 
