@@ -32,6 +32,7 @@ for name in {modules!r}:  # a module not copied is out of reach; a copied one is
     spec = importlib.util.find_spec(name)
     assert (spec.origin.startswith(folder) if spec else False) == (name in copied), (name, spec and spec.origin)
 import torch
+torch.set_num_threads(int(sys.argv[3]))  # as in this process: the same reductions, bit for bit
 """
 
 
@@ -42,8 +43,8 @@ def run_copied(tmp_path: Path, files: tuple[str, ...], script: str) -> str:
         shutil.copy(ROOT / name, folder / name)
     code = PRELUDE.format(modules=PROJECT_MODULES) + textwrap.dedent(script)
     copied = ",".join(name.removesuffix(".py") for name in files)
-    done = subprocess.run([sys.executable, "-I", "-c", code, str(folder), copied], cwd=folder, capture_output=True,
-                          text=True, timeout=300)
+    done = subprocess.run([sys.executable, "-I", "-c", code, str(folder), copied, str(torch.get_num_threads())],
+                          cwd=folder, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
     return done.stdout
 
