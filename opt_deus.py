@@ -27,7 +27,10 @@ from typing import TYPE_CHECKING, Callable, Iterator
 import torch
 import torch.nn.functional as F
 
-from sinkhorn import SinkhornError, hard_assignment, plan_sharpness, published_sinkhorn, sinkhorn
+if __package__:  # installed (opt_deus_core.opt_deus), or copied into a package of yours
+    from .sinkhorn import SinkhornError, hard_assignment, plan_sharpness, published_sinkhorn, sinkhorn
+else:  # copied alone beside sinkhorn.py
+    from sinkhorn import SinkhornError, hard_assignment, plan_sharpness, published_sinkhorn, sinkhorn
 
 if TYPE_CHECKING:  # model.py is needed only to grow a model, not to fuse two blocks
     from model import ModelArgs, Transformer

@@ -22,7 +22,10 @@ from typing import Callable
 import numpy as np
 import torch
 
-from model import Transformer
+if __package__:  # installed (opt_deus_core.train), or copied into a package of yours
+    from .model import Transformer
+else:  # copied alone beside model.py
+    from model import Transformer
 
 
 class TrainError(ValueError):

@@ -26,7 +26,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from opt_deus_tool.checkpoint import BLOCK_KEYS, CheckpointReader  # noqa: E402
 from opt_deus_tool.grow_cli import calibration_pass, calibration_tokens  # noqa: E402
-from opt_deus import GrowthOptions, make_new_block  # noqa: E402
+from opt_deus_core.opt_deus import GrowthOptions, make_new_block  # noqa: E402
 
 # Which of structured alignment's plans move each weight's rows or columns.
 STRUCTURED_PLANS = {"q_proj": ("attention.query_heads", "attention.kv_groups"), "k_proj": ("attention.kv_groups",),

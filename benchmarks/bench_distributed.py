@@ -28,9 +28,9 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-import train  # noqa: E402
+from opt_deus_core import train  # noqa: E402
 from experiments.common import cpu_model  # noqa: E402
-from model import ModelArgs, Transformer  # noqa: E402
+from opt_deus_core.model import ModelArgs, Transformer  # noqa: E402
 from opt_deus_tool.checkpoint import expected_shapes  # noqa: E402
 from opt_deus_tool.train_cli import init_distributed  # noqa: E402
 

@@ -22,7 +22,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from experiments.common import cpu_model  # noqa: E402
-from model import ModelArgs  # noqa: E402
+from opt_deus_core.model import ModelArgs  # noqa: E402
 from opt_deus_tool.checkpoint import CheckpointWriter, expected_shapes  # noqa: E402
 from opt_deus_tool.hf_config import args_from_config, config_from_args  # noqa: E402
 

@@ -30,7 +30,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-import sinkhorn as S  # noqa: E402
+from opt_deus_core import sinkhorn as S  # noqa: E402
 from experiments.common import cpu_model  # noqa: E402
 
 

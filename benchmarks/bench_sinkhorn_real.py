@@ -35,7 +35,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "tests"))
-import sinkhorn as S  # noqa: E402
+from opt_deus_core import sinkhorn as S  # noqa: E402
 from experiments.common import cpu_model  # noqa: E402
 
 
@@ -50,7 +50,7 @@ def load_module(path: str, name: str):
 def real_costs(layer: int) -> dict[str, tuple[torch.Tensor, float]]:
     # The (cost, epsilon) pairs opt_deus.transport() receives when fusing base layers layer and
     # layer + 1, in call order, for both alignments (relative costs already divided by their mean).
-    import opt_deus as O
+    from opt_deus_core import opt_deus as O
     from safetensors import safe_open
     from smollm2 import cached_smollm2_dir
 

@@ -22,8 +22,8 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-import train  # noqa: E402
-from model import ModelArgs, Transformer  # noqa: E402
+from opt_deus_core import train  # noqa: E402
+from opt_deus_core.model import ModelArgs, Transformer  # noqa: E402
 from opt_deus_tool.checkpoint import hf_key  # noqa: E402
 from opt_deus_tool.hf_config import config_from_args  # noqa: E402
 

@@ -149,7 +149,7 @@ def section_hardware(shapes: Shapes, device, results, context):
 
 def section_parity(shapes: Shapes, device, results, context):
     import transformers
-    from model import ModelArgs, Transformer
+    from opt_deus_core.model import ModelArgs, Transformer
     from opt_deus_tool.checkpoint import hf_key
     from opt_deus_tool.hf_config import config_from_args
     args = ModelArgs(**shapes.parity_model)
@@ -188,8 +188,8 @@ def section_parity(shapes: Shapes, device, results, context):
 
 
 def section_sinkhorn(shapes: Shapes, device, results, context):
-    import sinkhorn as S
-    from opt_deus import DEFAULT_EPSILON, GrowthOptions
+    from opt_deus_core import sinkhorn as S
+    from opt_deus_core.opt_deus import DEFAULT_EPSILON, GrowthOptions
     n, k = shapes.sinkhorn_n, shapes.sinkhorn_block
     bandwidth = context.bandwidth or copy_bandwidth(device, shapes.copy_mib)
     results.update(n=n, iterations_per_call=k, bandwidth_GBps=bandwidth / 1e9)
@@ -295,7 +295,7 @@ def top_new_layers(total_layers: int, num_new: int) -> list[int]:
     # The grown model's new layers when num_new layers went into the top gaps of a base of
     # total_layers - num_new layers (opt_deus.insert_after_for "top"): a new layer after base layer
     # i sits at i + 1 + (new layers below it).
-    from opt_deus import insert_after_for
+    from opt_deus_core.opt_deus import insert_after_for
     after = sorted(insert_after_for("top", total_layers - num_new, num_new))
     return [i + 1 + k for k, i in enumerate(after)]
 
@@ -320,8 +320,8 @@ def measure_pair(shapes: Shapes, args, spec, tokens, device, cfg, source, compil
 
 
 def section_train(shapes: Shapes, device, results, context):
-    import train
-    from model import ModelArgs, Transformer
+    from opt_deus_core import train
+    from opt_deus_core.model import ModelArgs, Transformer
     from opt_deus_tool.hf_config import config_from_args
     preset = shapes.train_shape
     args = ModelArgs(**preset["model"])

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import torch
 
-from opt_deus import GrowthError, GrowthOptions, grow
+from opt_deus_core.opt_deus import GrowthError, GrowthOptions, grow
 from opt_deus_tool import CheckpointError
 from opt_deus_tool.atomic import AtomicFolder, write_text_atomic
 

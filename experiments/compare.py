@@ -54,12 +54,12 @@ from experiments.common import (CLASSIC_ARMS, METHODS, STUDY_ARMS, ExperimentErr
                                 fmt_against_zero_init, fmt_interval, fmt_pm, grow_by_name, growth_options, map_jobs,
                                 markdown_table, mean_std, paired_comparisons, parse_list, plot_paired_curves,
                                 reproducibility, run_cli, run_study, stamp_jsonl, write_json)
-from model import ModelArgs, Transformer  # noqa: E402
-from opt_deus import POSITIONS  # noqa: E402
+from opt_deus_core.model import ModelArgs, Transformer  # noqa: E402
+from opt_deus_core.opt_deus import POSITIONS  # noqa: E402
 from opt_deus_tool import CheckpointError  # noqa: E402
 from opt_deus_tool.data import ByteTokenizer  # noqa: E402
 from opt_deus_tool.runs import train_run  # noqa: E402
-from train import TrainConfig, TrainError, evaluate  # noqa: E402
+from opt_deus_core.train import TrainConfig, TrainError, evaluate  # noqa: E402
 
 EOS = ByteTokenizer.eos_id  # 256: ids 0..255 are bytes, 256 separates files
 # Folders under the stdlib path that are not the standard library's own modules, or are test data

@@ -41,9 +41,9 @@ if str(ROOT) not in sys.path:
 
 from experiments.common import (ExperimentError, environment, fmt_interval, map_jobs, markdown_table,  # noqa: E402
                                 output_folder, paired_difference, run_cli, write_json)
-from model import Block, Transformer  # noqa: E402
-from opt_deus import GrowthOptions, avg_fuse, make_new_block  # noqa: E402
-from train import TokenBlocks, linear_cross_entropy  # noqa: E402
+from opt_deus_core.model import Block, Transformer  # noqa: E402
+from opt_deus_core.opt_deus import GrowthOptions, avg_fuse, make_new_block  # noqa: E402
+from opt_deus_core.train import TokenBlocks, linear_cross_entropy  # noqa: E402
 
 # arm -> GrowthOptions fields (with out_scale 1: the scale is applied afterwards), or a construction of its own
 ARMS = {

@@ -59,15 +59,15 @@ from experiments.common import (BASELINES, CLASSIC_ARMS, METHODS, STUDY_ARMS, Ex
                                 map_jobs, markdown_table, mean_std, new_figure, paired_comparisons, parse_list,
                                 plot_paired_curves, reproducibility, run_cli, run_study, save_figure, stamp_jsonl,
                                 write_json)
-from model import Transformer  # noqa: E402
-from opt_deus import POSITIONS  # noqa: E402
+from opt_deus_core.model import Transformer  # noqa: E402
+from opt_deus_core.opt_deus import POSITIONS  # noqa: E402
 from opt_deus_tool import CheckpointError  # noqa: E402
 from opt_deus_tool.checkpoint import load_pretrained  # noqa: E402
 from opt_deus_tool.cloze import (DEFAULT_TASK_JSONL, EncodedQuestion, TaskFileError, encode_questions,  # noqa: E402
                                  read_questions, score_questions, tokenizer_encoder)
 from opt_deus_tool.data import HFTokenizer, iter_documents, list_data_files, load_tokenizer  # noqa: E402
 from opt_deus_tool.runs import train_run  # noqa: E402
-from train import TrainConfig, TrainError, evaluate, resolve_device  # noqa: E402
+from opt_deus_core.train import TrainConfig, TrainError, evaluate, resolve_device  # noqa: E402
 
 # The cloze questions the study scores per evaluation (the first of the task's, a uniform sample of them):
 # sized so that 8 arms x (3 seeds + after growth) and the base add at most ~10 minutes on 2 cores with --jobs 2

@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 from safetensors import SafetensorError, safe_open
 
-from model import ModelArgs, Transformer
+from opt_deus_core.model import ModelArgs, Transformer
 from opt_deus_tool import CheckpointError
 from opt_deus_tool.atomic import AtomicFolder, model_folder_problem
 from opt_deus_tool.hf_config import args_from_config, config_from_args

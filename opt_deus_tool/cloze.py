@@ -24,7 +24,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from model import Transformer
+from opt_deus_core.model import Transformer
 
 TARGET_DELIMITER = " "  # lm-eval's default for multiple_choice tasks, which our task YAML keeps
 DEFAULT_TASK_DIR = Path(__file__).resolve().parents[1] / "experiments" / "cloze"

@@ -21,7 +21,7 @@ import torch
 
 from opt_deus_tool.atomic import remove_stale_scratch, scratch_path
 from opt_deus_tool.inputs import check_text, not_a_file, parse_json, read_json_object
-from train import IGNORE_INDEX, TrainError
+from opt_deus_core.train import IGNORE_INDEX, TrainError
 
 # ----------------------------------------------------------------------------------------------
 # Tokenizers

@@ -23,7 +23,7 @@ from opt_deus_tool.cli import (BYTE_TOKENIZER_HELP, OneLineArgumentParser, flag_
                                run_command)
 from opt_deus_tool.data import iter_documents, load_tokenizer
 from opt_deus_tool.inputs import not_a_file
-from train import TrainError, evaluate, resolve_device
+from opt_deus_core.train import TrainError, evaluate, resolve_device
 
 EVAL_BLOCK_SIZE = 2048  # the window when the model allows it
 FLAGS = flag_names("model", "text", "block_size", "batch_size", "device", "dtype", "byte_tokenizer", "json")

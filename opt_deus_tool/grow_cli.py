@@ -18,8 +18,8 @@ from pathlib import Path
 
 import torch
 
-from model import Block, rope_cos_sin
-from opt_deus import (ALIGNMENTS, COSTS, DEFAULT_EPSILON, METHODS, POSITIONS, CalibrationPass, GrowthOptions,
+from opt_deus_core.model import Block, rope_cos_sin
+from opt_deus_core.opt_deus import (ALIGNMENTS, COSTS, DEFAULT_EPSILON, METHODS, POSITIONS, CalibrationPass, GrowthOptions,
                       check_finite, check_request, grown_blocks, growth_layout)
 from opt_deus_tool import CheckpointError
 from opt_deus_tool.atomic import check_output_folder, model_folder_problem
@@ -29,8 +29,8 @@ from opt_deus_tool.cli import (OneLineArgumentParser, finite_float, flag_names, 
 from opt_deus_tool.data import iter_documents, load_tokenizer
 from opt_deus_tool.inputs import not_a_file
 from opt_deus_tool.hf_config import config_from_args
-from sinkhorn import SinkhornError
-from train import resolve_device
+from opt_deus_core.sinkhorn import SinkhornError
+from opt_deus_core.train import resolve_device
 
 
 CALIBRATION_TOKENS = 2048  # --calibration-tokens' default: a few thousand tokens describe a unit well enough

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import math
 
-from model import LLAMA3_ROPE_KEYS, ModelArgs
+from opt_deus_core.model import LLAMA3_ROPE_KEYS, ModelArgs
 from opt_deus_tool import CheckpointError
 
 # LlamaConfig keys that change the function computed but that we do not implement: a config that sets

@@ -23,12 +23,12 @@ from typing import Callable
 
 import torch
 
-from model import ModelArgs, Transformer
+from opt_deus_core.model import ModelArgs, Transformer
 from opt_deus_tool.atomic import (AtomicFolder, FolderLock, model_folder_problem, remove_stale_scratch,
                                   write_text_atomic)
 from opt_deus_tool.checkpoint import save_state_dict
 from opt_deus_tool.inputs import parse_json, read_json_object
-from train import TrainConfig, TrainError, TrainHooks, TrainResult, rank_and_world, resolve_device, train
+from opt_deus_core.train import TrainConfig, TrainError, TrainHooks, TrainResult, rank_and_world, resolve_device, train
 
 # Run-folder settings saved beside the TrainConfig in run.json and trainer_state.json ("config").
 KEEP_CHECKPOINTS = 2  # keep the newest N checkpoints of the run (0: all)

@@ -30,7 +30,7 @@ from opt_deus_tool.cli import BYTE_TOKENIZER_HELP, OneLineArgumentParser, flag_n
 from opt_deus_tool.data import ByteTokenizer, load_data, load_tokenizer
 from opt_deus_tool.runs import (KEEP_CHECKPOINTS, check_keep_checkpoints, find_checkpoints, read_trainer_state,
                                 resolve_checkpoint, saved_train_config, train_run)
-from train import TokenBlocks, TrainConfig, TrainError, TrainResult, rank_and_world, resolve_device, validate_config
+from opt_deus_core.train import TokenBlocks, TrainConfig, TrainError, TrainResult, rank_and_world, resolve_device, validate_config
 
 SIGNALS_HELP = ("SIGINT (Ctrl-C) or SIGTERM (a scheduler's stop): the run says so at once, stops at the next "
                 "micro-batch (the unfinished step is dropped; under torchrun, at the end of the step), saves a "

@@ -5,8 +5,8 @@ import json
 import pytest
 import torch
 
-from model import Block, Transformer
-from opt_deus import CalibrationPass, GrowthError, GrowthOptions, grow, make_new_block, structured_fuse
+from opt_deus_core.model import Block, Transformer
+from opt_deus_core.opt_deus import CalibrationPass, GrowthError, GrowthOptions, grow, make_new_block, structured_fuse
 from opt_deus_tool.checkpoint import BLOCK_KEYS, load_pretrained, save_pretrained
 from opt_deus_tool.grow_cli import calibration_pass, grow_checkpoint, main
 from opt_deus_tool.checkpoint import CheckpointReader

@@ -28,9 +28,9 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-import train
-from model import ModelArgs, Transformer
-from opt_deus import GrowthError, GrowthOptions, grow
+from opt_deus_core import train
+from opt_deus_core.model import ModelArgs, Transformer
+from opt_deus_core.opt_deus import GrowthError, GrowthOptions, grow
 from opt_deus_tool import CheckpointError
 from opt_deus_tool import eval_cli, grow_cli, train_cli
 from opt_deus_tool.atomic import SCRATCH_HOST

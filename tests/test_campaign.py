@@ -26,10 +26,10 @@ import torch
 from test_bad_input import (ENV, TINY, assert_refused, call, command, edit_config, edit_tensors, tiny_model,
                             tree_hash, ws)  # noqa: F401  (ws: the shared workspace fixture)
 
-import sinkhorn
-import train
-from model import ModelArgs, Transformer
-from opt_deus import GrowthError, GrowthOptions, grow
+from opt_deus_core import sinkhorn
+from opt_deus_core import train
+from opt_deus_core.model import ModelArgs, Transformer
+from opt_deus_core.opt_deus import GrowthError, GrowthOptions, grow
 from opt_deus_tool import CheckpointError, eval_cli, grow_cli, train_cli
 from opt_deus_tool.checkpoint import CheckpointReader, load_pretrained, save_pretrained
 from opt_deus_tool.data import ByteTokenizer, tokenize_to_cache
@@ -541,7 +541,7 @@ def test_api_campaign(camp, case):
 
 
 def test_transport_refuses_a_nan_marginal_error(monkeypatch):
-    import opt_deus
+    from opt_deus_core import opt_deus
     real = opt_deus.sinkhorn
 
     def nan_error(*args, **kwargs):
@@ -554,7 +554,7 @@ def test_transport_refuses_a_nan_marginal_error(monkeypatch):
 
 
 def test_structured_epsilon_is_relative_to_the_mean_cost():
-    import opt_deus
+    from opt_deus_core import opt_deus
     g = torch.Generator().manual_seed(0)
     cost = torch.rand(8, 8, generator=g, dtype=torch.float64) ** 3  # mean and max differ a lot
     plan, _ = opt_deus.transport(cost, 0.05, relative=True, normalize_plan=False)
@@ -567,7 +567,7 @@ def test_structured_epsilon_is_relative_to_the_mean_cost():
 def test_rmsnorm_matches_transformers_in_bfloat16():
     pytest.importorskip("transformers")
     from transformers.models.llama.modeling_llama import LlamaRMSNorm
-    from model import RMSNorm
+    from opt_deus_core.model import RMSNorm
     x = torch.randn(3, 7, 64, generator=torch.Generator().manual_seed(0)).bfloat16() * 5
     ours, theirs = RMSNorm(64, 1e-5).bfloat16(), LlamaRMSNorm(64, eps=1e-5).bfloat16()
     with torch.no_grad():

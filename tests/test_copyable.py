@@ -15,8 +15,8 @@ from pathlib import Path
 
 import torch
 
-import opt_deus
-from model import ModelArgs, Transformer
+from opt_deus_core import opt_deus
+from opt_deus_core.model import ModelArgs, Transformer
 from opt_deus_tool.checkpoint import BLOCK_KEYS
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -68,7 +68,7 @@ def test_sinkhorn_alone_solves_a_problem(tmp_path):
         assert r.converged
         print((r.plan.sum(1) - 1 / 9).abs().max().item(), hard_assignment(cost).tolist())
     """)
-    from sinkhorn import hard_assignment
+    from opt_deus_core.sinkhorn import hard_assignment
     cost = torch.rand(9, 9, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
     row_error, assignment = out.split(" ", 1)
     assert float(row_error) < 1e-8 and eval(assignment) == hard_assignment(cost).tolist()

@@ -18,7 +18,7 @@ import numpy as np
 import pytest
 import torch
 
-from model import ModelArgs, Transformer
+from opt_deus_core.model import ModelArgs, Transformer
 from opt_deus_tool.checkpoint import load_pretrained, save_pretrained
 from opt_deus_tool.runs import find_checkpoints
 

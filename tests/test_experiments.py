@@ -350,7 +350,7 @@ def test_smollm2_reports_accuracy_with_paired_intervals(smollm2_dir, tmp_path):
     # after training; a zero-init arm after growth scores every choice exactly as the base does, a
     # non-preserving one does not.
     from experiments import smollm2
-    from model import ModelArgs, Transformer
+    from opt_deus_core.model import ModelArgs, Transformer
     from opt_deus_tool.checkpoint import save_pretrained
     from opt_deus_tool.cloze import DEFAULT_TASK_JSONL, read_questions
     args = ModelArgs(vocab_size=49152, hidden_size=32, intermediate_size=64, num_hidden_layers=2,

@@ -8,8 +8,8 @@ fusion. These tests pin every tensor of a new layer made by make_new_block (zero
 import pytest
 import torch
 
-from model import Block
-from opt_deus import GrowthOptions, make_new_block
+from opt_deus_core.model import Block
+from opt_deus_core.opt_deus import GrowthOptions, make_new_block
 from opt_deus_tool.checkpoint import BLOCK_KEYS
 from test_opt_deus import permute_block, tiny_args
 

@@ -11,7 +11,7 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 from experiments import layer_quality  # noqa: E402
-from opt_deus import avg_fuse  # noqa: E402
+from opt_deus_core.opt_deus import avg_fuse  # noqa: E402
 from test_opt_deus import block_output, random_block, tiny_args  # noqa: E402
 
 

@@ -17,8 +17,8 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
-from model import ModelArgs, Transformer  # noqa: E402
-from opt_deus import GrowthOptions, grow  # noqa: E402
+from opt_deus_core.model import ModelArgs, Transformer  # noqa: E402
+from opt_deus_core.opt_deus import GrowthOptions, grow  # noqa: E402
 from opt_deus_tool import cloze, lm_eval_cli  # noqa: E402
 from opt_deus_tool.checkpoint import load_pretrained, save_pretrained  # noqa: E402
 

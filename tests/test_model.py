@@ -11,7 +11,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from safetensors.torch import load_file, save_file
 
-from model import ModelArgs, Transformer
+from opt_deus_core.model import ModelArgs, Transformer
 from opt_deus_tool import CheckpointError
 from opt_deus_tool.checkpoint import (BLOCK_KEYS, CheckpointReader, CheckpointWriter, expected_shapes, hf_key,
                                       load_pretrained, save_pretrained)

@@ -11,8 +11,8 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from model import Block, ModelArgs, Transformer, rope_cos_sin
-from opt_deus import (DEFAULT_EPSILON, GrowthError, GrowthOptions, grow, insert_after_for, make_layout, paper_fuse,
+from opt_deus_core.model import Block, ModelArgs, Transformer, rope_cos_sin
+from opt_deus_core.opt_deus import (DEFAULT_EPSILON, GrowthError, GrowthOptions, grow, insert_after_for, make_layout, paper_fuse,
                       structured_fuse, transport)
 from opt_deus_tool.checkpoint import load_pretrained, save_pretrained
 from opt_deus_tool.grow_cli import grow_checkpoint, main

@@ -16,10 +16,10 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from safetensors import safe_open
 
-from opt_deus import GrowthError, GrowthOptions, grow, insert_after_for, make_new_block, published_fuse
+from opt_deus_core.opt_deus import GrowthError, GrowthOptions, grow, insert_after_for, make_new_block, published_fuse
 from opt_deus_tool.checkpoint import BLOCK_KEYS, CheckpointReader, load_pretrained, save_pretrained
 from opt_deus_tool.grow_cli import main
-from sinkhorn import published_sinkhorn
+from opt_deus_core.sinkhorn import published_sinkhorn
 from test_opt_deus import random_model, tiny_args
 
 ot = pytest.importorskip("ot")

@@ -11,7 +11,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from sinkhorn import (
+from opt_deus_core.sinkhorn import (
     SinkhornError,
     SinkhornWarning,
     hard_assignment,

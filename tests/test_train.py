@@ -18,8 +18,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from safetensors.torch import load_file, save_file
 
-import train
-from model import ModelArgs, Transformer
+from opt_deus_core import train
+from opt_deus_core.model import ModelArgs, Transformer
 from opt_deus_tool import data as data_io
 from opt_deus_tool.checkpoint import load_pretrained, save_pretrained
 from opt_deus_tool.runs import find_checkpoints, train_run
