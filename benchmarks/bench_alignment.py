@@ -22,11 +22,9 @@ from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from opt_deus_tool.checkpoint import BLOCK_KEYS, CheckpointReader  # noqa: E402
-from opt_deus_tool.grow_cli import calibration_pass, calibration_tokens  # noqa: E402
-from opt_deus_core.opt_deus import GrowthOptions, make_new_block  # noqa: E402
+from opt_deus_core.opt_deus import GrowthOptions, make_new_block
+from opt_deus_tool.checkpoint import BLOCK_KEYS, CheckpointReader
+from opt_deus_tool.grow_cli import calibration_pass, calibration_tokens
 
 # Which of structured alignment's plans move each weight's rows or columns.
 STRUCTURED_PLANS = {"q_proj": ("attention.query_heads", "attention.kv_groups"), "k_proj": ("attention.kv_groups",),
@@ -39,10 +37,10 @@ def composition(blocks: list[dict], args, gaps: list[int]) -> list[dict]:
     # One row per (mode, weight), means over the gaps: |Â|/|A|, the parts |Â/2|/|F| and |B/2|/|F| of
     # the fused weight, the plan's sharpness; the range of the plan's total mass; for published, in
     # how many gaps its solver aborted and at which iterations.
-    modes = {"published": GrowthOptions(align="published", zero_init=False),
-             "paper": GrowthOptions(align="paper", zero_init=False),
-             "paper --no-normalize-plan": GrowthOptions(align="paper", normalize_plan=False, zero_init=False),
-             "structured": GrowthOptions(align="structured", zero_init=False)}
+    modes = {"published": GrowthOptions(align="published", out_scale=1.0),
+             "paper": GrowthOptions(align="paper", out_scale=1.0),
+             "paper --no-normalize-plan": GrowthOptions(align="paper", normalize_plan=False, out_scale=1.0),
+             "structured": GrowthOptions(align="structured", out_scale=1.0)}
     rows = []
     for mode, options in modes.items():
         sums, seconds = {}, time.perf_counter()

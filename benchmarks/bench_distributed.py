@@ -29,10 +29,12 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 from opt_deus_core import train  # noqa: E402
-from experiments.common import cpu_model  # noqa: E402
+from opt_deus_tool.hardware import cpu_model  # noqa: E402
 from opt_deus_core.model import ModelArgs, Transformer  # noqa: E402
 from opt_deus_tool.checkpoint import expected_shapes  # noqa: E402
-from opt_deus_tool.train_cli import init_distributed  # noqa: E402
+from opt_deus_tool.devices import resolve_device  # noqa: E402
+from opt_deus_tool.distributed import init_distributed, rank_and_world  # noqa: E402
+from opt_deus_tool.runs import check_training  # noqa: E402
 
 LLAMA_31_8B = dict(vocab_size=128256, hidden_size=4096, intermediate_size=14336, num_attention_heads=32,
                    num_key_value_heads=8, head_dim=128, tie_word_embeddings=False)
@@ -59,19 +61,20 @@ PRESETS = {
 
 def worker(flags) -> int:
     # One process of a measurement (under torchrun, or alone for the plain path).
-    distributed = init_distributed(flags.device, 600)
-    rank, world = train.rank_and_world()
+    dist = init_distributed(flags.device, 600)  # the FSDP2 seam under torchrun, None alone
+    distributed, (rank, world) = dist is not None, rank_and_world()
     p = PRESETS[flags.preset]
     args = ModelArgs(**p["model"], max_position_embeddings=max(4096, p["block_size"]))
     args.extra["opt_deus"] = {"new_layers": p["new"]}
-    device = train.resolve_device(flags.device)
+    device = resolve_device(flags.device)
     model = Transformer(args).init_weights(torch.Generator().manual_seed(0))
     tokens = np.random.default_rng(0).integers(0, args.vocab_size, p["batch_tokens"] * 4 + 1).astype(np.uint32)
     config = train.TrainConfig(steps=flags.warmup + flags.steps, warmup_steps=0, lr=1e-5,
                                batch_tokens=p["batch_tokens"], block_size=p["block_size"],
                                micro_batch_size=p["micro_batch_size"], eval_every=0,
                                log_every=10**9, device=flags.device, checkpoint_every=0, timing_skip_steps=flags.warmup)
-    result = train.train(model if distributed else model.to(device), tokens, config, log=lambda *a, **k: None)
+    check_training(model, tokens, config, world=world)  # train() checks nothing (e.g. the batch vs N)
+    result = train.train(model, tokens, config, log=lambda *a, **k: None, dist=dist)
     peak = torch.tensor([torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else 0.0],
                         device=device)
     if distributed:

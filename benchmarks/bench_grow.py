@@ -18,13 +18,12 @@ from pathlib import Path
 
 import torch
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+from opt_deus_core.model import ModelArgs
+from opt_deus_tool.checkpoint import CheckpointWriter, expected_shapes
+from opt_deus_tool.hardware import cpu_model
+from opt_deus_tool.hf_config import args_from_config, config_from_args
 
-from experiments.common import cpu_model  # noqa: E402
-from opt_deus_core.model import ModelArgs  # noqa: E402
-from opt_deus_tool.checkpoint import CheckpointWriter, expected_shapes  # noqa: E402
-from opt_deus_tool.hf_config import args_from_config, config_from_args  # noqa: E402
+ROOT = Path(__file__).resolve().parents[1]
 
 PRESETS = {
     "llama-8b": dict(vocab_size=128256, hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,

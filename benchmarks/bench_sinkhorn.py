@@ -13,11 +13,14 @@ metric, in float64: max(|P 1 - a|_1, |P^T 1 - b|_1) / sum(a). POT is optional (p
 GPU part (only with CUDA): per-iteration time at n = m = 14336 of the eager loop, the compiled
 loop and the bf16-cost variants, against the memory floor of one iteration (reading the cost
 once per half-step: 2 n^2 elements), with the bandwidth measured by a device-to-device copy.
+sinkhorn() has no compile option (issue 29: no measured gain kept it); `compiled_iterations`
+below compiles its iteration blocks from outside, to measure whether one would pay.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import platform
@@ -31,7 +34,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from opt_deus_core import sinkhorn as S  # noqa: E402
-from experiments.common import cpu_model  # noqa: E402
+from opt_deus_tool.hardware import cpu_model  # noqa: E402
 
 
 def marginal_error(plan: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> float:
@@ -40,6 +43,24 @@ def marginal_error(plan: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> floa
     row = (P.sum(-1) - a).abs().sum() / a.sum()
     col = (P.sum(-2) - b).abs().sum() / a.sum()
     return float(torch.maximum(row, col))
+
+
+@contextlib.contextmanager
+def compiled_iterations(check_every: int = 10, backend: str = "inductor"):
+    """Inside it, sinkhorn() runs its full blocks of check_every iterations through
+    torch.compile(sinkhorn._iterate), w passed as a tensor so that one graph serves every w: what
+    sinkhorn(compile=True) did before issue 29 removed the option."""
+    eager = S._iterate
+    compiled = torch.compile(eager, dynamic=False, backend=backend)
+
+    def step(f, C, CT, log_a, log_b, a, inv_eps, k, g=None, omega=1.0):
+        omega = torch.tensor(omega, dtype=C.dtype, device=C.device)
+        return (compiled if k == check_every else eager)(f, C, CT, log_a, log_b, a, inv_eps, k, g, omega)
+    S._iterate = step
+    try:
+        yield
+    finally:
+        S._iterate = eager
 
 
 def timed(fn, repeats: int) -> tuple[float, list[float], object]:
@@ -91,8 +112,8 @@ def run_cpu(flags) -> dict:
     k = 50
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", S.SinkhornWarning)
-        med_k, _, _ = timed(lambda: S.sinkhorn(C, epsilon=flags.eps, tol=1e-30, max_iter=k, eps_scaling=None,
-                                               warn=False), max(1, flags.repeats // 2))
+        med_k, _, _ = timed(lambda: S.sinkhorn(C, epsilon=flags.eps, tol=1e-30, max_iter=k, eps_scaling=None),
+                            max(1, flags.repeats // 2))
     res["ours_per_iteration_s"] = med_k / k
 
     try:
@@ -211,11 +232,12 @@ def run_gpu(flags) -> dict:
 
     floor32 = 2 * n * n * 4 / bw  # seconds per iteration: each half-step reads the cost once
     floor16 = 2 * n * n * 2 / bw
+    compiled = torch.compile(S._iterate, dynamic=False)
     variants = [
         ("eager fp32", S._iterate, C, CT, floor32),
-        ("compiled fp32", S._get_compiled(), C, CT, floor32),
+        ("compiled fp32", compiled, C, CT, floor32),
         ("eager bf16 cost", S._iterate, C16, CT16, floor16),
-        ("compiled bf16 cost", S._get_compiled(), C16, CT16, floor16),
+        ("compiled bf16 cost", compiled, C16, CT16, floor16),
     ]
     rows = []
     for name, fn, c, ct, floor in variants:
@@ -224,9 +246,10 @@ def run_gpu(flags) -> dict:
     res["rows"] = rows
 
     # End to end through the public API (setup copies, checks and the final plan included).
-    for name, kw in [("solve eager", {}), ("solve compiled", {"compile": True})]:
-        r = S.sinkhorn(C, epsilon=flags.eps, **kw)  # warm-up / compile
-        t = cuda_time(lambda: S.sinkhorn(C, epsilon=flags.eps, **kw), 1, max(3, flags.repeats // 3))
+    for name, mode in [("solve eager", contextlib.nullcontext), ("solve compiled", compiled_iterations)]:
+        with mode():
+            r = S.sinkhorn(C, epsilon=flags.eps)  # warm-up / compile
+            t = cuda_time(lambda: S.sinkhorn(C, epsilon=flags.eps), 1, max(3, flags.repeats // 3))
         res[name] = dict(time_s=t, iterations=r.iterations, marginal_error=r.marginal_error, converged=r.converged)
 
     print(f"\nGPU, {res['device']}, torch {torch.__version__}; n = m = {n}, copy bandwidth {bw / 1e9:.0f} GB/s")

@@ -4,8 +4,9 @@
     python benchmarks/bench_sinkhorn_grow.py --before /tmp/sinkhorn_before.py
 
 Each run is the `opt-deus` command line in a child process (`--method opt --align A --new-layers 15
---position top`, one thread). The older solver is put first on the child's import path; anything
-else sinkhorn.py now exports that the older file lacks is taken from today's file.
+--position top`, one thread). The child loads the older solver as `opt_deus_core.sinkhorn` before
+the tool imports it; anything else sinkhorn.py now exports that the older file lacks is taken from
+today's file.
 """
 
 import argparse
@@ -19,9 +20,7 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-sys.path.insert(0, str(ROOT / "tests"))
-from experiments.common import cpu_model  # noqa: E402
+from opt_deus_tool.hardware import cpu_model  # noqa: E402
 
 
 def before_dir(path: Path) -> Path:
@@ -37,7 +36,10 @@ def before_dir(path: Path) -> Path:
 def grow(base: Path, out: Path, align: str, solver_dir: Path | None) -> float:
     argv = ["opt-deus", "--base", str(base), "--out", str(out), "--overwrite", "--method", "opt", "--align", align,
             "--new-layers", "15", "--position", "top"]
-    prelude = f"sys.path.insert(0, {str(solver_dir)!r}); " if solver_dir else ""
+    prelude = "" if solver_dir is None else (  # the package's sinkhorn module is the older file
+        f"sys.path.insert(0, {str(solver_dir)!r}); import importlib.util, opt_deus_core; "
+        f"spec = importlib.util.spec_from_file_location('opt_deus_core.sinkhorn', {str(solver_dir / 'sinkhorn.py')!r}); "
+        "sys.modules[spec.name] = module = importlib.util.module_from_spec(spec); spec.loader.exec_module(module); ")
     code = (f"import sys, runpy; {prelude}sys.argv = {argv!r}; "
             f"runpy.run_module('opt_deus_tool.grow_cli', run_name='__main__')")
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
@@ -53,13 +55,11 @@ def main():
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--before", type=Path, required=True, help="an older sinkhorn.py")
-    p.add_argument("--base", type=Path, default=None, help="HF folder (default: the SmolLM2 test fixture)")
+    p.add_argument("--base", type=Path, required=True,
+                   help="HF folder, e.g. the SmolLM2 the tests convert into ~/.cache/opt-deus/")
     p.add_argument("--repeats", type=int, default=1)
     p.add_argument("--json", type=Path, default=None)
     flags = p.parse_args()
-    if flags.base is None:
-        from smollm2 import cached_smollm2_dir
-        flags.base = cached_smollm2_dir()
     folder = before_dir(flags.before)
     work = Path(tempfile.mkdtemp(prefix="bench-grow-sinkhorn-"))
     rows = []

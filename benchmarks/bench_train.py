@@ -25,6 +25,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from opt_deus_core import train  # noqa: E402
 from opt_deus_core.model import ModelArgs, Transformer  # noqa: E402
 from opt_deus_tool.checkpoint import hf_key  # noqa: E402
+from opt_deus_tool.devices import resolve_device  # noqa: E402
 from opt_deus_tool.hf_config import config_from_args  # noqa: E402
 
 PRESETS = {
@@ -128,7 +129,7 @@ def bench_hf(args: ModelArgs, spec, tokens, device, cfg: train.TrainConfig, sour
 
 def run(preset: str, device: str, warmup: int, steps: int, compile_: bool, skip_hf: bool) -> dict:
     p = PRESETS[preset]
-    device = train.resolve_device(device)
+    device = resolve_device(device)
     args = ModelArgs(**p["model"])
     B, T = p["batch_size"], p["block_size"]
     tokens = torch.randint(0, args.vocab_size, (B, T + 1), generator=torch.Generator().manual_seed(0)).to(device)

@@ -21,6 +21,7 @@ import torch
 from opt_deus_core.opt_deus import GrowthError, GrowthOptions, grow
 from opt_deus_tool import CheckpointError
 from opt_deus_tool.atomic import AtomicFolder, write_text_atomic
+from opt_deus_tool.hardware import cpu_model
 
 # The methods compared (the study's arms), by the name used in tables and file names -> GrowthOptions
 # fields. Zero-init follows opt_deus.ZERO_INIT_DEFAULT (on for opt and llama-pro, off for avg and
@@ -28,12 +29,12 @@ from opt_deus_tool.atomic import AtomicFolder, write_text_atomic
 # "opt-published" is the public code's computation (its float32 solver, unnormalised plans: in
 # effect a block of ~B/2 on real weights); "opt-paper-unnorm" is Algorithm 1 with a working solver
 # but the public code's unnormalised plan; "opt-paper" the same with the OT-fusion normalisation.
-METHODS = {
+ARM_OPTIONS = {
     "opt-published": dict(method="opt", align="published"),
     "opt-paper-unnorm": dict(method="opt", align="paper", normalize_plan=False),
     "opt-paper": dict(method="opt", align="paper"),
     "opt-structured": dict(method="opt", align="structured"),
-    "avg-zero": dict(method="avg", zero_init=True),
+    "avg-zero": dict(method="avg", out_scale=0.0),
     "llama-pro": dict(method="llama-pro"),
     "avg": dict(method="avg"),
     "solar": dict(method="solar"),
@@ -77,9 +78,9 @@ def parse_list(text: str, what: str, choices=None) -> list[str]:
 
 
 def growth_options(name: str) -> GrowthOptions:
-    if name not in METHODS:
-        raise ExperimentError(f"unknown method {name!r} (choose from {', '.join(METHODS)})")
-    return GrowthOptions(**METHODS[name])
+    if name not in ARM_OPTIONS:
+        raise ExperimentError(f"unknown method {name!r} (choose from {', '.join(ARM_OPTIONS)})")
+    return GrowthOptions(**ARM_OPTIONS[name])
 
 
 def method_available(name: str) -> bool:
@@ -96,13 +97,13 @@ def available_methods(names, log=print) -> tuple[str, ...]:
     kept = tuple(n for n in names if method_available(n))
     for name in names:
         if name not in kept:
-            log(f"note: skipping {name}: this opt_deus.py cannot build {METHODS[name]} "
+            log(f"note: skipping {name}: this opt_deus.py cannot build {ARM_OPTIONS[name]} "
                 f"(GrowthOptions rejects it); the study runs without that arm")
     return kept
 
 
 def grow_by_name(model, name: str, num_new: int, position: str, calibration=None):
-    """grow() with one of METHODS. SOLAR places its repeated layers itself, so it gets no position; calibration:
+    """grow() with one of ARM_OPTIONS. SOLAR places its repeated layers itself, so it gets no position; calibration:
     token ids (B, T) for the arms aligned by activations."""
     options = growth_options(name)
     return grow(model, num_new, position=None if options.method == "solar" else position, options=options,
@@ -182,17 +183,6 @@ def environment() -> dict:
             "processor": cpu_model(), "torch_threads": torch.get_num_threads(),
             "cuda": torch.cuda.get_device_name() if torch.cuda.is_available() else None,
             "argv": sys.argv}
-
-
-def cpu_model() -> str:
-    # lscpu's "Model name", from /proc/cpuinfo where there is one.
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
 
 
 # ----------------------------------------------------------------------------------------------

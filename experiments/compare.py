@@ -50,7 +50,7 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))  # so `python experiments/compare.py` works without `pip install -e .`
 
-from experiments.common import (CLASSIC_ARMS, METHODS, STUDY_ARMS, ExperimentError, environment, fmt,  # noqa: E402
+from experiments.common import (CLASSIC_ARMS, ARM_OPTIONS, STUDY_ARMS, ExperimentError, environment, fmt,  # noqa: E402
                                 fmt_against_zero_init, fmt_interval, fmt_pm, grow_by_name, growth_options, map_jobs,
                                 markdown_table, mean_std, paired_comparisons, parse_list, plot_paired_curves,
                                 reproducibility, run_cli, run_study, stamp_jsonl, write_json)
@@ -122,8 +122,8 @@ class CompareConfig:
         if self.position not in POSITIONS:
             raise ExperimentError(f"--position {self.position!r}: choose from {', '.join(POSITIONS)}")
         for name in self.methods:
-            if name not in METHODS:
-                raise ExperimentError(f"unknown method {name!r} (choose from {', '.join(METHODS)})")
+            if name not in ARM_OPTIONS:
+                raise ExperimentError(f"unknown method {name!r} (choose from {', '.join(ARM_OPTIONS)})")
         if not self.methods:
             raise ExperimentError("no methods")
         if "solar" in self.methods and self.new_layers > self.layers:
@@ -379,7 +379,7 @@ def run_seed(config: CompareConfig, seed: int, runs_dir: str | None, log=print, 
         t0 = time.perf_counter()
         grown, report = grow_by_name(base, name, config.new_layers, config.position, calibration)
         grow_s = time.perf_counter() - t0
-        zero_init = growth_options(name).zero_init
+        zero_init = growth_options(name).out_scale == 0
         after_growth = held_out(grown, eval_tokens, config)
         # A zero-init arm computes the base function: the same held-out loss, to the last bit.
         if zero_init and after_growth["loss"] != base_eval["loss"]:
@@ -625,7 +625,7 @@ def config_from_flags(flags) -> CompareConfig:
             continue
         overrides[f.name] = value
     if flags.methods is not None:
-        overrides["methods"] = tuple(parse_list(flags.methods, "--methods", METHODS))
+        overrides["methods"] = tuple(parse_list(flags.methods, "--methods", ARM_OPTIONS))
     if flags.seeds is not None:
         try:
             overrides["seeds"] = tuple(int(s) for s in parse_list(flags.seeds, "--seeds"))

@@ -34,6 +34,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 
 ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
@@ -41,8 +42,8 @@ if str(ROOT) not in sys.path:
 
 from experiments.common import (ExperimentError, environment, fmt_interval, map_jobs, markdown_table,  # noqa: E402
                                 output_folder, paired_difference, run_cli, write_json)
-from opt_deus_core.model import Block, Transformer  # noqa: E402
-from opt_deus_core.opt_deus import GrowthOptions, avg_fuse, make_new_block  # noqa: E402
+from opt_deus_core.model import Block, Transformer, layer_window  # noqa: E402
+from opt_deus_core.opt_deus import GrowthOptions, avg_fuse, block_activations, make_new_block, move_units  # noqa: E402
 from opt_deus_core.train import TokenBlocks, linear_cross_entropy  # noqa: E402
 
 # arm -> GrowthOptions fields (with out_scale 1: the scale is applied afterwards), or a construction of its own
@@ -72,27 +73,18 @@ class QualityConfig:
 
 def random_symmetry(block: dict, args, generator: torch.Generator) -> dict:
     """A moved by a random symmetry of the block: kv groups (with their query heads), query heads inside a group,
-    value dimensions (v rows with the o columns that read them), MLP neurons. The block computes the same
-    function; only the order of its units changes."""
-    G, d, h, f = args.num_key_value_heads, args.head_dim, args.hidden_size, args.intermediate_size
+    value dimensions (v rows with the o columns that read them), MLP neurons, applied by opt_deus.move_units as
+    structured fusion applies its plans. The block computes the same function; only its units' order changes."""
+    G, d, f = args.num_key_value_heads, args.head_dim, args.intermediate_size
     r = args.num_attention_heads // G
     groups = torch.randperm(G, generator=generator)
     heads = torch.stack([torch.randperm(r, generator=generator) for _ in range(G)])  # per new group
     dims = torch.stack([torch.randperm(d, generator=generator) for _ in range(G)])
     neurons = torch.randperm(f, generator=generator)
-    q = block["self_attn.q_proj.weight"].view(G, r, d, h)[groups]
-    o = block["self_attn.o_proj.weight"].view(h, G, r, d)[:, groups]
-    v = block["self_attn.v_proj.weight"].view(G, d, h)[groups]
-    moved = dict(block)
-    moved["self_attn.q_proj.weight"] = torch.stack([q[g, heads[g]] for g in range(G)]).reshape(-1, h)
-    moved["self_attn.k_proj.weight"] = block["self_attn.k_proj.weight"].view(G, d, h)[groups].reshape(-1, h)
-    moved["self_attn.v_proj.weight"] = torch.stack([v[g, dims[g]] for g in range(G)]).reshape(-1, h)
-    moved["self_attn.o_proj.weight"] = torch.stack([o[:, g][:, heads[g]][:, :, dims[g]] for g in range(G)],
-                                                   1).reshape(h, -1)
-    for key in ("mlp.gate_proj.weight", "mlp.up_proj.weight"):
-        moved[key] = block[key][neurons]
-    moved["mlp.down_proj.weight"] = block["mlp.down_proj.weight"][:, neurons]
-    return moved
+    onehot = lambda perm, n: F.one_hot(perm, n).transpose(-1, -2).float()  # [old, new] = 1  # noqa: E731
+    plans = {"kv_groups": onehot(groups, G), "query_heads": onehot(heads, r)[None].expand(G, -1, -1, -1),
+             "value_dims": onehot(dims, d)[None].expand(G, -1, -1, -1), "mlp_neurons": onehot(neurons, f)}
+    return {**block, **move_units(block, plans, G, d)}
 
 
 def new_layer(arm: str, A: dict, B: dict, args, records: tuple, generator: torch.Generator) -> dict:
@@ -139,14 +131,11 @@ class Stack:
         return total.item() / self.y.numel()
 
     def record(self, i: int) -> dict:
-        out = {}
-        with torch.no_grad():
-            self.base.layers[i](self.calibration[i], self.c_cos, self.c_sin, out)
-        return {key: value.float() for key, value in out.items()}
+        return block_activations(self.base.layers[i], self.calibration[i], self.c_cos, self.c_sin)[1]
 
-    def block(self, tensors: dict) -> Block:
+    def block(self, tensors: dict, i: int) -> Block:  # a new layer after base layer i: i's window, as growth
         with torch.device("meta"):
-            block = Block(self.args)
+            block = Block(self.args, layer_window(self.args, i))
         block.load_state_dict(tensors, assign=True)
         return block.eval()
 
@@ -159,7 +148,7 @@ class Stack:
         with torch.no_grad():
             for i in range(first + 1, L):  # base layer i, after a new layer if one follows base layer i - 1
                 if i - 1 in gaps:
-                    new = self.block(gaps[i - 1])(h, self.cos, self.sin)
+                    new = self.block(gaps[i - 1], i - 1)(h, self.cos, self.sin)
                     update, h = (new - h).norm().item(), new
                     out = self.base.layers[i](h, self.cos, self.sin)
                     ratios.append(update / max((out - h).norm().item(), 1e-30))  # B's update, on what it now reads

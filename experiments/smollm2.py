@@ -53,7 +53,7 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))  # so `python experiments/smollm2.py` works without `pip install -e .`
 
-from experiments.common import (BASELINES, CLASSIC_ARMS, METHODS, STUDY_ARMS, ExperimentError,  # noqa: E402
+from experiments.common import (BASELINES, CLASSIC_ARMS, ARM_OPTIONS, STUDY_ARMS, ExperimentError,  # noqa: E402
                                 bootstrap_comparisons, ema, environment, fmt, fmt_bootstrap, fmt_interval, fmt_pm,
                                 fmt_against_zero_init, grow_by_name, growth_options,
                                 map_jobs, markdown_table, mean_std, new_figure, paired_comparisons, parse_list,
@@ -61,13 +61,14 @@ from experiments.common import (BASELINES, CLASSIC_ARMS, METHODS, STUDY_ARMS, Ex
                                 write_json)
 from opt_deus_core.model import Transformer  # noqa: E402
 from opt_deus_core.opt_deus import POSITIONS  # noqa: E402
-from opt_deus_tool import CheckpointError  # noqa: E402
+from opt_deus_tool import CheckpointError, DataError  # noqa: E402
 from opt_deus_tool.checkpoint import load_pretrained  # noqa: E402
 from opt_deus_tool.cloze import (DEFAULT_TASK_JSONL, EncodedQuestion, TaskFileError, encode_questions,  # noqa: E402
                                  read_questions, score_questions, tokenizer_encoder)
 from opt_deus_tool.data import HFTokenizer, iter_documents, list_data_files, load_tokenizer  # noqa: E402
 from opt_deus_tool.runs import train_run  # noqa: E402
-from opt_deus_core.train import TrainConfig, TrainError, evaluate, resolve_device  # noqa: E402
+from opt_deus_tool.devices import resolve_device  # noqa: E402
+from opt_deus_core.train import TrainConfig, TrainError, evaluate  # noqa: E402
 
 # The cloze questions the study scores per evaluation (the first of the task's, a uniform sample of them):
 # sized so that 8 arms x (3 seeds + after growth) and the base add at most ~10 minutes on 2 cores with --jobs 2
@@ -144,8 +145,8 @@ class SmolConfig:
         if self.eval_tokens is not None and self.eval_tokens < self.block_size:
             raise ExperimentError(f"--eval-tokens {self.eval_tokens} is less than one block ({self.block_size})")
         for name in self.methods:
-            if name not in METHODS:
-                raise ExperimentError(f"unknown method {name!r} (choose from {', '.join(METHODS)})")
+            if name not in ARM_OPTIONS:
+                raise ExperimentError(f"unknown method {name!r} (choose from {', '.join(ARM_OPTIONS)})")
         for position in self.positions:
             if position not in POSITIONS:
                 raise ExperimentError(f"unknown position {position!r} (choose from {', '.join(POSITIONS)})")
@@ -288,7 +289,7 @@ def run_arm(prepared: Prepared, config: SmolConfig, method: str, position: str, 
     calibration = torch.from_numpy(np.asarray(p.train_tokens[:2048], np.int64))[None]  # for the activation arm
     grown, report = grow_by_name(p.base, method, config.new_layers, position, calibration)
     grow_s = time.perf_counter() - t0
-    zero_init = growth_options(method).zero_init
+    zero_init = growth_options(method).out_scale == 0
     after_growth = held_out(grown, p.eval_tokens, config)
     # A zero-init arm computes the base function: the same held-out loss, to the last bit.
     if zero_init and after_growth["loss"] != p.base_eval["loss"]:
@@ -625,7 +626,7 @@ def config_from_flags(flags) -> SmolConfig:
     if str(preset["device"]).startswith("cuda") and not torch.cuda.is_available():
         raise ExperimentError(f"device {preset['device']}: CUDA is not available (use --preset cpu or --device cpu)")
     return SmolConfig(base=flags.base, data=list(flags.data), held_out=flags.held_out, new_layers=flags.new_layers,
-                      methods=tuple(parse_list(flags.methods, "--methods", METHODS)) if flags.methods
+                      methods=tuple(parse_list(flags.methods, "--methods", ARM_OPTIONS)) if flags.methods
                       else tuple(preset.get("methods", CLASSIC_ARMS)),
                       positions=positions,
                       seeds=tuple(preset["seeds"]), steps=preset["steps"], lr=preset["lr"],
@@ -643,7 +644,7 @@ def main(argv=None) -> int:
         config = config_from_flags(flags)
         run_smollm2(config, flags.out, log=lambda *a: print(*a, flush=True), jobs=flags.jobs)
 
-    return run_cli("smollm2.py", flags, start, (TrainError, CheckpointError, TaskFileError))
+    return run_cli("smollm2.py", flags, start, (TrainError, CheckpointError, DataError, TaskFileError))
 
 
 if __name__ == "__main__":

@@ -5,7 +5,8 @@
     atomic.py       output folders and files written whole or not at all
     inputs.py       reading what users hand us: hostile JSON, FIFOs and devices where files belong
     data.py         tokenizers, data files, the token cache, Alpaca-style SFT examples
-    runs.py         training run folders: checkpoints, metrics.jsonl, resume state, stopping on signals
+    runs.py         training run folders: checkpoints, metrics.jsonl, resume state (checked), stopping on signals
+    distributed.py  torchrun: FSDP2 behind train.py's OneProcess seam (sharding, gathering, agreeing ranks)
     cli.py          what the three commands share: one-line errors, flag names for library parameters
     grow_cli.py     opt-deus: streaming growth of a Hugging Face folder (grow_checkpoint)
     train_cli.py    opt-deus-train: a training run from the command line (run_training)
@@ -19,3 +20,7 @@ Imports go from here to the reference files, never back.
 
 class CheckpointError(ValueError):
     """A checkpoint, config or output folder we refuse; the message names the file or key."""
+
+
+class DataError(ValueError):
+    """Data, tokenizer or token cache we refuse (opt_deus_tool/data.py); the message names the file."""

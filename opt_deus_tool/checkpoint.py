@@ -1,4 +1,4 @@
-"""Hugging Face LLaMA folders, read and written one tensor at a time.
+"""Hugging Face folders of LLaMA-style models (llama, qwen2, qwen3, mistral), read and written one tensor at a time.
 
 A Hugging Face key is a model.py parameter name with a "model." prefix (the head excepted). Checkpoints
 stream both ways, so opt-deus can grow an 8B model on a host that cannot hold it: CheckpointReader opens a
@@ -18,16 +18,16 @@ from pathlib import Path
 import torch
 from safetensors import SafetensorError, safe_open
 
-from opt_deus_core.model import ModelArgs, Transformer
+from opt_deus_core.model import Block, ModelArgs, Transformer
 from opt_deus_tool import CheckpointError
 from opt_deus_tool.atomic import AtomicFolder, model_folder_problem
 from opt_deus_tool.hf_config import args_from_config, config_from_args
 from opt_deus_tool.inputs import parse_json, read_json_object
 
-# The tensors of one block, keyed as in `Block.state_dict()`, in the order growth writes them.
-BLOCK_KEYS = ("input_layernorm.weight", "post_attention_layernorm.weight", "self_attn.q_proj.weight",
-              "self_attn.k_proj.weight", "self_attn.v_proj.weight", "self_attn.o_proj.weight",
-              "mlp.gate_proj.weight", "mlp.up_proj.weight", "mlp.down_proj.weight")
+# The modules of one block in the order growth writes their tensors (weight, then bias).
+BLOCK_ORDER = ("input_layernorm", "post_attention_layernorm", "self_attn.q_proj", "self_attn.k_proj",
+               "self_attn.v_proj", "self_attn.o_proj", "self_attn.q_norm", "self_attn.k_norm", "mlp.gate_proj",
+               "mlp.up_proj", "mlp.down_proj")
 SAFETENSORS_DTYPES = {torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16", torch.float64: "F64",
                       torch.int64: "I64", torch.int32: "I32", torch.uint8: "U8", torch.bool: "BOOL"}
 # Files a user expects to travel with the weights: tokenizer, chat template, generation defaults.
@@ -43,11 +43,29 @@ def dtype_name(dtype: torch.dtype) -> str:
     return str(dtype).removeprefix("torch.")
 
 
+def block_shapes(args: ModelArgs) -> dict[str, tuple[int, ...]]:
+    """The tensors of one block of `args`' family, keyed as in `Block.state_dict()`, with their shapes, in the
+    order growth writes them: model.py's own block (built on the meta device), so the two cannot disagree."""
+    with torch.device("meta"):
+        block = Block(args).state_dict()
+    order = sorted(block, key=lambda key: (BLOCK_ORDER.index(key.rsplit(".", 1)[0]), key.endswith(".bias")))
+    return {key: tuple(block[key].shape) for key in order}
+
+
+def block_keys(args: ModelArgs) -> tuple[str, ...]:
+    """The tensors of one block of `args`' family (biases and q/k norms included), in the order growth writes
+    them: for LLaMA without biases, BLOCK_KEYS."""
+    return tuple(block_shapes(args))
+
+
+# The tensors of a LLaMA block without biases, in the order growth writes them.
+BLOCK_KEYS = block_keys(ModelArgs(vocab_size=1, hidden_size=2, intermediate_size=2, num_hidden_layers=1,
+                                  num_attention_heads=1, num_key_value_heads=1, head_dim=2))
+
+
 def expected_shapes(args: ModelArgs) -> dict[str, tuple[int, ...]]:
     """Hugging Face key -> shape, for every tensor a checkpoint of `args` must hold."""
-    h, i, d = args.hidden_size, args.intermediate_size, args.head_dim
-    q, kv = args.num_attention_heads * d, args.num_key_value_heads * d
-    block = dict(zip(BLOCK_KEYS, [(h,), (h,), (q, h), (kv, h), (kv, h), (h, q), (i, h), (i, h), (h, i)]))
+    h, block = args.hidden_size, block_shapes(args)
     shapes = {"model.embed_tokens.weight": (args.vocab_size, h), "model.norm.weight": (h,)}
     for layer in range(args.num_hidden_layers):
         shapes.update({f"model.layers.{layer}.{key}": shape for key, shape in block.items()})
@@ -103,8 +121,8 @@ def save_state_dict(args: ModelArgs, state_dict: dict, path, max_shard_size: int
 
 
 class CheckpointReader:
-    """A Hugging Face LLaMA folder read one tensor at a time. Opening checks every tensor's name, dtype
-    and shape against the config, from the safetensors headers alone."""
+    """A Hugging Face folder read one tensor at a time. Opening checks every tensor's name, dtype and shape
+    against the config, from the safetensors headers alone."""
 
     def __init__(self, path):
         self.path = Path(path)
@@ -121,6 +139,7 @@ class CheckpointReader:
         self._handles = {}  # file -> open safetensors file
         self._read = set()  # keys handed out, for check_all_read
         self.files = self._weight_files()  # key -> file
+        self.block_keys = block_keys(self.args)
         self._check_tensors()
 
     def _weight_files(self) -> dict[str, Path]:
@@ -159,14 +178,13 @@ class CheckpointReader:
             expected["lm_head.weight"] = expected["model.embed_tokens.weight"]
         for key, file in self.files.items():
             if key not in expected:
-                bias = key.endswith(".bias")
-                why = "biases are not supported" if bias else "not part of a LLaMA model with this config"
-                raise CheckpointError(f"{file}: unexpected tensor {key} ({why})")
+                raise CheckpointError(f"{file}: unexpected tensor {key} (not part of a {self.args.model_type} "
+                                      f"model with this config)")
             if key not in self._open(file).keys():
                 raise CheckpointError(f"{file}: tensor {key} listed in the index but not in the file")
             header = self._open(file).get_slice(key)
             if header.get_dtype() not in ("F32", "F16", "BF16", "F64"):
-                raise CheckpointError(f"{file}: tensor {key} is stored as {header.get_dtype()}; LLaMA weights "
+                raise CheckpointError(f"{file}: tensor {key} is stored as {header.get_dtype()}; weights "
                                       f"must be floating point (F32, F16, BF16, F64)")
             if tuple(header.get_shape()) != expected[key]:
                 raise CheckpointError(f"{file}: tensor {key} has shape {header.get_shape()}, "
@@ -196,7 +214,7 @@ class CheckpointReader:
 
     def block(self, layer: int, dtype: torch.dtype | None = None, device=None) -> dict[str, torch.Tensor]:
         """The tensors of one base block, keyed as in `Block.state_dict()`."""
-        return {key: self.tensor(f"model.layers.{layer}.{key}", dtype, device) for key in BLOCK_KEYS}
+        return {key: self.tensor(f"model.layers.{layer}.{key}", dtype, device) for key in self.block_keys}
 
     def release(self):
         # Closes the memory maps: pages read from a map count towards the process's resident memory

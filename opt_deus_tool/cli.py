@@ -8,7 +8,9 @@ backticks (`num_new`, `block_size`); a command shows the flag the user typed ins
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import math
+import typing
 import os
 import re
 import sys
@@ -62,6 +64,52 @@ def size(text: str) -> int:
         return parse_size(text)
     except ValueError as e:
         raise argparse.ArgumentTypeError(str(e)) from None
+
+
+def any_float(text: str) -> float:
+    # argparse type for floats whose range the dataclass checks (inf may be meaningful: max_marginal_error).
+    try:
+        return float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+
+
+def any_int(text: str) -> int:
+    try:
+        return int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+
+
+# How a field's annotation becomes a flag's type (the dataclass checks the value's range: one check per rule).
+ANNOTATION_TYPES = {int: any_int, float: any_float, str: str}
+
+
+def add_fields(parser: argparse.ArgumentParser, cls, types: dict[str, Callable] | None = None,
+               into: dict | None = None) -> list[str]:
+    """One flag per field of the dataclass `cls`, its one home: --name (dashes for underscores), the field's
+    default, its metadata's help (and choices), a type from its annotation (`types` overrides one: name ->
+    argparse type). bool fields get --name / --no-name. into: field -> the argument group (e.g. mutually
+    exclusive) its flag joins. Returns the field names, in order."""
+    hints, types, into = typing.get_type_hints(cls), types or {}, into or {}
+    for f in dataclasses.fields(cls):
+        kind = typing.get_args(hints[f.name]) or (hints[f.name],)  # `int | None` -> (int, NoneType)
+        options = {"default": f.default, "help": f.metadata.get("help", ""), "dest": f.name}
+        if f.name in types:
+            options["type"] = types[f.name]
+        elif bool in kind:
+            options["action"] = argparse.BooleanOptionalAction
+        else:
+            options["type"] = ANNOTATION_TYPES[kind[0]]
+        if "choices" in f.metadata:
+            options["choices"] = f.metadata["choices"]
+        into.get(f.name, parser).add_argument("--" + f.name.replace("_", "-"), **options)
+    return [f.name for f in dataclasses.fields(cls)]
+
+
+def field_values(flags: argparse.Namespace, cls) -> dict:
+    # The parsed flags that are fields of `cls`: its constructor's keywords.
+    return {f.name: getattr(flags, f.name) for f in dataclasses.fields(cls)}
 
 
 def flag_names(*names: str, **renamed: str) -> dict[str, str]:

@@ -1,4 +1,5 @@
-"""A local multiple-choice task (experiments/cloze/) read and scored with our own model, as lm-eval scores it.
+"""A local multiple-choice task read and scored with our own model, as lm-eval scores it. The Emma cloze ships
+inside this package (opt_deus_tool/tasks/, package data; experiments/cloze/make_cloze.py made it).
 
 lm-evaluation-harness 0.4.13's `multiple_choice` output type (lm_eval/api/task.py, lm_eval/api/model.py,
 lm_eval/models/huggingface.py), which opt-deus-lm-eval runs and tests/test_lm_eval.py compares with this file:
@@ -27,7 +28,9 @@ import torch.nn.functional as F
 from opt_deus_core.model import Transformer
 
 TARGET_DELIMITER = " "  # lm-eval's default for multiple_choice tasks, which our task YAML keeps
-DEFAULT_TASK_DIR = Path(__file__).resolve().parents[1] / "experiments" / "cloze"
+# Package data beside this module (pyproject.toml's package-data), so an installed copy has it too. A plain path:
+# lm-eval and datasets need real files, and pip installs the package unpacked.
+DEFAULT_TASK_DIR = Path(__file__).resolve().parent / "tasks"
 DEFAULT_TASK_JSONL = DEFAULT_TASK_DIR / "emma_cloze.jsonl"
 
 

@@ -21,7 +21,8 @@ import torch
 
 from opt_deus_tool.atomic import remove_stale_scratch, scratch_path
 from opt_deus_tool.inputs import check_text, not_a_file, parse_json, read_json_object
-from opt_deus_core.train import IGNORE_INDEX, TrainError
+from opt_deus_core.train import IGNORE_INDEX
+from opt_deus_tool import DataError
 
 # ----------------------------------------------------------------------------------------------
 # Tokenizers
@@ -59,12 +60,12 @@ def _special_id(model_dir: Path, key: str, tokenizer) -> int | None:
     # config.json's <key>_token_id (an int, or a list whose first entry is the main one), else
     # tokenizer_config.json's <key>_token string looked up in the vocabulary.
     for name in ("config.json", "generation_config.json"):
-        value = read_json_object(model_dir / name, TrainError, missing_ok=True).get(f"{key}_token_id")
+        value = read_json_object(model_dir / name, DataError, missing_ok=True).get(f"{key}_token_id")
         if isinstance(value, list) and value:
             value = value[0]
         if isinstance(value, int):
             return value
-    token = read_json_object(model_dir / "tokenizer_config.json", TrainError, missing_ok=True).get(f"{key}_token")
+    token = read_json_object(model_dir / "tokenizer_config.json", DataError, missing_ok=True).get(f"{key}_token")
     if isinstance(token, dict):
         token = token.get("content")
     return tokenizer.token_to_id(token) if isinstance(token, str) else None
@@ -80,26 +81,26 @@ def load_tokenizer(model_dir, byte_tokenizer: bool = False) -> ByteTokenizer | H
     # model fed bytes trains "fine" and evaluates to nonsense.
     model_dir = Path(model_dir)
     path = model_dir / "tokenizer.json"
-    vocab_size = read_json_object(model_dir / "config.json", TrainError, missing_ok=True).get("vocab_size")
+    vocab_size = read_json_object(model_dir / "config.json", DataError, missing_ok=True).get("vocab_size")
     made_for_bytes = byte_tokenizer or (isinstance(vocab_size, int) and vocab_size <= BYTE_VOCAB_LIMIT)
     if not path.is_file():
         if made_for_bytes:
             return ByteTokenizer()
-        raise TrainError(f"{path}: missing; the model's {vocab_size}-token vocabulary needs its tokenizer "
+        raise DataError(f"{path}: missing; the model's {vocab_size}-token vocabulary needs its tokenizer "
                          f"(copy tokenizer.json into the folder, or pass `byte_tokenizer` to use UTF-8 bytes)")
     try:
         from tokenizers import Tokenizer  # optional dependency
     except ImportError:
         if made_for_bytes:
             return ByteTokenizer()
-        raise TrainError(f"{path}: reading it needs the `tokenizers` package (pip install tokenizers)") from None
+        raise DataError(f"{path}: reading it needs the `tokenizers` package (pip install tokenizers)") from None
     try:
         tokenizer = Tokenizer.from_file(str(path))
     except Exception as e:  # the tokenizers library raises plain Exceptions on bad files
-        raise TrainError(f"{path}: cannot read tokenizer ({e})") from None
+        raise DataError(f"{path}: cannot read tokenizer ({e})") from None
     eos_id = _special_id(model_dir, "eos", tokenizer)
     if eos_id is None:
-        raise TrainError(f"{model_dir}: no eos_token_id in config.json nor eos_token in tokenizer_config.json")
+        raise DataError(f"{model_dir}: no eos_token_id in config.json nor eos_token in tokenizer_config.json")
     # The token cache's key must change when the tokenizer does: the name hashes the file, not its path.
     name = "hf-" + hashlib.sha256(path.read_bytes()).hexdigest()[:16]
     return HFTokenizer(tokenizer, name, eos_id, _special_id(model_dir, "bos", tokenizer))
@@ -118,11 +119,11 @@ def list_data_files(paths) -> list[Path]:
             files += sorted(f for f in p.rglob("*") if f.is_file()
                             and not any(part.startswith(".") for part in f.relative_to(p).parts))
         elif (problem := not_a_file(p)) is not None:
-            raise TrainError(f"{p}: {'no such file or folder' if problem == 'no such file' else 'is ' + problem}")
+            raise DataError(f"{p}: {'no such file or folder' if problem == 'no such file' else 'is ' + problem}")
         else:
             files.append(p)
     if not files:
-        raise TrainError(f"{', '.join(map(str, paths))}: no data files found")
+        raise DataError(f"{', '.join(map(str, paths))}: no data files found")
     return files
 
 
@@ -147,18 +148,18 @@ def iter_documents(files: list[Path]) -> Iterator[str]:
                 for lineno, line in enumerate(f, 1):
                     if not line.strip():
                         continue
-                    record = parse_json(line, f"{path}:{lineno}", TrainError)
+                    record = parse_json(line, f"{path}:{lineno}", DataError)
                     if not isinstance(record, dict):
-                        raise TrainError(f"{path}:{lineno}: not a JSON object")
+                        raise DataError(f"{path}:{lineno}: not a JSON object")
                     text = record.get("text")
                     if not isinstance(text, str):
-                        raise TrainError(f"{path}:{lineno}: no string field 'text'")
+                        raise DataError(f"{path}:{lineno}: no string field 'text'")
                     if text:
-                        yield check_text(text, f"{path}:{lineno}", TrainError)
+                        yield check_text(text, f"{path}:{lineno}", DataError)
         except UnicodeDecodeError:
-            raise TrainError(f"{path}: not UTF-8 text") from None
+            raise DataError(f"{path}: not UTF-8 text") from None
         except (OSError, EOFError) as e:
-            raise TrainError(f"{path}: cannot read ({e})") from None
+            raise DataError(f"{path}: cannot read ({e})") from None
 
 
 def _batches(items, n: int) -> Iterator[list]:
@@ -205,10 +206,10 @@ def tokenize_to_cache(paths, tokenizer, cache_dir, log: Callable = print) -> np.
                     np.asarray(ids, dtype=np.uint32).tofile(f)
                     n_tokens += len(ids)
         if n_tokens == 0:
-            raise TrainError(f"{', '.join(map(str, paths))}: no text (the data files are empty)")
+            raise DataError(f"{', '.join(map(str, paths))}: no text (the data files are empty)")
         os.replace(tmp, final)  # the .u32 file appears only once complete
     except OSError as e:  # a full or read-only cache folder: numpy's message names no file
-        raise TrainError(f"{final}: cannot write the token cache ({e.strerror or e}); free space or choose another "
+        raise DataError(f"{final}: cannot write the token cache ({e.strerror or e}); free space or choose another "
                          f"`cache_dir`") from None
     finally:
         tmp.unlink(missing_ok=True)
@@ -252,21 +253,21 @@ def load_alpaca(path) -> list[dict]:
     try:
         with open_text(path) as f:
             if _is_jsonl(path):
-                records = [parse_json(line, f"{path}:{n}", TrainError) for n, line in enumerate(f, 1) if line.strip()]
+                records = [parse_json(line, f"{path}:{n}", DataError) for n, line in enumerate(f, 1) if line.strip()]
             else:
-                records = parse_json(f.read(), str(path), TrainError)
+                records = parse_json(f.read(), str(path), DataError)
     except UnicodeDecodeError:
-        raise TrainError(f"{path}: not UTF-8 text") from None
+        raise DataError(f"{path}: not UTF-8 text") from None
     except (OSError, EOFError) as e:  # gzip.BadGzipFile, a truncated .gz
-        raise TrainError(f"{path}: cannot read ({e})") from None
+        raise DataError(f"{path}: cannot read ({e})") from None
     if not isinstance(records, list) or not records:
-        raise TrainError(f"{path}: expected a non-empty JSON list of {{instruction, input, output}} records")
+        raise DataError(f"{path}: expected a non-empty JSON list of {{instruction, input, output}} records")
     for i, r in enumerate(records):
         ok = isinstance(r, dict) and "instruction" in r and "output" in r
         if not (ok and all(isinstance(r.get(k, ""), str) for k in ("instruction", "input", "output"))):
-            raise TrainError(f"{path}: record {i} needs string fields 'instruction', 'output' (and optional 'input')")
+            raise DataError(f"{path}: record {i} needs string fields 'instruction', 'output' (and optional 'input')")
         for key in ("instruction", "input", "output"):
-            check_text(r.get(key, ""), f"{path}: record {i} field {key!r}", TrainError)
+            check_text(r.get(key, ""), f"{path}: record {i} field {key!r}", DataError)
     return records
 
 
@@ -280,7 +281,7 @@ class SFTDataset:
         pairs = [(ids, labels) for ids, labels in pairs if (labels[1:] != IGNORE_INDEX).any()]
         self.ids, self.labels = [ids for ids, _ in pairs], [labels for _, labels in pairs]
         if not self.ids:
-            raise TrainError(f"{what}: no example has a response within the block size {block_size}")
+            raise DataError(f"{what}: no example has a response within the block size {block_size}")
 
     def __len__(self):
         return len(self.ids)

@@ -2,7 +2,8 @@
 
     opt-deus-eval --model runs/cpt/checkpoint-001000 --text heldout.txt --json report.json
 
-Every token of the text is predicted once, in non-overlapping windows (train.evaluate).
+Every token of the text is predicted once, in non-overlapping windows (train.evaluate); progress goes to the log
+(a line at most every 10 s).
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ import argparse
 import json
 import math
 import sys
+import time
 from pathlib import Path
 from typing import Callable
 
@@ -21,9 +23,10 @@ from opt_deus_tool.atomic import write_text_atomic
 from opt_deus_tool.checkpoint import load_pretrained
 from opt_deus_tool.cli import (BYTE_TOKENIZER_HELP, OneLineArgumentParser, flag_names, log_to_stderr, positive_int,
                                run_command)
+from opt_deus_core.train import TrainError, evaluate
 from opt_deus_tool.data import iter_documents, load_tokenizer
+from opt_deus_tool.devices import resolve_device
 from opt_deus_tool.inputs import not_a_file
-from opt_deus_core.train import TrainError, evaluate, resolve_device
 
 EVAL_BLOCK_SIZE = 2048  # the window when the model allows it
 FLAGS = flag_names("model", "text", "block_size", "batch_size", "device", "dtype", "byte_tokenizer", "json")
@@ -57,11 +60,30 @@ def evaluate_text(model_dir, text_path, block_size: int | None = None, batch_siz
     if int(tokens.max()) >= model.args.vocab_size:
         raise TrainError(f"{text_path}: token id {int(tokens.max())} does not fit the model's vocab_size "
                          f"{model.args.vocab_size} (a tokenizer that does not belong to {model_dir}?)")
-    r = evaluate(model, tokens, min(block_size, len(tokens) - 1), batch_size, log=log)
+    progress = None if log is None else progress_lines(log)
+    r = evaluate(model, tokens, min(block_size, len(tokens) - 1), batch_size, progress=progress)
     words = len(text.split())
     return {"model": str(model_dir), "text": str(text_path), "tokens": r["tokens"], "words": words,
             "loss_per_token": r["loss"], "perplexity_per_token": r["perplexity"],
             "perplexity_per_word": math.exp(min(r["nll_sum"] / max(words, 1), 700.0))}
+
+
+def format_eta(seconds: float) -> str:  # H:MM:SS
+    seconds = int(max(0, seconds))
+    return f"{seconds // 3600}:{seconds % 3600 // 60:02d}:{seconds % 60:02d}"
+
+
+def progress_lines(log: Callable) -> Callable:
+    # train.evaluate's progress(batches done, of, tokens) -> a line at most every 10 s, and after the last batch.
+    t0 = last_log = time.time()
+
+    def progress(done: int, total: int, tokens: int):
+        nonlocal last_log
+        if time.time() - last_log >= 10 or done == total:
+            s, last_log = time.time() - t0, time.time()
+            log(f"eval batch {done}/{total} | {tokens:,} tokens | elapsed {format_eta(s)}"
+                f" | eta {format_eta(s / done * (total - done))}")
+    return progress
 
 
 def eval_command(flags: argparse.Namespace) -> int:

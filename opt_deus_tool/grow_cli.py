@@ -18,19 +18,17 @@ from pathlib import Path
 
 import torch
 
-from opt_deus_core.model import Block, rope_cos_sin
-from opt_deus_core.opt_deus import (ALIGNMENTS, COSTS, DEFAULT_EPSILON, METHODS, POSITIONS, CalibrationPass, GrowthOptions,
-                      check_finite, check_request, grown_blocks, growth_layout)
+from opt_deus_core.model import Block, layer_window, rope_cos_sin
+from opt_deus_core.opt_deus import POSITIONS, Growth, GrowthError, GrowthOptions, block_activations
 from opt_deus_tool import CheckpointError
 from opt_deus_tool.atomic import check_output_folder, model_folder_problem
-from opt_deus_tool.checkpoint import BLOCK_KEYS, CheckpointReader, CheckpointWriter, dtype_name
-from opt_deus_tool.cli import (OneLineArgumentParser, finite_float, flag_names, int_list, log_to_stderr,
-                               positive_int, run_command, size)
+from opt_deus_tool.checkpoint import CheckpointReader, CheckpointWriter, dtype_name
+from opt_deus_tool.cli import (OneLineArgumentParser, add_fields, field_values, finite_float, flag_names, int_list,
+                               log_to_stderr, positive_int, run_command, size)
 from opt_deus_tool.data import iter_documents, load_tokenizer
 from opt_deus_tool.inputs import not_a_file
 from opt_deus_tool.hf_config import config_from_args
-from opt_deus_core.sinkhorn import SinkhornError
-from opt_deus_core.train import resolve_device
+from opt_deus_tool.devices import resolve_device
 
 
 CALIBRATION_TOKENS = 2048  # --calibration-tokens' default: a few thousand tokens describe a unit well enough
@@ -50,9 +48,9 @@ def calibration_tokens(base, text_path, count: int = CALIBRATION_TOKENS) -> torc
     return torch.tensor([tokens])
 
 
-def calibration_pass(reader: CheckpointReader, tokens: torch.Tensor, device) -> CalibrationPass:
-    # The calibration tokens' hidden states, carried up the base as its blocks stream in: one block at a time
-    # runs in float32 on `device` (no second model in memory), its record kept for the two blocks held.
+def calibration_pass(reader: CheckpointReader, tokens: torch.Tensor, device):
+    # The calibration tokens' hidden states (1, T, h), carried up the base as its blocks stream in: one block at
+    # a time runs in float32 on `device` (no second model in memory). -> (hidden, run_block for Growth.blocks)
     args = reader.args
     if tokens.shape[1] > args.max_position_embeddings:
         raise CheckpointError(f"`calibration_tokens` {tokens.shape[1]} is beyond the base's max_position_embeddings "
@@ -60,12 +58,18 @@ def calibration_pass(reader: CheckpointReader, tokens: torch.Tensor, device) -> 
     hidden = reader.tensor("model.embed_tokens.weight", torch.float32, device)[tokens.to(device)]
     cos, sin = rope_cos_sin(args, torch.arange(tokens.shape[1], device=device), torch.float32)
 
-    def run(i, tensors, x, record):
+    def run_block(i, tensors, x):
         with torch.device("meta"):
-            block = Block(args)
+            block = Block(args, layer_window(args, i))
         block.load_state_dict({key: value.float() for key, value in tensors.items()}, assign=True)
-        return block(x, cos, sin, record)
-    return CalibrationPass(hidden, run)
+        return block_activations(block, x, cos, sin)
+    return hidden, run_block
+
+
+def check_finite(block: dict, where: str):
+    for key, tensor in block.items():
+        if not torch.isfinite(tensor).all():
+            raise GrowthError(f"{where}: {key} contains NaN or inf")
 
 
 def grow_checkpoint(base: str | Path, out: str | Path, num_new: int | None = None, *, position: str | None = "top",
@@ -80,10 +84,14 @@ def grow_checkpoint(base: str | Path, out: str | Path, num_new: int | None = Non
     files. calibration: token ids (1, T) for options.cost "activations" (calibration_tokens()). On any error
     nothing is left at `out`.
     """
-    options = check_request(num_new, insert_after, options)
     reader = CheckpointReader(base)
     args = reader.args
-    layout, record = growth_layout(options, args.num_hidden_layers, num_new, position, insert_after)
+    limit = MAX_NEW_PER_BASE_LAYER * args.num_hidden_layers
+    if max(num_new or 0, len(insert_after or ())) > limit:  # a typo, before positions are allocated
+        raise GrowthError(f"`num_new` {num_new or len(insert_after)} is more than {MAX_NEW_PER_BASE_LAYER} new layers "
+                          f"per base layer ({limit} for {args.num_hidden_layers} layers)")
+    growth = Growth(args, num_new, position, insert_after, options, calibration)
+    options, layout, record = growth.options, growth.layout, growth.record
     out = Path(out)
     # `out` may not be, contain or lie inside `base` (with `overwrite` that would delete the base); `overwrite`
     # replaces an earlier output, not whatever folder a mistyped `out` names. Checked before any work.
@@ -95,7 +103,7 @@ def grow_checkpoint(base: str | Path, out: str | Path, num_new: int | None = Non
     out_dtype = dtype or reader.dtype("model.embed_tokens.weight")
     log(f"growing {base} ({args.num_hidden_layers} layers) -> {out} ({len(layout)} layers): method {options.method}"
         + (f", {options.align} alignment, epsilon {options.epsilon}" if options.method == "opt" else "")
-        + f", new layers at {record['new_layers']}, zero-init {options.zero_init}, {device}")
+        + f", new layers at {record['new_layers']}, zero-init {record['zero_init']}, {device}")
 
     def base_block(i: int) -> dict:
         block = reader.block(i, device=device)
@@ -107,29 +115,21 @@ def grow_checkpoint(base: str | Path, out: str | Path, num_new: int | None = Non
         check_finite({key: tensor}, f"base {base}")
         return tensor.to(out_dtype)
 
-    calibrate = None
-    if options.cost == "activations" and options.method == "opt":
-        if calibration is None:
-            raise CheckpointError("`cost` activations compares what units compute: give `calibration` text")
-        calibrate = calibration_pass(reader, calibration, device)
-    started, reports = time.perf_counter(), []
-    grown_args = dataclasses.replace(args, num_hidden_layers=len(layout), dtype=dtype_name(out_dtype),
-                                     extra={**args.extra, "opt_deus": record})
+    hidden, run_block = calibration_pass(reader, calibration, device) if options.cost == "activations" else (None, None)
+    started = time.perf_counter()
+    grown_args = dataclasses.replace(growth.args, dtype=dtype_name(out_dtype))
     with CheckpointWriter(out, max_shard_size=max_shard_size, overwrite=overwrite,
                           inputs=[("`base`", base)]) as writer:
         writer.add("model.embed_tokens.weight", checked("model.embed_tokens.weight"))
-        for index, slot, tensors, report in grown_blocks(layout, base_block, args, options, log, calibrate):
-            for key in BLOCK_KEYS:
+        for index, slot, tensors in growth.blocks(base_block, run_block, hidden, log):
+            for key in reader.block_keys:
                 writer.add(f"model.layers.{index}.{key}", tensors[key].to(out_dtype))
             reader.release()
-            if report is not None:
-                reports.append(report)
         writer.add("model.norm.weight", checked("model.norm.weight"))
         if not args.tie_word_embeddings:
             writer.add("lm_head.weight", checked("lm_head.weight"))
         reader.check_all_read()  # also checks a redundant tied head equals the embeddings (not copied)
-        growth_report = {**record, "options": dataclasses.asdict(options), "base": str(base), "layers": reports,
-                         "calibration_tokens": None if calibrate is None else int(calibration.shape[1])}
+        growth_report = growth.report(str(base))
         writer.finish(config_from_args(grown_args), copy_files_from=base,
                       extra_files={"growth_report.json": json.dumps(growth_report, indent=2) + "\n"})
     log(f"wrote {out} ({len(layout)} layers, new {record['new_layers']}) in {time.perf_counter() - started:.1f}s")
@@ -139,10 +139,12 @@ def grow_checkpoint(base: str | Path, out: str | Path, num_new: int | None = Non
 # ----------------------------------------------------------------------------------------------
 # Command line
 
-FLAGS = flag_names("base", "out", "method", "position", "insert_after", "align", "epsilon", "normalize_plan",
-                   "zero_init", "max_iter", "tol", "strict", "device", "dtype", "max_marginal_error",
-                   "max_shard_size", "overwrite", "cost", "out_scale", "calibration", "calibration_tokens",
+FLAGS = flag_names(*(f.name for f in dataclasses.fields(GrowthOptions)), "base", "out", "position", "insert_after",
+                   "device", "dtype", "max_shard_size", "overwrite", "calibration", "calibration_tokens",
                    num_new="--new-layers")
+# Depth up-scaling adds a fraction of a model's depth; beyond this many new layers per base layer a request is a
+# typo (10**9 would otherwise allocate gigabytes of positions before any other check).
+MAX_NEW_PER_BASE_LAYER = 64
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -154,45 +156,28 @@ def build_parser() -> argparse.ArgumentParser:
                                      "partial output is deleted). --out may not be, contain or lie inside --base.")
     p.add_argument("--base", required=True, help="base model: a Hugging Face LLaMA folder")
     p.add_argument("--out", required=True, help="output folder for the grown model")
-    p.add_argument("--method", choices=METHODS, default=GrowthOptions.method, help="how new layers are made")
-    p.add_argument("--new-layers", type=positive_int, default=None, help="how many layers to add (K)")
+    p.add_argument("--new-layers", type=positive_int, default=None, dest="num_new", help="how many layers to add (K)")
     p.add_argument("--position", choices=POSITIONS, default="top",
                    help="where the K new layers go (llama-pro: uniform is LLaMA Pro's block expansion, a copy "
                         "after the last layer of each of K groups)")
     p.add_argument("--insert-after", type=int_list, default=None,
                    help="explicit base-layer indices i (a new layer between i and i+1; llama-pro: a copy of i "
                         "right after it, the top layer included), e.g. 7,9,11")
-    p.add_argument("--align", choices=ALIGNMENTS, default=GrowthOptions.align,
-                   help="alignment for --method opt; published reproduces the public code's float32 numbers "
-                        "(a reproduction, not a recommendation: its solver aborts on real weights)")
-    p.add_argument("--epsilon", type=finite_float, default=GrowthOptions.epsilon,
-                   help="Sinkhorn regularisation; 0 = exact assignment (small problems only); None: the "
-                        f"alignment's default {DEFAULT_EPSILON} (structured: relative to the mean cost)")
-    p.add_argument("--normalize-plan", action=argparse.BooleanOptionalAction, default=GrowthOptions.normalize_plan,
-                   help="scale the plan by n (OT fusion: columns sum to 1); --no-normalize-plan keeps the public "
-                        "code's raw plan (always so under --align published)")
-    p.add_argument("--zero-init", action=argparse.BooleanOptionalAction, default=GrowthOptions.zero_init,
-                   help="zero o_proj and down_proj of new layers; None: on for opt and llama-pro, off otherwise")
-    p.add_argument("--out-scale", type=finite_float, default=GrowthOptions.out_scale,
-                   help="multiply new layers' o_proj and down_proj by this (0: --zero-init; 1: --no-zero-init); "
-                        "None: from --zero-init")
-    p.add_argument("--cost", choices=COSTS, default=GrowthOptions.cost,
-                   help="what --method opt's plans compare: the units' weights, or their activations on "
-                        "--calibration text (whole heads and neurons alike)")
+    # GrowthOptions' fields are the growth flags, one home each; --zero-init / --no-zero-init spell out_scale 0 / 1.
+    scale = p.add_mutually_exclusive_group()
+    add_fields(p, GrowthOptions, types={"epsilon": finite_float, "out_scale": finite_float, "tol": finite_float,
+                                       "max_iter": positive_int}, into={"out_scale": scale})
+    scale.add_argument("--zero-init", action="store_const", const=0.0, dest="out_scale",
+                   help="zero new layers' o_proj and down_proj (--out-scale 0): the grown model computes the base's "
+                        "function; the default for opt and llama-pro")
+    scale.add_argument("--no-zero-init", action="store_const", const=1.0, dest="out_scale",
+                   help="keep new layers' o_proj and down_proj as made (--out-scale 1); the default for avg, solar")
     p.add_argument("--calibration", default=None, help="--cost activations: a text file (.gz ok) the base runs on")
     p.add_argument("--calibration-tokens", type=positive_int, default=CALIBRATION_TOKENS,
                    help="--cost activations: how many tokens of --calibration, as one sequence")
-    p.add_argument("--max-iter", type=positive_int, default=GrowthOptions.max_iter,
-                   help="Sinkhorn iterations at most, per plan")
-    p.add_argument("--tol", type=finite_float, default=GrowthOptions.tol,
-                   help="Sinkhorn stops at this relative marginal error (--align published: POT's own stopping rule)")
-    p.add_argument("--strict", action="store_true", default=GrowthOptions.strict,
-                   help="fail if a Sinkhorn plan does not converge")
     p.add_argument("--device", default="cpu", help="where the alignment is computed (cpu, cuda, cuda:1, ...)")
     p.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), default=None,
                    help="dtype of the written weights; None keeps the base checkpoint's")
-    p.add_argument("--max-marginal-error", type=float, default=GrowthOptions.max_marginal_error,
-                   help="refuse a transport plan whose relative marginal error is beyond this (inf: accept any)")
     p.add_argument("--max-shard-size", type=size, default="5GB", help="safetensors shard size of the output")
     p.add_argument("--overwrite", action="store_true",
                    help="replace a non-empty --out (never one that is, contains or is inside --base)")
@@ -201,16 +186,13 @@ def build_parser() -> argparse.ArgumentParser:
 
 def grow_command(flags: argparse.Namespace) -> int:
     resolve_device(flags.device)  # refused now, not after the first blocks
-    options = GrowthOptions(method=flags.method, align=flags.align, epsilon=flags.epsilon, zero_init=flags.zero_init,
-                            normalize_plan=flags.normalize_plan, max_iter=flags.max_iter, tol=flags.tol,
-                            strict=flags.strict, max_marginal_error=flags.max_marginal_error, cost=flags.cost,
-                            out_scale=flags.out_scale)
+    options = GrowthOptions(**field_values(flags, GrowthOptions))
     calibration = None
     if options.cost == "activations":
         if flags.calibration is None:
             raise CheckpointError("--cost activations: give --calibration, a text file the base runs on")
         calibration = calibration_tokens(flags.base, flags.calibration, flags.calibration_tokens)
-    grow_checkpoint(flags.base, flags.out, flags.new_layers, position=flags.position, insert_after=flags.insert_after,
+    grow_checkpoint(flags.base, flags.out, flags.num_new, position=flags.position, insert_after=flags.insert_after,
                     options=options, device=flags.device, dtype=getattr(torch, flags.dtype) if flags.dtype else None,
                     overwrite=flags.overwrite, max_shard_size=flags.max_shard_size, calibration=calibration,
                     log=log_to_stderr)
@@ -219,7 +201,7 @@ def grow_command(flags: argparse.Namespace) -> int:
 
 def main(argv=None) -> int:
     flags = build_parser().parse_args(argv)
-    return run_command("opt-deus", lambda: grow_command(flags), FLAGS, where=flags.out, user_errors=(SinkhornError,))
+    return run_command("opt-deus", lambda: grow_command(flags), FLAGS, where=flags.out)
 
 
 if __name__ == "__main__":

@@ -1,7 +1,7 @@
 """opt-deus-lm-eval: lm-evaluation-harness (the `eval` extra, lm-eval 0.4.13), offline, on a model folder
 with a local multiple-choice task; zero-shot, as the paper evaluates.
 
-    opt-deus-lm-eval --model grown/                       # the shipped Emma cloze: experiments/cloze/emma_cloze.yaml
+    opt-deus-lm-eval --model grown/                       # the shipped Emma cloze: opt_deus_tool/tasks/emma_cloze.yaml
     opt-deus-lm-eval --model grown/ --task my_task.yaml --limit 50 --json report.json
 
 The task is a YAML with `dataset_path: json` and `dataset_kwargs: {data_files: ...}` naming JSONL files of

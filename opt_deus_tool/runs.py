@@ -3,7 +3,12 @@
     OUT/run.json                 the run's configuration and description, written once every check has passed
     OUT/metrics.jsonl            a row per step and per evaluation
     OUT/checkpoint-000500/       a Hugging Face folder plus optimizer.pt (the whole AdamW state, as one process
-                                 holds it) and trainer_state.json (train.TrainRun.resume_state(), the run)
+                                 holds it) and trainer_state.json (trainer_state(): how to continue; the run)
+
+A training request is checked here, where it enters the tool, before train() sees it (check_config: the
+TrainConfig's values; check_training: the model, the data, the trainable layers); a resume state where it is
+read (check_resume). RunFolder.start() restores a checked resume state into the run; train() only starts at its
+step.
 
 Checkpoints are written whole or not at all (atomic.AtomicFolder), and one process at a time trains into a run
 folder (atomic.FolderLock). SIGINT, SIGTERM and SIGHUP (a dropped ssh session) are said at once and stop the
@@ -12,7 +17,9 @@ loop at its next micro-batch (TrainHooks.stop); a second signal acts as usual.
 
 from __future__ import annotations
 
+import dataclasses
 import json
+import math
 import os
 import shutil
 import signal
@@ -21,14 +28,18 @@ import time
 from pathlib import Path
 from typing import Callable
 
+import numpy as np
 import torch
 
 from opt_deus_core.model import ModelArgs, Transformer
+from opt_deus_core.train import (OneProcess, TokenBlocks, TrainConfig, TrainError, TrainHooks, TrainResult,
+                                 as_dataset, make_optimizer, set_trainable, train)
 from opt_deus_tool.atomic import (AtomicFolder, FolderLock, model_folder_problem, remove_stale_scratch,
                                   write_text_atomic)
 from opt_deus_tool.checkpoint import save_state_dict
+from opt_deus_tool.devices import resolve_device
+from opt_deus_tool.distributed import rank_and_world
 from opt_deus_tool.inputs import parse_json, read_json_object
-from opt_deus_core.train import TrainConfig, TrainError, TrainHooks, TrainResult, rank_and_world, resolve_device, train
 
 # Run-folder settings saved beside the TrainConfig in run.json and trainer_state.json ("config").
 KEEP_CHECKPOINTS = 2  # keep the newest N checkpoints of the run (0: all)
@@ -39,18 +50,20 @@ class RunFolder(TrainHooks):
     """TrainHooks that write a run folder (out_dir None: no checkpoints, no run.json) and a metrics file.
 
         with RunFolder("runs/a", model.current_args(), metrics_path="runs/a/metrics.jsonl") as hooks:
-            result = train(model, tokens, config, hooks=hooks, resume=load_resume("runs/a"))
+            hooks.resume = check_resume(load_resume("runs/a"), model, config, tokens)  # or None: from step 0
+            result = train(model, tokens, config, hooks=hooks)
 
     run: the command line's description of the run, saved into run.json and every checkpoint; its
     copy_files_from names the folder whose tokenizer files every checkpoint gets, its run_id which
-    checkpoints in out_dir are this run's (the only ones keep_checkpoints ever deletes)."""
+    checkpoints in out_dir are this run's (the only ones keep_checkpoints ever deletes). Under torchrun every
+    process holds one; only rank 0's writes (run.json, metrics.jsonl, checkpoints)."""
 
     def __init__(self, out_dir, args: ModelArgs, *, metrics_path=None, keep_checkpoints: int = KEEP_CHECKPOINTS,
                  run: dict | None = None, log: Callable = print):
         check_keep_checkpoints(keep_checkpoints)
         self.out_dir = Path(out_dir) if out_dir is not None else None
-        self.saves_checkpoints = self.out_dir is not None
         self.args, self.metrics_path, self.keep = args, metrics_path, keep_checkpoints
+        self.resume, self.saved = None, 0  # a checked load_resume() state to continue; the last saved step
         self.run, self.log = run, log
         self.metrics = None  # the open metrics.jsonl
         self.received: list[int] = []  # signals, in the order they came
@@ -92,8 +105,24 @@ class RunFolder(TrainHooks):
     def stop(self) -> int:
         return self.received[0] if self.received else 0
 
-    def start(self, state: dict):
-        path, start_step = Path(self.metrics_path or os.devnull), state["step"]
+    def start(self, loop) -> int:
+        # The step the train loop (train.TrainRun) starts from: the resumed checkpoint's, with its AdamW state
+        # placed as the loop's parameters are (each rank's shard under torchrun). No RNG state: no step draws
+        # from a global generator.
+        start_step = 0
+        if self.resume is not None:
+            params = [p for group in loop.optimizer.param_groups for p in group["params"]]
+            loop.optimizer.load_state_dict(loop.dist.optimizer_state(self.resume["optimizer"], params))
+            start_step, self.checkpoint = self.resume["step"], self.resume.get("path")
+        self.saved = start_step
+        if not rank_and_world()[0]:  # rank 0 writes the run folder; the others' record() finds no metrics file
+            self.write_start(start_step, dataclasses.asdict(loop.c))
+        if self.resume is not None:
+            self.log(f"resumed from {self.resume.get('path', 'resume state')} at step {start_step}")
+        return start_step
+
+    def write_start(self, start_step: int, config: dict):
+        path = Path(self.metrics_path or os.devnull)
         resumed_rows = None
         if self.metrics_path is not None and start_step and path.is_file():  # read (and refused) before writing
             resumed_rows = [r for r in metrics_rows(path) if r.get("step", 0) <= start_step]
@@ -103,7 +132,7 @@ class RunFolder(TrainHooks):
             if self.run is not None:
                 self.out_dir.mkdir(parents=True, exist_ok=True)
                 write_text_atomic(self.out_dir / "run.json", json.dumps(
-                    {"config": self.folder_config(state["config"]), "run": self.run}, indent=2) + "\n")
+                    {"config": self.folder_config(config), "run": self.run}, indent=2) + "\n")
         if self.metrics_path is not None:
             path.parent.mkdir(parents=True, exist_ok=True)
             if resumed_rows is not None:  # drop rows written after the checkpoint resumed from
@@ -118,7 +147,18 @@ class RunFolder(TrainHooks):
             except OSError as e:  # a full disk names no file
                 raise TrainError(f"{self.metrics_path}: cannot write metrics ({e.strerror or e})") from None
 
-    def save(self, step: int, weights: dict, optimizer_state: dict, state: dict) -> str:
+    def save(self, loop, step: int):
+        # A checkpoint after `step` steps, unless it has one (none without out_dir). Whole state dicts, not
+        # shards: every rank joins the gathers (loop.dist.save), rank 0 writes, and any number of processes resumes.
+        if self.out_dir is None or step <= self.saved:
+            return
+
+        def write(weights, optimizer_state):
+            return self.write_checkpoint(step, weights, optimizer_state, trainer_state(loop, step))
+        self.saved, weights, optimizer_state = step, loop.model.state_dict(), loop.optimizer.state_dict()
+        self.checkpoint = loop.dist.save(write, weights, optimizer_state) or self.checkpoint
+
+    def write_checkpoint(self, step: int, weights: dict, optimizer_state: dict, state: dict) -> str:
         state = {**state, "config": self.folder_config(state["config"]), "time": time.strftime("%Y-%m-%dT%H:%M:%S")}
         if self.run is not None:
             state["run"] = self.run
@@ -159,6 +199,16 @@ def save_checkpoint(path, args: ModelArgs, weights: dict, optimizer_state: dict,
     return path
 
 
+def trainer_state(loop, step: int) -> dict:
+    # What a checkpoint of the train loop (train.TrainRun) after `step` steps needs to continue exactly: the config,
+    # the trainable tensors, the data position (the order is a function of (seed, position)), the last loss.
+    per_step, n = loop.samples * loop.dist.world, len(loop.data)
+    return {"format": 1, "step": step, "config": dataclasses.asdict(loop.c), "trainable_layers": loop.layers,
+            "trainable_params": [(name, list(p.shape)) for name, p in loop.named],
+            "data": {"n_samples": n, "samples_per_step": per_step, "stream_position": step * per_step,
+                     "seed": loop.c.seed, "epoch": step * per_step // n}, "losses": loop.losses[-1:]}
+
+
 def metrics_rows(path: Path) -> list[dict]:
     # A killed run (SIGKILL, a full disk) may leave its last line half-written: dropped. A bad line before the
     # last is not a torn write but a damaged file: refused, naming the line.
@@ -182,7 +232,7 @@ def find_checkpoints(out_dir) -> list[Path]:
 
 
 def read_trainer_state(path) -> dict:
-    # The schema train.TrainRun.resume_state() writes, checked before anything trusts it.
+    # The schema trainer_state() writes, checked before anything trusts it.
     file = Path(path) / "trainer_state.json"
     state = read_json_object(file, TrainError)
 
@@ -230,24 +280,159 @@ def load_resume(path, device: str = "auto") -> dict:
     return {**state, "optimizer": optimizer, "path": str(path)}
 
 
+def check_resume(resume: dict, model: Transformer, config: TrainConfig, train_data) -> dict:
+    """load_resume()'s state checked against what it is to continue, before RunFolder.start restores it: the trainable
+    tensors (set_trainable), the number of samples (the data order depends on it), the AdamW state (moments shaped
+    like their tensors and finite, in make_optimizer's order) and the steps left. Returns it."""
+    where = resume.get("path", "resume state")
+    set_trainable(model, config.trainable)
+    named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    saved, current = [(n, list(s)) for n, s in resume.get("trainable_params", [])], [(n, list(p.shape)) for n, p in named]
+    if saved != current:
+        diff = next(((a, b) for a, b in zip(saved, current) if a != b), None)
+        detail = f"{diff[0]} vs {diff[1]}" if diff else f"{len(saved)} vs {len(current)} trainable tensors"
+        raise TrainError(f"{where}: resume state does not match the model's trainable parameters ({detail})")
+    n = len(as_dataset(train_data, config.block_size))
+    if (n_saved := resume.get("data", {}).get("n_samples")) != n:
+        raise TrainError(f"{where}: the checkpoint was trained on {n_saved} samples, the data given has {n}: "
+                         f"resuming would not continue the same data order")
+    # AdamW moments shaped like their parameter (state i: the optimizer's i-th, through its groups), and finite.
+    groups = make_optimizer(named, config, torch.device("cpu")).param_groups
+    params, optimizer = [p for group in groups for p in group["params"]], resume["optimizer"]
+    sizes = [len(g["params"]) if isinstance(g, dict) and isinstance(g.get("params"), list) else None
+             for g in optimizer["param_groups"]]
+    if sizes != [len(group["params"]) for group in groups]:
+        raise TrainError(f"{where}: cannot restore the optimizer state (its parameter groups do not fit the "
+                         f"trainable tensors)")
+    for index, moments in optimizer["state"].items():
+        ok = isinstance(index, int) and 0 <= index < len(params) and isinstance(moments, dict) and all(
+            key == "step" and isinstance(value, (int, float, torch.Tensor)) or key != "step" and (
+                isinstance(value, torch.Tensor) and value.shape == params[index].shape
+                and bool(torch.isfinite(value).all())) for key, value in moments.items())
+        if not (ok and set(moments) == {"step", "exp_avg", "exp_avg_sq"}):
+            raise TrainError(f"{where}: optimizer state of trainable tensor {index} is misshaped or not finite")
+    if resume["step"] >= config.steps:
+        raise TrainError(f"{where}: already at step {resume['step']} of `steps` {config.steps}; pass a larger "
+                         f"`steps` to continue")
+    if config.stop_after is not None and config.stop_after <= resume["step"]:
+        raise TrainError(f"`stop_after` {config.stop_after} is not beyond the resumed step {resume['step']}")
+    return resume
+
+
 def saved_train_config(state: dict, where) -> tuple[TrainConfig, int]:
     # The TrainConfig and keep_checkpoints a checkpoint's trainer_state.json was trained with.
+    # JSON read from disk: its numbers are checked to be of their field's type here, where they enter, and their
+    # ranges by check_config (the command line's argparse types give it numbers).
     saved = dict(state.get("config") or {})
     saved.pop("out_dir", None)
     keep = saved.pop("keep_checkpoints", KEEP_CHECKPOINTS)
+    for f in dataclasses.fields(TrainConfig):
+        value, integer = saved.get(f.name, f.default), f.type in ("int", "int | None")
+        if (integer or f.type == "float") and not (value is None and f.type == "int | None") and (
+                isinstance(value, bool) or not isinstance(value, int if integer else (int, float))):
+            raise TrainError(f"{where}/trainer_state.json: config {f.name} {value!r} is not "
+                             f"{'an integer' if integer else 'a number'}")
     try:
-        return TrainConfig(**saved), keep
+        config = TrainConfig(**saved)
     except TypeError as e:
         raise TrainError(f"{where}/trainer_state.json: config does not fit this train.py ({e})") from None
+    return check_config(config), keep
+
+
+def check_config(c: TrainConfig) -> TrainConfig:
+    """The one check of a TrainConfig's values, where they enter (the command line, a checkpoint, train_run);
+    their types are the caller's. Returns it."""
+    for f in dataclasses.fields(c):
+        if f.type == "float" and not math.isfinite(getattr(c, f.name)):
+            raise TrainError(f"`{f.name}` {getattr(c, f.name)!r}: expected a finite number")
+    schedules, mb = TrainConfig.__dataclass_fields__["schedule"].metadata["choices"], c.block_size * c.micro_batch_size
+    for name, ok, rule in (
+            ("steps", c.steps >= 1, ">= 1"), ("lr", c.lr > 0, "> 0"),
+            ("min_lr_ratio", 0 <= c.min_lr_ratio <= 1, "in [0, 1]"),
+            ("warmup_steps", 0 <= c.warmup_steps < c.steps, f">= 0 and below `steps` {c.steps}"),
+            ("schedule", c.schedule in schedules, " or ".join(map(repr, schedules))),
+            ("decay_fraction", 0 <= c.decay_fraction <= 1, "in [0, 1]"),
+            *((n, getattr(c, n) >= 1, ">= 1") for n in ("block_size", "micro_batch_size", "eval_batches", "log_every")),
+            ("batch_tokens", c.batch_tokens >= mb, f"at least `block_size` x `micro_batch_size` = {mb}"),
+            ("grad_clip", c.grad_clip >= 0, ">= 0 (0: no clipping)"),
+            ("weight_decay", c.weight_decay >= 0, ">= 0"), ("seed", c.seed >= 0, ">= 0"),
+            ("beta1", 0 <= c.beta1 < 1, "in [0, 1)"), ("beta2", 0 <= c.beta2 < 1, "in [0, 1)"),
+            ("eps", c.eps > 0, "> 0"),
+            *((n, getattr(c, n) >= 0, ">= 0 (0: only at the end)") for n in ("eval_every", "checkpoint_every")),
+            ("stop_after", c.stop_after is None or c.stop_after >= 1, ">= 1")):
+        if not ok:
+            raise TrainError(f"`{name}` {getattr(c, name)} must be {rule} (default `{name}` "
+                             f"{getattr(TrainConfig, name)})")
+    return c
+
+
+def check_tokens(tokens, block_size: int, what: str) -> np.ndarray:
+    # Token ids for train.TokenBlocks: a 1-D integer array (floats would be truncated) of at least one block.
+    array = np.asarray(tokens)
+    if not np.issubdtype(array.dtype, np.integer) or array.ndim != 1:
+        raise TrainError(f"{what}: token ids must be a 1-D integer array, got {array.dtype} {array.shape}")
+    if len(tokens) < block_size + 1:
+        raise TrainError(f"{what}: {len(tokens)} tokens is shorter than one block of {block_size + 1} (block size + "
+                         f"1); add data or lower `block_size`")
+    return array
+
+
+def check_trainable(model: Transformer, spec) -> list[int]:
+    # train.set_trainable's spec against the model: "new" (the growth record's new_layers), "all", or layer indices.
+    if isinstance(spec, str) and spec not in ("new", "all") or not spec:
+        raise TrainError(f"`trainable` {spec!r}: expected 'new', 'all' or a non-empty list of layer indices")
+    if spec == "all":
+        return list(range(len(model.layers)))
+    if spec == "new":
+        record = model.args.extra.get("opt_deus")
+        spec = record.get("new_layers") if isinstance(record, dict) else None
+        if not spec or not isinstance(spec, list):
+            raise TrainError("`trainable` new: the checkpoint records no new layers (config.json has no "
+                             "opt_deus.new_layers); pass `trainable` all or a comma list of layer indices")
+    layers, n = sorted(set(spec)), len(model.layers)
+    if bad := [i for i in layers if not isinstance(i, int) or not 0 <= i < n]:
+        raise TrainError(f"trainable layer {bad[0]} is out of range: the model has {n} layers")
+    return layers
+
+
+def check_training(model, train_data, config: TrainConfig, eval_data=None, world: int = 1):
+    """What train() is given, checked before it runs (it checks nothing): the config's values, the model, the
+    block size against its positions, the data (token arrays or datasets) against its vocabulary, the trainable
+    layers, and the batch against the processes (`world`)."""
+    check_config(config)
+    if not isinstance(model, Transformer):
+        raise TrainError(f"`model` must be a model.Transformer, got {type(model).__name__}")
+    if config.block_size > model.args.max_position_embeddings:
+        raise TrainError(f"`block_size` {config.block_size} is beyond the model's max_position_embeddings "
+                         f"{model.args.max_position_embeddings}")
+    for data, what in ((train_data, "training data"), (eval_data, "evaluation data")):
+        if data is None:
+            continue
+        if not (hasattr(data, "get") and hasattr(data, "__len__")):
+            data = TokenBlocks(check_tokens(data, config.block_size, what), config.block_size)
+            low, high = int(data.tokens.min()), int(data.tokens.max())
+        else:
+            low, high = data.id_range() if hasattr(data, "id_range") else (0, 0)
+        if low < 0 or high >= model.args.vocab_size:  # an embedding lookup would fail
+            raise TrainError(f"{what}: token id {low if low < 0 else high} is outside the vocabulary "
+                             f"[0, {model.args.vocab_size})")
+    check_trainable(model, config.trainable)
+    per_micro_batch = config.block_size * config.micro_batch_size * world
+    if config.batch_tokens % per_micro_batch:
+        raise TrainError(f"`batch_tokens` {config.batch_tokens} is not a multiple of `block_size` x "
+                         f"`micro_batch_size`{' x world size' if world > 1 else ''} = {per_micro_batch}")
 
 
 def train_run(model: Transformer, train_data, config: TrainConfig, eval_data=None, *, out_dir=None,
               metrics_path=None, keep_checkpoints: int = KEEP_CHECKPOINTS, resume_from=None, run: dict | None = None,
-              log: Callable = print) -> TrainResult:
+              log: Callable = print, dist: OneProcess | None = None) -> TrainResult:
     """train() into a run folder: checkpoints under out_dir (None: none), metrics in metrics_path, resumed from
-    the checkpoint resume_from (whose weights `model` already holds), stopped in order by SIGINT/SIGTERM."""
+    the checkpoint resume_from (whose weights `model` already holds), stopped in order by SIGINT/SIGTERM; the
+    request checked first (check_training). dist: train()'s seam (distributed.init_distributed() under torchrun)."""
+    check_training(model, train_data, config, eval_data, 1 if dist is None else dist.world)
     hooks = RunFolder(out_dir, model.current_args(), metrics_path=metrics_path, keep_checkpoints=keep_checkpoints,
                       run=run, log=log)
     with hooks:  # the run folder is locked before its checkpoint is read
-        resume = None if resume_from is None else load_resume(resume_from, config.device)
-        return train(model, train_data, config, eval_data, hooks=hooks, resume=resume, log=log)
+        if resume_from is not None:
+            hooks.resume = check_resume(load_resume(resume_from, config.device), model, config, train_data)
+        return train(model, train_data, config, eval_data, hooks=hooks, log=log, dist=dist)

@@ -4,16 +4,16 @@
     opt-deus-train --resume runs/cpt                                              # continue exactly
     torchrun --standalone --nproc_per_node 8 -m opt_deus_tool.train_cli --model grown/ --data corpus/ ...
 
-run_training() checks the whole request first (paths, data, resume state), then runs runs.train_run(). Exit
-codes: 0 done; 2 a bad request (one line on stderr, nothing half-written); 130/143 stopped by SIGINT/SIGTERM
-after saving a checkpoint; 1 under torchrun when another rank died or a collective waited past --dist-timeout.
+run_training() checks the whole request first (paths, data, resume state), then runs runs.train_run(); under
+torchrun with the FSDP2 seam of distributed.py. Every TrainConfig field is a flag (cli.add_fields). Exit codes: 0
+done; 2 a bad request (one line on stderr, nothing half-written); 130/143 stopped by SIGINT/SIGTERM after saving a
+checkpoint; 1 under torchrun when another rank died or a collective waited past --dist-timeout.
 """
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
-import datetime
 import json
 import math
 import os
@@ -26,11 +26,14 @@ import torch
 
 from opt_deus_tool.atomic import check_output_folder
 from opt_deus_tool.checkpoint import load_pretrained
-from opt_deus_tool.cli import BYTE_TOKENIZER_HELP, OneLineArgumentParser, flag_names, log_to_stderr, run_command
+from opt_deus_core.train import TrainConfig, TrainError, TrainResult
+from opt_deus_tool.cli import (BYTE_TOKENIZER_HELP, OneLineArgumentParser, add_fields, field_values, flag_names,
+                               log_to_stderr, run_command)
 from opt_deus_tool.data import ByteTokenizer, load_data, load_tokenizer
-from opt_deus_tool.runs import (KEEP_CHECKPOINTS, check_keep_checkpoints, find_checkpoints, read_trainer_state,
-                                resolve_checkpoint, saved_train_config, train_run)
-from opt_deus_core.train import TokenBlocks, TrainConfig, TrainError, TrainResult, rank_and_world, resolve_device, validate_config
+from opt_deus_tool.devices import resolve_device
+from opt_deus_tool.distributed import init_distributed, rank_and_world
+from opt_deus_tool.runs import (KEEP_CHECKPOINTS, check_config, check_keep_checkpoints, check_tokens, find_checkpoints,
+                                read_trainer_state, resolve_checkpoint, saved_train_config, train_run)
 
 SIGNALS_HELP = ("SIGINT (Ctrl-C) or SIGTERM (a scheduler's stop): the run says so at once, stops at the next "
                 "micro-batch (the unfinished step is dropped; under torchrun, at the end of the step), saves a "
@@ -38,16 +41,12 @@ SIGNALS_HELP = ("SIGINT (Ctrl-C) or SIGTERM (a scheduler's stop): the run says s
                 "exactly. A second signal stops at once. "
                 "Exit code 2: a bad request (one line on stderr; nothing written, no input touched).")
 DIST_TIMEOUT_S = 1800.0  # --dist-timeout's default
-# The TrainConfig fields with a flag of the same name (dashes for underscores); eps and timing_skip_steps have none.
-CONFIG_FLAGS = ("steps", "lr", "min_lr_ratio", "warmup_steps", "schedule", "decay_fraction", "batch_tokens",
-                "micro_batch_size", "block_size", "grad_clip", "weight_decay", "beta1", "beta2", "trainable",
-                "eval_every", "eval_batches", "log_every", "seed", "compile", "device", "checkpoint_every",
-                "stop_after")
-FLAGS = flag_names(*CONFIG_FLAGS, "keep_checkpoints", "byte_tokenizer", "eval_fraction", "cache_dir", "resume",
-                   "dist_timeout", out_dir="--out")
+# Every TrainConfig field is the flag of its name (dashes for underscores); a few more are the command's.
+FLAGS = flag_names(*(f.name for f in dataclasses.fields(TrainConfig)), "keep_checkpoints", "byte_tokenizer",
+                   "eval_fraction", "cache_dir", "resume", "dist_timeout", out_dir="--out")
 # Flags that may change on resume without changing what is computed; the rest come from the checkpoint.
 RESUME_OVERRIDES = ("steps", "device", "compile", "log_every", "eval_every", "eval_batches", "checkpoint_every",
-                    "keep_checkpoints", "stop_after")
+                    "keep_checkpoints", "stop_after", "timing_skip_steps")
 
 
 def build_train_parser() -> argparse.ArgumentParser:
@@ -55,7 +54,6 @@ def build_train_parser() -> argparse.ArgumentParser:
                               description="Train the new layers of a grown LLaMA (or any layers). "
                                           "`opt-deus-eval --help` for the evaluation command.",
                               epilog=SIGNALS_HELP)
-    d = TrainConfig  # every training flag's default is its TrainConfig field's
     p.add_argument("--model", help="Hugging Face checkpoint folder to start from (not needed with --resume)")
     p.add_argument("--data", nargs="+", help="CPT: text files/folders (.gz ok), JSONL with 'text'; "
                                              "SFT: Alpaca JSON/JSONL (default with --resume: the checkpoint's)")
@@ -66,71 +64,15 @@ def build_train_parser() -> argparse.ArgumentParser:
                                                        "(with --resume: the resumed run's folder)")
     p.add_argument("--cache-dir", default="runs/token_cache", help="where tokenised CPT data is cached")
     p.add_argument("--byte-tokenizer", action="store_true", help=BYTE_TOKENIZER_HELP)
-    p.add_argument("--steps", type=int, default=d.steps, help="optimizer steps the schedule spans")
-    p.add_argument("--lr", type=float, default=d.lr, help="peak learning rate")
-    p.add_argument("--min-lr-ratio", type=float, default=d.min_lr_ratio, help="final lr = lr x this")
-    p.add_argument("--warmup-steps", type=int, default=d.warmup_steps,
-                   help="linear warmup from lr/warmup_steps to lr (< --steps)")
-    p.add_argument("--schedule", choices=["wsd", "cosine"], default=d.schedule,
-                   help="learning-rate schedule: warmup-stable-decay or cosine")
-    p.add_argument("--decay-fraction", type=float, default=d.decay_fraction,
-                   help="wsd: the last fraction of the steps decays linearly to the final lr")
-    p.add_argument("--batch-tokens", type=int, default=d.batch_tokens,
-                   help="tokens per optimizer step (under torchrun: over all processes)")
-    p.add_argument("--micro-batch-size", type=int, default=d.micro_batch_size, help="sequences per forward/backward")
-    p.add_argument("--block-size", type=int, default=d.block_size,
-                   help="tokens per sequence (at most the model's max_position_embeddings)")
-    p.add_argument("--grad-clip", type=float, default=d.grad_clip, help="max global gradient norm (0: no clipping)")
-    p.add_argument("--weight-decay", type=float, default=d.weight_decay,
-                   help="AdamW weight decay (matrices only, never norm gains)")
-    p.add_argument("--beta1", type=float, default=d.beta1, help="AdamW beta1, in [0, 1)")
-    p.add_argument("--beta2", type=float, default=d.beta2, help="AdamW beta2, in [0, 1)")
-    p.add_argument("--trainable", default=d.trainable,
-                   help="'new' (config.json opt_deus.new_layers), 'all', or e.g. '3,7,11'")
-    p.add_argument("--eval-every", type=int, default=d.eval_every,
-                   help="steps between held-out evaluations (0: only at the end)")
-    p.add_argument("--eval-batches", type=int, default=d.eval_batches, help="micro-batches per evaluation")
-    p.add_argument("--log-every", type=int, default=d.log_every, help="steps between progress lines")
-    p.add_argument("--seed", type=int, default=d.seed,
-                   help="data order seed (>= 0): the data order is a function of (seed, step)")
-    p.add_argument("--compile", action="store_true", default=d.compile,
-                   help="torch.compile the loss computation (the saved module is uncompiled)")
-    p.add_argument("--device", default=d.device,
-                   help="auto (cuda if available, else cpu; LOCAL_RANK under torchrun), cpu, cuda:1, ...")
-    p.add_argument("--checkpoint-every", type=int, default=d.checkpoint_every,
-                   help="steps between checkpoints (0: only at the end)")
     p.add_argument("--keep-checkpoints", type=int, default=KEEP_CHECKPOINTS,
                    help="keep the newest N checkpoints (0: all); the last one written is never deleted")
-    p.add_argument("--stop-after", type=int, default=d.stop_after,
-                   help="end once this step is done, as if stopped (schedule unchanged)")
     p.add_argument("--resume", help="checkpoint folder (or run folder: its newest) to continue exactly, writing "
                                     "into the folder that holds it")
     p.add_argument("--dist-timeout", type=float, default=DIST_TIMEOUT_S,
                    help="torchrun: seconds any collective may wait for the other ranks before the run fails")
+    add_fields(p.add_argument_group("training (train.TrainConfig; checked by runs.check_config)"), TrainConfig,
+               types={"trainable": parse_trainable})
     return p
-
-
-def init_distributed(device_name: str, timeout_s: float) -> bool:
-    # torchrun sets WORLD_SIZE, RANK, LOCAL_RANK, MASTER_ADDR/PORT; a plain process sets none and keeps the
-    # single-process path. The timeout bounds every collective: a rank that died or hangs fails the others.
-    if "WORLD_SIZE" not in os.environ or torch.distributed.is_initialized():
-        return torch.distributed.is_initialized()
-    missing = [key for key in ("RANK", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT") if key not in os.environ]
-    if missing:
-        raise TrainError(f"WORLD_SIZE is set but {', '.join(missing)} {'is' if len(missing) == 1 else 'are'} not: "
-                         f"start the run with torchrun, or unset WORLD_SIZE")
-    device = resolve_device(device_name)
-    cuda = device.type == "cuda"
-    if cuda:
-        torch.cuda.set_device(device)
-    try:
-        torch.distributed.init_process_group("nccl" if cuda else "gloo", device_id=device if cuda else None,
-                                             timeout=datetime.timedelta(seconds=timeout_s))
-    except (torch.distributed.DistError, ValueError) as e:
-        where = f"{os.environ['MASTER_ADDR']}:{os.environ['MASTER_PORT']}"
-        raise TrainError(f"cannot join the other processes at {where} (WORLD_SIZE {os.environ['WORLD_SIZE']}): "
-                         f"{str(e).strip().splitlines()[0]}; start the run with torchrun") from None
-    return True
 
 
 def typed_flags(parser: argparse.ArgumentParser, argv: list[str]) -> set[str]:
@@ -142,14 +84,15 @@ def typed_flags(parser: argparse.ArgumentParser, argv: list[str]) -> set[str]:
 
 
 def parse_trainable(spec: str) -> str | list[int]:
+    # argparse type of --trainable: 'new', 'all' or comma-separated layer indices.
     if spec in ("new", "all"):
         return spec
     try:
         layers = [int(s) for s in spec.split(",") if s.strip()]
     except ValueError:
-        raise TrainError(f"--trainable {spec!r}: expected 'new', 'all' or comma-separated layer indices") from None
+        raise argparse.ArgumentTypeError(f"{spec!r}: expected 'new', 'all' or comma-separated layer indices") from None
     if not layers:
-        raise TrainError("--trainable: empty layer list")
+        raise argparse.ArgumentTypeError("empty layer list")
     return layers
 
 
@@ -162,7 +105,7 @@ def resume_config(flags: argparse.Namespace, typed: set[str], checkpoint: Path, 
     conflicts = []
     for name in typed - set(RESUME_OVERRIDES):
         if hasattr(saved, name):
-            value = parse_trainable(flags.trainable) if name == "trainable" else getattr(flags, name)
+            value = getattr(flags, name)
             if value != getattr(saved, name):
                 conflicts.append(f"{FLAGS[name]} {value} (checkpoint: {getattr(saved, name)})")
     if "task" in typed and flags.task != run.get("task", "cpt"):
@@ -177,10 +120,11 @@ def resume_config(flags: argparse.Namespace, typed: set[str], checkpoint: Path, 
                          f"--data, --eval-data and --cache-dir may be given")
     # stop_after belongs to the run that stopped, not to the training: a resumed run goes on to `steps`.
     overrides = {k: getattr(flags, k) for k in RESUME_OVERRIDES if k in typed and k != "keep_checkpoints"}
-    config = dataclasses.replace(saved, **{"stop_after": None, **overrides})
-    if isinstance(config.steps, int) and config.steps <= state["step"]:  # before the checks that --steps bounds
-        raise TrainError(f"--resume {flags.resume}: already at step {state['step']} of --steps {config.steps}; "
+    steps = overrides.get("steps", saved.steps)
+    if steps <= state["step"]:  # before check_config, which --steps bounds
+        raise TrainError(f"--resume {flags.resume}: already at step {state['step']} of --steps {steps}; "
                          f"pass a larger --steps to continue")
+    config = check_config(dataclasses.replace(saved, **{"stop_after": None, **overrides}))
     return config, flags.keep_checkpoints if "keep_checkpoints" in typed else keep
 
 
@@ -245,8 +189,7 @@ def run_training(flags: argparse.Namespace, typed: set[str]) -> TrainResult:
     else:
         if not flags.model:
             raise TrainError("--model is required (or --resume)")
-        values = {name: getattr(flags, name) for name in CONFIG_FLAGS}
-        config = TrainConfig(**{**values, "trainable": parse_trainable(flags.trainable)})
+        config = check_config(TrainConfig(**field_values(flags, TrainConfig)))
         keep, model_dir, task = flags.keep_checkpoints, Path(flags.model), flags.task
         data_paths, eval_paths = flags.data, flags.eval_data
         eval_fraction, cache_dir, copy_from = flags.eval_fraction, flags.cache_dir, Path(flags.model)
@@ -266,11 +209,10 @@ def run_training(flags: argparse.Namespace, typed: set[str]) -> TrainResult:
                                  f"input {flag} {source}; choose a cache folder outside every input")
     if not 0 <= eval_fraction < 1:
         raise TrainError(f"--eval-fraction {eval_fraction} must be in [0, 1)")
-    validate_config(config)
     check_keep_checkpoints(keep)
 
-    distributed = init_distributed(config.device, flags.dist_timeout)
-    rank, world = rank_and_world()
+    dist = init_distributed(config.device, flags.dist_timeout)  # None: one process (train.OneProcess)
+    distributed, (rank, world) = dist is not None, rank_and_world()
     if rank:
         log = lambda *a: None  # noqa: E731  (only rank 0 prints)
     # Under torchrun the weights load on the CPU and fully_shard moves each rank's shard to the device.
@@ -292,7 +234,7 @@ def run_training(flags: argparse.Namespace, typed: set[str]) -> TrainResult:
             raise TrainError(f"{what}: token id {largest} does not fit the model's vocab_size {model.args.vocab_size} "
                              f"(a tokenizer that does not belong to {model_dir}?)")
     if task == "cpt":
-        TokenBlocks(data, config.block_size, ", ".join(map(str, data_paths)))  # at least one block, or a clear error
+        check_tokens(data, config.block_size, ", ".join(map(str, data_paths)))  # at least one block
     if eval_data is None and eval_fraction > 0:
         # Hold out the tail: whole blocks of the token stream, or whole examples.
         n = len(data) if task == "sft" else (len(data) - 1) // config.block_size
@@ -312,7 +254,7 @@ def run_training(flags: argparse.Namespace, typed: set[str]) -> TrainResult:
            "model": str(model_dir), "tokenizer": tokenizer.name, "world_size": world,
            "run_id": run.get("run_id") or uuid.uuid4().hex}  # rank 0's is the one saved
     result = train_run(model, data, config, eval_data, out_dir=out, metrics_path=out / "metrics.jsonl",
-                       keep_checkpoints=keep, resume_from=resume, run=run, log=log)
+                       keep_checkpoints=keep, resume_from=resume, run=run, log=log, dist=dist)
     if not rank:
         print(json.dumps({"step": result.step, "final_loss": result.final_loss, "eval_loss": result.eval_loss,
                           "eval_perplexity": result.eval_perplexity, "tokens_per_s": result.tokens_per_s,
@@ -345,11 +287,6 @@ def train_command(argv: list[str]) -> int:
 def main(argv: list[str] | None = None) -> int:
     from_shell = argv is None
     argv = sys.argv[1:] if from_shell else [str(a) for a in argv]
-    if argv[:1] == ["eval"]:
-        from opt_deus_tool.eval_cli import main as eval_main
-        return eval_main(argv[1:])
-    if argv[:1] == ["train"]:
-        argv = argv[1:]
     code = run_command("opt-deus-train", lambda: train_command(argv), FLAGS)
     if from_shell and "WORLD_SIZE" in os.environ:
         # The command line under torchrun: leave without interpreter teardown, where gloo's threads now

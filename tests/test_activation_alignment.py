@@ -6,11 +6,11 @@ import pytest
 import torch
 
 from opt_deus_core.model import Block, Transformer
-from opt_deus_core.opt_deus import CalibrationPass, GrowthError, GrowthOptions, grow, make_new_block, structured_fuse
+from opt_deus_core.opt_deus import GrowthError, GrowthOptions, block_activations, grow, make_new_block, structured_fuse
 from opt_deus_tool.checkpoint import BLOCK_KEYS, load_pretrained, save_pretrained
-from opt_deus_tool.grow_cli import calibration_pass, grow_checkpoint, main
+from opt_deus_tool.grow_cli import build_parser, calibration_pass, grow_checkpoint, main
 from opt_deus_tool.checkpoint import CheckpointReader
-from test_opt_deus import heads, permute_block, random_model, tiny_args
+from test_opt_deus import heads, permute_block, plan, random_model, tiny_args
 from test_fusion import unit_block
 
 TOKENS = torch.randint(0, 61, (2, 24), generator=torch.Generator().manual_seed(0))
@@ -20,10 +20,7 @@ def record_of(tensors: dict, args, x: torch.Tensor) -> dict:
     block = Block(args)
     block.load_state_dict(tensors)
     cos, sin = Transformer(args).embed(torch.zeros(1, x.shape[1], dtype=torch.long))[1:]
-    record = {}
-    with torch.no_grad():
-        block(x, cos, sin, record)
-    return record
+    return block_activations(block, x, cos, sin)[1]
 
 
 @pytest.mark.parametrize("kv_heads, group, seed", [(1, 3, 0), (2, 2, 1), (3, 1, 2)])
@@ -35,13 +32,13 @@ def test_activation_alignment_of_a_permuted_copy_gives_back_the_block(kv_heads, 
     b = permute_block(a, args, torch.Generator().manual_seed(seed + 10))
     x = torch.randn(2, 12, args.hidden_size, generator=torch.Generator().manual_seed(seed))
     activations = (record_of(a, args, x), record_of(b, args, x))
-    fused, report = structured_fuse(a, b, *heads(args), epsilon=0.0, activations=activations)
+    fused, report = structured_fuse(a, b, *heads(args), plan(0.0), activations)
     for key in BLOCK_KEYS:
         torch.testing.assert_close(fused[key], b[key], rtol=0, atol=1e-5, msg=key)
     # ... and weights and activations may disagree: here the costs were not the weights' (a mutant using weights
     # passes only because a permuted copy is found both ways), so pin that the records were read
     with pytest.raises(KeyError):
-        structured_fuse(a, b, *heads(args), epsilon=0.0, activations=({}, {}))
+        structured_fuse(a, b, *heads(args), plan(0.0), ({}, {}))
 
 
 def test_calibration_pass_hidden_states_are_the_models_own_forward(tmp_path):
@@ -57,25 +54,37 @@ def test_calibration_pass_hidden_states_are_the_models_own_forward(tmp_path):
         h.remove()
     with torch.no_grad():
         hidden, cos, sin = model.embed(TOKENS[:1])
-    in_memory = CalibrationPass(hidden, lambda i, tensors, x, record: model.layers[i](x, cos, sin, record))
     reader = CheckpointReader(tmp_path / "base")
-    streaming = calibration_pass(reader, TOKENS[:1], "cpu")
+    streamed, run_block = calibration_pass(reader, TOKENS[:1], "cpu")
+    in_memory = hidden
     for i, expected in enumerate(seen):
-        own_record = {}  # and the records: what the model's own block records on the same input, bit for bit
+        # and the records: what the model's own block computes on the same input, bit for bit
         with torch.no_grad():
-            model.layers[i](in_memory.hidden, cos, sin, own_record)
-        records = in_memory(i, model.layers[i].state_dict()), streaming(i, reader.block(i))
-        assert torch.equal(in_memory.hidden, expected) and torch.equal(streaming.hidden, expected), i
-        for record in records:
-            assert record.keys() == own_record.keys() and all(torch.equal(record[k], v) for k, v in own_record.items())
+            own = {"self_attn.heads": [], "mlp.swiglu": []}
+            hooks = [model.layers[i].self_attn.o_proj.register_forward_pre_hook(
+                         lambda m, a: own["self_attn.heads"].append(a[0].float())),
+                     model.layers[i].mlp.down_proj.register_forward_pre_hook(
+                         lambda m, a: own["mlp.swiglu"].append(a[0].float()))]
+            model.layers[i](in_memory, cos, sin)
+            for h in hooks:
+                h.remove()
+        (in_memory, mine), (streamed, theirs) = (block_activations(model.layers[i], in_memory, cos, sin),
+                                                 run_block(i, reader.block(i), streamed))
+        assert torch.equal(in_memory, expected) and torch.equal(streamed, expected), i
+        for record in (mine, theirs):
+            assert sorted(record) == sorted(["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj",
+                                             "self_attn.o_proj", "self_attn.heads", "mlp.gate_proj", "mlp.up_proj",
+                                             "mlp.down_proj", "mlp.swiglu"])
+            assert all(torch.equal(record[k], v[0]) for k, v in own.items())
+            assert all(torch.equal(record[k], mine[k]) for k in mine)
 
 
 def test_out_scale_0_is_zero_init_bit_for_bit_and_1_is_no_zero_init():
     base = random_model(tiny_args(), seed=1)
     for method in ("opt", "avg", "llama-pro"):
-        zero, _ = grow(base, 2, options=GrowthOptions(method=method, zero_init=True))
+        zero, _ = grow(base, 2, options=GrowthOptions(method=method, out_scale=0.0))
         scaled0, _ = grow(base, 2, options=GrowthOptions(method=method, out_scale=0.0))
-        plain, _ = grow(base, 2, options=GrowthOptions(method=method, zero_init=False))
+        plain, _ = grow(base, 2, options=GrowthOptions(method=method, out_scale=1.0))
         scaled1, _ = grow(base, 2, options=GrowthOptions(method=method, out_scale=1.0))
         half, _ = grow(base, 2, options=GrowthOptions(method=method, out_scale=0.5))
         for (name, z), s0, p, s1, h in zip(zero.state_dict().items(), scaled0.state_dict().values(),
@@ -88,12 +97,20 @@ def test_out_scale_0_is_zero_init_bit_for_bit_and_1_is_no_zero_init():
             assert torch.equal(scaled0(TOKENS), base(TOKENS))  # out_scale 0 keeps the function
 
 
-def test_out_scale_and_zero_init_must_agree():
-    with pytest.raises(GrowthError, match="`out_scale`"):
-        GrowthOptions(zero_init=True, out_scale=0.5)
+def test_out_scale_is_the_one_number_and_zero_init_its_spelling(tmp_path):
+    # out_scale is the one field; zero_init reads it; the command line's --zero-init / --no-zero-init spell 0 / 1
+    # and may not be combined with --out-scale.
+    assert GrowthOptions(out_scale=0.0).out_scale == 0 and GrowthOptions(method="avg").out_scale == 1
+    with pytest.raises(SystemExit) as exit_:
+        main(["--base", str(tmp_path), "--out", str(tmp_path / "o"), "--new-layers", "1", "--zero-init",
+              "--out-scale", "0.5"])
+    assert exit_.value.code == 2
+    spelled = {flag: build_parser().parse_args(["--base", "b", "--out", "o", *flag.split()]).out_scale
+               for flag in ("--zero-init", "--no-zero-init", "--out-scale 0.3", "")}
+    assert spelled == {"--zero-init": 0.0, "--no-zero-init": 1.0, "--out-scale 0.3": 0.3, "": None}
     with pytest.raises(GrowthError, match="`out_scale`"):
         GrowthOptions(out_scale=-1.0)
-    assert GrowthOptions(method="opt", out_scale=0.25).zero_init is False
+    assert GrowthOptions(method="opt", out_scale=0.25).out_scale == 0.25
     with pytest.raises(GrowthError, match="`cost`"):
         GrowthOptions(align="published", cost="activations")
 
@@ -136,7 +153,7 @@ def test_structured_mlp_plan_follows_the_swiglu_outputs():
     record_a = record_of(a, args, x)
     perm = torch.randperm(args.intermediate_size, generator=torch.Generator().manual_seed(1))
     record_b = {**record_a, "mlp.swiglu": record_a["mlp.swiglu"][..., perm]}
-    fused, _ = structured_fuse(a, a, *heads(args), epsilon=0.0, activations=(record_a, record_b))
+    fused, _ = structured_fuse(a, a, *heads(args), plan(0.0), (record_a, record_b))
     gate = a["mlp.gate_proj.weight"]
     torch.testing.assert_close(fused["mlp.gate_proj.weight"], (gate[perm] + gate) / 2, rtol=0, atol=1e-6)
 

@@ -19,6 +19,7 @@ import signal
 import subprocess
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -29,12 +30,12 @@ from test_bad_input import (ENV, TINY, assert_refused, call, command, edit_confi
 from opt_deus_core import sinkhorn
 from opt_deus_core import train
 from opt_deus_core.model import ModelArgs, Transformer
-from opt_deus_core.opt_deus import GrowthError, GrowthOptions, grow
+from opt_deus_core.opt_deus import GrowthError
 from opt_deus_tool import CheckpointError, eval_cli, grow_cli, train_cli
 from opt_deus_tool.checkpoint import CheckpointReader, load_pretrained, save_pretrained
 from opt_deus_tool.data import ByteTokenizer, tokenize_to_cache
 from opt_deus_tool.grow_cli import grow_checkpoint
-from opt_deus_tool.runs import RunFolder, find_checkpoints
+from opt_deus_tool.runs import RunFolder, find_checkpoints, train_run
 
 DEEP = "[" * 100_000 + "]" * 100_000  # a RecursionError for a recursive JSON reader
 HUGE_INT = "1" * 5000  # beyond Python's 4300-digit int conversion limit
@@ -137,6 +138,7 @@ RESUME_TAMPERING = {
     "state_data_list": lambda c: edit_state(c, lambda s: {**s, "data": [1]}),
     "state_trainable_params_int": lambda c: edit_state(c, lambda s: {**s, "trainable_params": 3}),
     "state_step_negative": lambda c: edit_state(c, lambda s: {**s, "step": -5}),
+    "state_config_steps_text": lambda c: edit_state(c, lambda s: {**s, "config": {**s["config"], "steps": "4"}}),
     "state_deep": lambda c: (c / "trainer_state.json").write_text(DEEP),
     "metrics_corrupt_middle": lambda c: corrupt_metrics(c.parent),
 }
@@ -147,6 +149,7 @@ RESUME_MESSAGES = {
     "state_not_utf8": "not UTF-8", "state_no_config": "config is NoneType", "state_run_string": "run is not an object",
     "state_data_list": "data is list", "state_trainable_params_int": "trainable_params is int",
     "state_step_negative": "step -5 is not a count", "state_deep": "nested too deeply",
+    "state_config_steps_text": "config steps '4' is not an integer",
     "metrics_corrupt_middle": "damaged before its last line",
 }
 
@@ -438,7 +441,7 @@ def test_second_sigint_says_what_the_run_folder_keeps(tmp_path):
                        run={"run_id": "x"}, log=lambda *a: None)
     with pytest.raises(KeyboardInterrupt, match="keeps run.json, metrics.jsonl"):
         with folder:
-            folder.start({"config": {}, "step": 0})
+            folder.start(SimpleNamespace(c=train.TrainConfig()))  # a train loop at step 0
             raise KeyboardInterrupt
     assert (tmp_path / "run" / "run.json").is_file()
 
@@ -495,7 +498,6 @@ def api_cases(c):
         return train.TrainConfig(**{**dict(steps=2, warmup_steps=1, batch_tokens=128, micro_batch_size=2,
                                            block_size=32, eval_every=0, device="cpu"), **kw})
 
-    meta_model = Transformer(tiny_model().args).to("meta")
     return [
         ("save_pretrained-over-its-source-folder", lambda: save_pretrained(load_pretrained(base), base),
          CheckpointError, "already exists"),
@@ -503,17 +505,13 @@ def api_cases(c):
          "already exists"),
         ("save_pretrained-overwrite-user-files", lambda: save_pretrained(tiny_model(), r / "notes", overwrite=True),
          CheckpointError, "no config.json of a model"),
-        ("train-float-tokens", lambda: train.train(tiny_model(), tokens(dtype=np.float32), cfg()), train.TrainError,
+        ("train-float-tokens", lambda: train_run(tiny_model(), tokens(dtype=np.float32), cfg()), train.TrainError,
          "must be a 1-D integer array"),
-        ("train-negative-ids", lambda: train.train(tiny_model(), tokens(-3, 10), cfg()), train.TrainError,
+        ("train-negative-ids", lambda: train_run(tiny_model(), tokens(-3, 10), cfg()), train.TrainError,
          "outside the vocabulary"),
-        ("train-ids-beyond-vocab", lambda: train.train(tiny_model(), tokens(0, 400), cfg()), train.TrainError,
+        ("train-ids-beyond-vocab", lambda: train_run(tiny_model(), tokens(0, 400), cfg()), train.TrainError,
          "outside the vocabulary"),
-        ("train-no-model", lambda: train.train(None, tokens(), cfg()), train.TrainError, "`model` must be"),
-        ("options-epsilon-true", lambda: GrowthOptions(epsilon=True), GrowthError, "`epsilon` must be a number"),
-        ("options-zero-init-text", lambda: GrowthOptions(zero_init="yes"), GrowthError, "`zero_init` must be True"),
-        ("grow-a-path", lambda: grow("some/folder", 2), GrowthError, "must be a model.Transformer"),
-        ("grow-meta-model", lambda: grow(meta_model, 2), GrowthError, "meta device"),
+        ("train-no-model", lambda: train_run(None, tokens(), cfg()), train.TrainError, "`model` must be"),
         ("load_pretrained-dtype-string", lambda: load_pretrained(base, dtype="float32"), CheckpointError, "`dtype`"),
         ("load_pretrained-mixed-dtype", lambda: load_pretrained(r / "mixed_dtype"), CheckpointError, "mix dtypes"),
         ("sinkhorn-meta-cost", lambda: sinkhorn.sinkhorn(torch.zeros(4, 4, device="meta"), epsilon=0.1), ValueError,

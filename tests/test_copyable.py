@@ -88,7 +88,7 @@ def test_opt_deus_with_sinkhorn_alone_fuses_two_blocks_every_way(tmp_path):
         blocks = torch.load({str(tmp_path / "blocks.pt")!r})
         args = types.SimpleNamespace(num_attention_heads=4, num_key_value_heads=2, head_dim=4)
         fused = {{f"{{m}}/{{al}}": make_new_block([blocks["a"], blocks["b"]], args,
-                                                GrowthOptions(method=m, align=al, zero_init=False, max_iter=200))[0]
+                                                GrowthOptions(method=m, align=al, out_scale=1.0, max_iter=200))[0]
                  for m, al in {CASES!r}}}
         torch.save(fused, {str(tmp_path / "fused.pt")!r})
     """)
@@ -97,7 +97,7 @@ def test_opt_deus_with_sinkhorn_alone_fuses_two_blocks_every_way(tmp_path):
                      num_key_value_heads=2, head_dim=4)
     assert sorted(lifted) == sorted(f"{m}/{al}" for m, al in CASES)
     for method, align in CASES:
-        options = opt_deus.GrowthOptions(method=method, align=align, zero_init=False, max_iter=200)
+        options = opt_deus.GrowthOptions(method=method, align=align, out_scale=1.0, max_iter=200)
         ours, _ = opt_deus.make_new_block([a, b], args, options)
         for key in BLOCK_KEYS:
             assert torch.equal(lifted[f"{method}/{align}"][key], ours[key]), (method, align, key)

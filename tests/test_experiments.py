@@ -222,7 +222,7 @@ def test_a_zero_init_arm_that_moves_the_function_stops_the_study(monkeypatch):
 
 
 def test_missing_method_is_skipped_with_a_note(monkeypatch):
-    monkeypatch.setitem(common.METHODS, "opt-nope", dict(method="opt", align="no-such-alignment"))
+    monkeypatch.setitem(common.ARM_OPTIONS, "opt-nope", dict(method="opt", align="no-such-alignment"))
     notes = []
     kept = common.available_methods(("opt-nope", "avg-zero"), log=notes.append)
     assert kept == ("avg-zero",) and "opt-nope" in notes[0]

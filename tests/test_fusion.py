@@ -2,7 +2,7 @@
 
 With zero-init on, a new layer's o_proj and down_proj are zero and the grown model computes the base
 function whatever the other fused weights are, so the output-equivalence tests cannot see a wrong
-fusion. These tests pin every tensor of a new layer made by make_new_block (zero_init=False).
+fusion. These tests pin every tensor of a new layer made by make_new_block (out_scale=1.0).
 """
 
 import pytest
@@ -43,7 +43,7 @@ def assert_fused_equal(fused_weight, expected, epsilon, key):
 
 
 def fused(sources: list[dict], method="opt", align="structured", epsilon=None, args=ARGS) -> dict:
-    options = GrowthOptions(method=method, align=align, epsilon=epsilon, zero_init=False)
+    options = GrowthOptions(method=method, align=align, epsilon=epsilon, out_scale=1.0)
     block, _ = make_new_block(sources, args, options)
     assert set(block) == set(BLOCK_KEYS)
     return block

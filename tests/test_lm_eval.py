@@ -43,7 +43,7 @@ def tiny_folders(smollm2_dir, tmp_path_factory):
     # std 0.5, not the default 0.02: logits of a few nats, so a choice's log-likelihood depends on every weight
     # (near-uniform logits would hide a wrong RoPE or norm from test (b)).
     base = Transformer(tiny_args()).init_weights(torch.Generator().manual_seed(0), std=0.5)
-    grown, report = grow(base, 2, options=GrowthOptions(method="opt", zero_init=True))
+    grown, report = grow(base, 2, options=GrowthOptions(method="opt", out_scale=0.0))
     assert len(grown.layers) == 4 and report["new_layers"]
     save_pretrained(base, root / "base", copy_files_from=smollm2_dir)
     save_pretrained(grown, root / "grown", copy_files_from=smollm2_dir)

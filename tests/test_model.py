@@ -132,9 +132,11 @@ def test_rejects_missing_folder_and_config(tmp_path):
 
 
 @pytest.mark.parametrize("key, value, message", [
-    ("model_type", "mistral", "only LLaMA"),
-    ("attention_bias", True, "attention_bias"),
+    ("model_type", "gemma", "model_type='gemma' is not supported"),
+    ("model_type", "qwen2_moe", "model_type='qwen2_moe' is not supported"),
+    ("model_type", "llama4", "model_type='llama4' is not supported"),
     ("sliding_window", 4096, "sliding_window"),
+    ("layer_types", ["full_attention"] * 2, "layer_types"),
     ("num_local_experts", 8, "num_local_experts"),
     ("rope_parameters", {"rope_type": "yarn", "rope_theta": 1e4, "factor": 2.0}, "yarn"),
 ])
@@ -156,7 +158,7 @@ def test_rejects_missing_extra_and_misshaped_tensors(tiny_dir):
         load_pretrained(tiny_dir)
 
     save_file({**tensors, "model.layers.0.self_attn.q_proj.bias": torch.zeros(16)}, tiny_dir / "model.safetensors")
-    with pytest.raises(CheckpointError, match="q_proj.bias.*biases are not supported"):
+    with pytest.raises(CheckpointError, match="q_proj.bias.*not part of a llama model with this config"):
         load_pretrained(tiny_dir)
 
     save_file({**tensors, key: torch.zeros(24, 15)}, tiny_dir / "model.safetensors")

@@ -1,6 +1,7 @@
 """The two claims growth rests on: output equivalence and permutation invariance."""
 
 import dataclasses
+import functools
 import json
 import subprocess
 import sys
@@ -8,12 +9,13 @@ from pathlib import Path
 
 import pytest
 import torch
+import torch.nn.functional as F
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from opt_deus_core.model import Block, ModelArgs, Transformer, rope_cos_sin
-from opt_deus_core.opt_deus import (DEFAULT_EPSILON, GrowthError, GrowthOptions, grow, insert_after_for, make_layout, paper_fuse,
-                      structured_fuse, transport)
+from opt_deus_core.opt_deus import (DEFAULT_EPSILON, GrowthError, GrowthOptions, grow, growth_layout, insert_after_for,
+                                    make_layout, move_units, paper_fuse, structured_fuse, transport)
 from opt_deus_tool.checkpoint import load_pretrained, save_pretrained
 from opt_deus_tool.grow_cli import grow_checkpoint, main
 
@@ -98,12 +100,12 @@ def test_positions_fill_every_gap_equally_and_place_the_remainder_where_named(ba
     assert sum(s.new for s in layout) == new
 
 
-@pytest.mark.parametrize("call, message", [
-    (lambda: insert_after_for("top", 8, 0), "must be positive"),
-    (lambda: insert_after_for("top", 1, 1), "no gap"),
-    (lambda: make_layout("opt", 8, [7]), "out of range"),
-    (lambda: make_layout("opt", 8, [-1]), "out of range"),
-    (lambda: make_layout("solar", 8, None, 9), "at most all 8"),
+@pytest.mark.parametrize("call, message", [  # growth_layout: the one check of a request's positions
+    (lambda: growth_layout(GrowthOptions(), 8, 0, "top", None), "must be a positive"),
+    (lambda: growth_layout(GrowthOptions(), 1, 1, "top", None), "no gap"),
+    (lambda: growth_layout(GrowthOptions(), 8, None, None, [7]), "out of range"),
+    (lambda: growth_layout(GrowthOptions(), 8, None, None, [-1]), "out of range"),
+    (lambda: growth_layout(GrowthOptions(method="solar"), 8, 9, None, None), "at most all 8"),
 ])
 def test_bad_positions(call, message):
     with pytest.raises(GrowthError, match=message):
@@ -138,7 +140,7 @@ def growth_cases(draw):
 def test_zero_init_growth_preserves_the_function(case, tmp_path_factory):
     args, method, align, new, insert_after, epsilon, seed = case
     base = random_model(args, seed)
-    options = GrowthOptions(method=method, align=align, epsilon=epsilon, zero_init=True)
+    options = GrowthOptions(method=method, align=align, epsilon=epsilon, out_scale=0.0)
     grown, report = grow(base, new, insert_after=insert_after, options=options)
     assert len(grown.layers) == args.num_hidden_layers + new
     assert len(report["new_layers"]) == new
@@ -160,7 +162,7 @@ def test_new_layers_are_not_trivial():
     base = random_model(tiny_args())
     tokens = torch.randint(0, 61, (1, 10))
     for method in ("opt", "avg"):
-        grown, report = grow(base, 1, insert_after=[1], options=GrowthOptions(method=method, zero_init=False))
+        grown, report = grow(base, 1, insert_after=[1], options=GrowthOptions(method=method, out_scale=1.0))
         new = grown.layers[report["new_layers"][0]]
         assert new.self_attn.o_proj.weight.abs().sum() > 0 and new.self_attn.q_proj.weight.abs().sum() > 0
         with torch.no_grad():
@@ -171,31 +173,30 @@ def test_new_layers_are_not_trivial():
 # Permutation invariance
 
 
-def permute_block(block: dict, args: ModelArgs, generator: torch.Generator) -> dict:
-    """A random symmetry of a block: kv groups with their query heads, query heads inside a group,
-    value dimensions with the o_proj columns that read them, MLP neurons."""
-    G, d, h = args.num_key_value_heads, args.head_dim, args.hidden_size
+def symmetry_plans(args: ModelArgs, generator: torch.Generator) -> dict:
+    """move_units' plans for a random symmetry of a block: kv groups with their query heads, query heads
+    inside a group, value dimensions with the o_proj columns that read them, MLP neurons. New group b is
+    old group groups[b]; its head j old head heads[b, j], its value dim t old dim dims[b, t]."""
+    G, d = args.num_key_value_heads, args.head_dim
     r = args.num_attention_heads // G
-    group = torch.randperm(G, generator=generator)
-    heads = torch.stack([torch.randperm(r, generator=generator) for _ in range(G)])  # per new group
-    value = torch.stack([torch.randperm(d, generator=generator) for _ in range(G)])
-    q = block["self_attn.q_proj.weight"].view(G, r, d, h)[group]
-    q = torch.stack([q[g, heads[g]] for g in range(G)])
-    k = block["self_attn.k_proj.weight"].view(G, d, h)[group]
-    v = block["self_attn.v_proj.weight"].view(G, d, h)[group]
-    v = torch.stack([v[g, value[g]] for g in range(G)])
-    o = block["self_attn.o_proj.weight"].view(h, G, r, d)[:, group]
-    o = torch.stack([o[:, g][:, heads[g]][:, :, value[g]] for g in range(G)], 1)
+    groups = torch.randperm(G, generator=generator)
+    heads = torch.stack([torch.randperm(r, generator=generator) for _ in range(G)])
+    dims = torch.stack([torch.randperm(d, generator=generator) for _ in range(G)])
     neurons = torch.randperm(args.intermediate_size, generator=generator)
-    out = dict(block)
-    out.update({
-        "self_attn.q_proj.weight": q.reshape(-1, h), "self_attn.k_proj.weight": k.reshape(-1, h),
-        "self_attn.v_proj.weight": v.reshape(-1, h), "self_attn.o_proj.weight": o.reshape(h, -1),
-        "mlp.gate_proj.weight": block["mlp.gate_proj.weight"][neurons],
-        "mlp.up_proj.weight": block["mlp.up_proj.weight"][neurons],
-        "mlp.down_proj.weight": block["mlp.down_proj.weight"][:, neurons],
-    })
-    return out
+    onehot = lambda perm, n: F.one_hot(perm, n).transpose(-1, -2).float()  # [old, new] = 1  # noqa: E731
+    return {"kv_groups": onehot(groups, G), "query_heads": onehot(heads, r)[None].expand(G, -1, -1, -1),
+            "value_dims": onehot(dims, d)[None].expand(G, -1, -1, -1),
+            "mlp_neurons": onehot(neurons, args.intermediate_size)}
+
+
+def permute_block(block: dict, args: ModelArgs, generator: torch.Generator) -> dict:
+    # A random symmetry of a block, by the helper structured fusion applies its plans with.
+    return {**block, **move_units(block, symmetry_plans(args, generator), args.num_key_value_heads, args.head_dim)}
+
+
+def plan(epsilon: float, relative: bool = True):
+    # The plan function structured_fuse / paper_fuse take: Sinkhorn at epsilon (0: exact assignment).
+    return functools.partial(transport, epsilon=epsilon, relative=relative)
 
 
 def heads(args: ModelArgs) -> tuple[int, int, int]:
@@ -241,7 +242,7 @@ def test_structured_fusion_with_a_permuted_copy_gives_back_the_block(arch):
     permuted = permute_block(block, args, torch.Generator().manual_seed(seed + 1))
     # exact assignment: exactly the block; default Sinkhorn: the block within the plan's blur
     for epsilon, tolerance in ((0.0, 1e-6), (DEFAULT_EPSILON["structured"], 1e-4)):
-        fused, _ = structured_fuse(permuted, block, *heads(args), epsilon)
+        fused, _ = structured_fuse(permuted, block, *heads(args), plan(epsilon))
         for key in block:
             assert torch.allclose(fused[key], block[key], atol=tolerance), (epsilon, key)
 
@@ -254,9 +255,9 @@ def test_structured_fusion_is_invariant_to_symmetries_of_either_layer(arch):
     kv_heads, group, head_dim, seed = arch
     args = tiny_args(kv_heads, group, head_dim)
     a, b = random_block(args, seed), random_block(args, seed + 7)
-    fused, _ = structured_fuse(a, b, *heads(args), epsilon=0.05)
+    fused, _ = structured_fuse(a, b, *heads(args), plan(0.05))
     fused_permuted, _ = structured_fuse(permute_block(a, args, torch.Generator().manual_seed(seed)), b, *heads(args),
-                                        epsilon=0.05)
+                                        plan(0.05))
     for key in fused:
         assert torch.allclose(fused[key], fused_permuted[key], atol=1e-5), key
 
@@ -272,7 +273,7 @@ def test_paper_alignment_is_not_invariant_and_how():
     args = tiny_args(kv_heads=2, group=2)
     block = random_block(args, 3)
     permuted = permute_block(block, args, torch.Generator().manual_seed(4))
-    fused, report = paper_fuse(permuted, block, epsilon=0.0)
+    fused, report = paper_fuse(permuted, block, plan(0.0, relative=False))
     x = torch.randn(2, 9, args.hidden_size, generator=torch.Generator().manual_seed(5))
     for key in ("self_attn.q_proj.weight", "self_attn.k_proj.weight", "self_attn.v_proj.weight"):
         assert torch.allclose(fused[key], block[key])
@@ -283,7 +284,7 @@ def test_paper_alignment_is_not_invariant_and_how():
     update = block_output(block, args, x) - x
     error = (block_output(fused, args, x) - x - update).norm() / update.norm()
     assert error > 0.1
-    structured, _ = structured_fuse(permuted, block, *heads(args), epsilon=0.0)
+    structured, _ = structured_fuse(permuted, block, *heads(args), plan(0.0))
     assert (block_output(structured, args, x) - block_output(block, args, x)).abs().max() < 1e-5
 
 
@@ -336,7 +337,7 @@ def test_cli_output_loads_in_transformers(tiny_checkpoint, tmp_path, method, ext
         assert difference > 1e-4
     # streaming and in-memory growth make the same model
     in_memory, _ = grow(load_pretrained(tiny_checkpoint), 2, options=GrowthOptions(
-        method=method, align=config["opt_deus"]["align"] or "structured", zero_init=config["opt_deus"]["zero_init"],
+        method=method, align=config["opt_deus"]["align"] or "structured", out_scale=config["opt_deus"]["out_scale"],
         normalize_plan=config["opt_deus"]["normalize_plan"] is not False))
     streamed = load_pretrained(out)
     for (name, a), (_, b) in zip(in_memory.state_dict().items(), streamed.state_dict().items()):
@@ -403,7 +404,7 @@ def smollm2_short(smollm2_dir):
 @pytest.mark.parametrize("method, align", ZERO_INIT_CASES)
 def test_smollm2_growth_preserves_logits(smollm2_short, method, align):
     grown, report = grow(smollm2_short, 2, position="top" if method != "solar" else None,
-                         options=GrowthOptions(method=method, align=align, zero_init=True))
+                         options=GrowthOptions(method=method, align=align, out_scale=0.0))
     tokens = torch.tensor([[1, 504, 3458, 282, 4649, 314, 7042, 30, 2]])
     with torch.no_grad():
         assert torch.equal(grown(tokens), smollm2_short(tokens))

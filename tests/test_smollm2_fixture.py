@@ -11,8 +11,9 @@ import pytest
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 
-# These test tests/smollm2.py's GGUF converter against transformers and exercise no project code,
-# so they stay out of the default suite (run them with -m slow after changing the converter).
+# These test the GGUF converter (opt_deus_tool/gguf.py, as tests/smollm2.py runs it on SmolLM2) against
+# transformers and exercise nothing else of the project, so they stay out of the default suite (run them with
+# -m slow after changing the converter; tests/test_gguf.py checks it on small files in the default suite).
 pytestmark = pytest.mark.slow
 
 # Plain English prose used when ../shared/data/austen is absent.

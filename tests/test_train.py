@@ -22,8 +22,8 @@ from opt_deus_core import train
 from opt_deus_core.model import ModelArgs, Transformer
 from opt_deus_tool import data as data_io
 from opt_deus_tool.checkpoint import load_pretrained, save_pretrained
-from opt_deus_tool.runs import find_checkpoints, train_run
-from opt_deus_tool.train_cli import CONFIG_FLAGS, build_train_parser, parse_trainable
+from opt_deus_tool.runs import check_config, check_trainable, find_checkpoints, train_run, trainer_state
+from opt_deus_tool.train_cli import build_train_parser, parse_trainable
 
 REPO = Path(__file__).resolve().parents[1]
 # One thread per process: on a small shared CPU, OpenMP threads spinning against other processes
@@ -72,6 +72,20 @@ def test_token_cache_is_every_document_in_order_each_ended_by_eos(kind, tmp_path
     tokens = data_io.tokenize_to_cache([data], tokenizer, tmp_path / "cache", log=lambda *a: None)
     expected = [t for d in docs for t in tokenizer.encode(d) + [tokenizer.eos_id]]
     assert tokens.tolist() == expected
+
+
+def test_config_checks_each_option_once_naming_it():
+    # runs.check_config is the one check of the options, where they enter the tool (the command line's flags are
+    # the fields); train.py checks nothing.
+    with pytest.raises(train.TrainError, match=r"^`lr` inf: expected a finite number$"):
+        check_config(train.TrainConfig(lr=float("inf")))
+    with pytest.raises(train.TrainError, match=r"^`warmup_steps` 100 must be >= 0 and below `steps` 20 "
+                                               r"\(default `warmup_steps` 100\)$"):
+        check_config(train.TrainConfig(steps=20))
+    with pytest.raises(train.TrainError, match="`schedule` x must be 'wsd' or 'cosine'"):
+        check_config(train.TrainConfig(schedule="x"))
+    with pytest.raises(dataclasses.FrozenInstanceError):  # checked once: a config does not change after
+        train.TrainConfig().steps = 0
 
 
 def test_wsd_key_values():
@@ -148,10 +162,10 @@ def test_trainable_new_only_and_no_backward_below():
 
 def test_trainable_specs_and_errors():
     model = tiny_model(layers=4, new_layers=None, tied=False)
-    with pytest.raises(train.TrainError, match="records no new layers"):
-        train.set_trainable(model, "new")
+    with pytest.raises(train.TrainError, match="records no new layers"):  # the tool's check (runs.py)
+        check_trainable(model, "new")
     with pytest.raises(train.TrainError, match="out of range"):
-        train.set_trainable(model, [4])
+        check_trainable(model, [4])
     assert train.set_trainable(model, parse_trainable("1,3")) == [1, 3]
     assert train.frozen_prefix_of(model) == 1
     assert not model.lm_head.weight.requires_grad and not model.norm.weight.requires_grad
@@ -262,6 +276,9 @@ def test_resume_state_must_match_model(tmp_path):
     with pytest.raises(train.TrainError, match="samples"):
         train_run(load_pretrained(r.checkpoint), tokens[:2000], tiny_config(steps=4, trainable="all"),
                   log=quiet, resume_from=r.checkpoint)
+    with pytest.raises(train.TrainError, match="already at step 2 of `steps` 2"):
+        train_run(load_pretrained(r.checkpoint), tokens, tiny_config(steps=2, trainable="all"), log=quiet,
+                  resume_from=r.checkpoint)
 
 
 def test_nonfinite_loss_stops_and_keeps_last_checkpoint(tmp_path):
@@ -278,6 +295,45 @@ def test_nonfinite_loss_stops_and_keeps_last_checkpoint(tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["checkpoint-000002"]  # no partial folders
 
 
+def test_each_checkpoint_is_written_once(tmp_path):
+    # The hooks keep the step last saved (runs.RunFolder.save): a periodic checkpoint at the last step is also
+    # the final one, written once.
+    lines = []
+    r = train_run(tiny_model(), random_tokens(), tiny_config(steps=4, checkpoint_every=2), out_dir=tmp_path,
+                  log=lines.append)
+    assert [line.split("/")[-1] for line in lines if line.startswith("saved ")] == ["checkpoint-000002",
+                                                                                 "checkpoint-000004"]
+    assert r.checkpoint.endswith("checkpoint-000004")
+
+
+def test_train_py_is_one_process_and_asks_its_seam_the_rest():
+    # train.py imports nothing of torch.distributed: where many processes differ, the loop asks its `dist`
+    # (opt_deus_tool/distributed.py's FSDP under torchrun). Here a seam whose processes agree on SIGTERM
+    # after the first step: the loop saves that step and stops, as under torchrun.
+    source = (REPO / "train.py").read_text()
+    assert "torch.distributed" not in source and "import os" not in source
+
+    class AgreedStop(train.OneProcess):
+        stops_mid_step = False
+
+        def agree_stop(self, signum):
+            return signal.SIGTERM
+
+    class Saves(train.TrainHooks):
+        saved = []
+
+        def save(self, run, step):  # through the seam, as runs.RunFolder does
+            def write(weights, optimizer_state):
+                self.saved.append((step, trainer_state(run, step)["step"], sorted(optimizer_state["state"])))
+                return f"checkpoint-{step}"
+            self.checkpoint = run.dist.save(write, run.model.state_dict(), run.optimizer.state_dict())
+
+    hooks = Saves()
+    result = train.train(tiny_model(), random_tokens(), tiny_config(), hooks=hooks, log=quiet, dist=AgreedStop())
+    assert (result.step, result.stopped, result.checkpoint, len(result.losses)) == (1, "SIGTERM", "checkpoint-1", 1)
+    assert hooks.saved == [(1, 1, list(range(len(hooks.saved[0][2]))))] and hooks.saved[0][2]
+
+
 def test_evaluate_is_deterministic_and_covers_all_tokens():
     model, tokens = tiny_model(), random_tokens(n=200)
     a = train.evaluate(model, tokens, block_size=32, batch_size=2)
@@ -292,11 +348,14 @@ def test_evaluate_is_deterministic_and_covers_all_tokens():
 
 
 def test_cli_defaults_are_the_train_config_defaults():
-    flags = build_train_parser().parse_args([])
-    flagged = [f for f in dataclasses.fields(train.TrainConfig) if f.name in CONFIG_FLAGS]
-    assert len(flagged) >= 20 and len(flagged) == len(CONFIG_FLAGS)
+    # Every TrainConfig field is a flag (generated from the fields), with the field's default and help.
+    parser = build_train_parser()
+    flags, help_text = parser.parse_args([]), parser.format_help()
+    flagged = [f for f in dataclasses.fields(train.TrainConfig) if hasattr(flags, f.name)]
+    assert len(flagged) >= 20 and len(flagged) == len(dataclasses.fields(train.TrainConfig))
     for f in flagged:
         assert getattr(flags, f.name) == f.default, f.name
+        assert "--" + f.name.replace("_", "-") in help_text and f.metadata["help"], f.name
 
 
 def run_cli(*args, check_rc=None):
@@ -339,8 +398,10 @@ def test_cli_end_to_end(saved_model, tmp_path):
     assert json.loads((checkpoint / "trainer_state.json").read_text())["step"] == 4
     assert sorted(os.listdir(tmp_path / "cache"))[0].startswith("tokens-")
 
-    p = run_cli("eval", "--model", checkpoint, "--text", text, "--block-size", 32, "--json", tmp_path / "e.json",
-                check_rc=0)
+    p = subprocess.run([sys.executable, "-m", "opt_deus_tool.eval_cli", *map(str, ["--model", checkpoint, "--text",
+                        text, "--block-size", 32, "--json", tmp_path / "e.json"])], capture_output=True, text=True,
+                       env=ENV, cwd=REPO, timeout=120)
+    assert p.returncode == 0, p.stderr
     assert "perplexity per token" in p.stdout and "perplexity per word" in p.stdout
     report = json.loads((tmp_path / "e.json").read_text())
     assert report["words"] == len(text.read_text().split())

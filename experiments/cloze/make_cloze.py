@@ -1,7 +1,11 @@
 """Builds the local downstream task: a four-way multiple-choice cloze from a public-domain novel.
 
-    python experiments/cloze/make_cloze.py                      # ../shared/data/austen/emma.txt.gz -> emma_cloze.jsonl
-    python experiments/cloze/make_cloze.py --novel emma.txt.gz --questions 500 --seed 0
+    python experiments/cloze/make_cloze.py      # ../shared/data/austen/emma.txt.gz -> runs/cloze/emma_cloze.jsonl
+    python experiments/cloze/make_cloze.py --novel emma.txt.gz --questions 500 --seed 0 --out-dir my_task/
+
+The task opt-deus-lm-eval runs by default ships inside the package, in opt_deus_tool/tasks/ (made by this script
+with its defaults); this script writes elsewhere unless --out-dir names that folder, so a trial run cannot replace
+it.
 
 Each question is a passage of --passage-sentences consecutive sentences of one paragraph; the answer is the
 sentence that follows it in that paragraph, and the three distractors are sentences from other chapters of the
@@ -143,10 +147,11 @@ def make_questions(paragraphs: list[list[Sentence]], n_questions: int, passage_s
 
 TASK_YAML = """\
 # lm-evaluation-harness {lm_eval} task: a four-way cloze from {novel} (public domain), {n} questions, chance 25 %;
-# made by experiments/cloze/make_cloze.py. From any directory: opt-deus-lm-eval --model DIR (it reads data_files
-# relative to this file). Plain lm_eval hands data_files to datasets.load_dataset as written, which resolves a
-# relative path against the working directory, not this file; so run it from this folder:
-#   cd experiments/cloze && lm_eval --model hf --model_args pretrained=/abs/DIR --include_path . --tasks {task}
+# made by experiments/cloze/make_cloze.py. From any directory: opt-deus-lm-eval --model DIR --task THIS_YAML (it
+# reads data_files relative to this file; emma_cloze in opt_deus_tool/tasks/ is its default task). Plain lm_eval
+# hands data_files to datasets.load_dataset as written, which resolves a relative path against the working
+# directory, not this file; so run it from this file's folder:
+#   lm_eval --model hf --model_args pretrained=/abs/DIR --include_path . --tasks {task}
 task: {task}
 dataset_path: json
 dataset_kwargs:
@@ -174,7 +179,8 @@ def build_parser() -> argparse.ArgumentParser:
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--novel", default=str(DEFAULT_NOVEL), help="the novel as UTF-8 text (.gz ok)")
     p.add_argument("--task", default="emma_cloze", help="the task's name: <task>.jsonl and <task>.yaml")
-    p.add_argument("--out-dir", default=str(HERE), help="where the JSONL, YAML and meta JSON go")
+    p.add_argument("--out-dir", default="runs/cloze",
+                   help="where the JSONL, YAML and meta JSON go (the shipped task: opt_deus_tool/tasks)")
     p.add_argument("--questions", type=int, default=800)
     p.add_argument("--passage-sentences", type=int, default=2, help="sentences of context before the answer")
     p.add_argument("--min-words", type=int, default=8, help="shortest answer, in words")
