@@ -1,10 +1,7 @@
-"""Depth up-scaling: a grown model keeps every base layer and inserts new ones, each made from the
-base layers around its gap, A (below) and B (above). opt: OpT-DeUS (Cao, Aletras, Wang 2025, arXiv
-2508.08011, Algorithm 1), A aligned to B by optimal transport, then averaged with B; avg: Avg-DeUS,
-their mean; llama-pro: a copy of A (Wu et al. 2024); solar: a run of copied middle layers (Kim et
-al. 2023). A new layer whose o_proj and down_proj are zero is the identity map: the grown model
-computes the base's function (out_scale 0). Read top to bottom: fusing two blocks (torch and
-sinkhorn.py only), the options, where new layers go, the growth driver and grow()."""
+"""Depth up-scaling: a grown model keeps every base layer and inserts new ones made from the base
+layers around each gap, A (below) and B (above): OpT-DeUS (arXiv 2508.08011, Algorithm 1) aligns
+A to B by optimal transport and averages them; Avg-DeUS averages; LLaMA Pro copies A; SOLAR repeats
+middle layers. A new layer whose o_proj and down_proj are zero is the identity (out_scale 0)."""
 
 from __future__ import annotations
 
@@ -31,21 +28,19 @@ if TYPE_CHECKING:  # model.py is needed only to grow a model, not to fuse two bl
 
 
 class GrowthError(ValueError):
-    """A growth request we cannot carry out; the message says what and where."""
+    """A growth request we cannot carry out (what, and where)."""
 
 
 # ---- Fusion --------------------------------------------------------------------------------------
-# A block is a dict of float tensors keyed like a LLaMA layer's parameters:
-#   input_layernorm.weight, post_attention_layernorm.weight (h,); self_attn.q_proj.weight (H*d, h);
-#   self_attn.k_proj.weight, self_attn.v_proj.weight (G*d, h); self_attn.o_proj.weight (h, H*d);
-#   mlp.gate_proj.weight, mlp.up_proj.weight (f, h); mlp.down_proj.weight (h, f)
-# for hidden size h, H query heads in G key/value groups of d dims, f MLP neurons. The new layer
-# is, tensor by tensor, (A aligned to B + B) / 2 (Algorithm 1 line 9). A plan function maps a cost
-# (..., n, n), distances from A's units to B's, to (plan, stats); plan^T @ A puts A in B's order.
+# A block: a dict of float tensors keyed as a Block's parameters, e.g. self_attn.q_proj.weight
+# (H*d, h), k/v_proj (G*d, h), o_proj (h, H*d), mlp.gate/up_proj (f, h), down_proj (h, f), norms
+# (h,): hidden size h, H query heads in G kv groups of d dims, f MLP neurons. The new layer is,
+# tensor by tensor, (A aligned to B + B) / 2 (line 9). A plan function: cost (..., n, n), the
+# distances from A's units to B's -> (plan, stats), plan^T @ A putting A in B's order.
 
-TOL = 1e-4  # relative L1 marginal error at which a plan is accepted
-MAX_ITER = 10000  # the public code's numItermax; epsilon scaling needs far fewer on real weights
-MAX_MARGINAL_ERROR = 0.01  # a plan beyond this is refused: its rows no longer sum to ~1/n
+TOL = 1e-4  # the relative L1 marginal error a plan must meet
+MAX_ITER = 10000  # the public code's numItermax (epsilon scaling needs far fewer)
+MAX_MARGINAL_ERROR = 0.01  # refused beyond: its rows no longer sum to ~1/n
 
 
 def transport(cost, epsilon: float, relative: bool, normalize_plan: bool = True, tol: float = TOL,
@@ -77,17 +72,16 @@ def transport(cost, epsilon: float, relative: bool, normalize_plan: bool = True,
     return (plan * n if normalize_plan else plan), stats
 
 
-def _norm_ratio(aligned: torch.Tensor, original: torch.Tensor) -> float:
+def _norm_ratio(aligned, original) -> float:
     return (aligned.norm() / original.norm().clamp_min(1e-30)).item()
 
 
-def avg_fuse(A: dict, B: dict) -> dict:
-    return {key: (A[key] + B[key]) / 2 for key in A}  # Avg-DeUS
+def avg_fuse(A: dict, B: dict) -> dict:  # Avg-DeUS
+    return {k: (A[k] + B[k]) / 2 for k in A}
 
 
 def rows(block: dict, name: str) -> torch.Tensor:
-    # A projection's rows (n, k), with its bias, if it has one, as a last column (n, k + 1): a bias
-    # belongs to its output neuron and moves with it (Qwen2's q, k, v; LLaMA's attention/mlp_bias).
+    # A projection's rows (n, k), its bias (if any) a last column: a bias moves with its neuron.
     w, b = block[f"{name}.weight"], block.get(f"{name}.bias")
     return w if b is None else torch.cat([w, b[:, None]], -1)
 
@@ -97,8 +91,7 @@ def unrows(name: str, x: torch.Tensor, k: int) -> dict:  # rows()' inverse, k in
 
 
 def _align_rows(name: str, a, b, plan_fn: Callable, features: tuple | None):
-    # Lines 3-4, 7-8 for one matrix: a, b (n, k) rows(), output neurons (a moved by T_in, line 6)
-    # -> plan (n, n), plan^T a (n, k), stats. features: rows described by what they compute.
+    # Lines 3-4, 7-8: a, b (n, k) rows() (a moved by T_in, line 6) -> plan (n, n), plan^T a, stats.
     rows_a, rows_b = (a, b) if features is None else (
         acts[name].reshape(-1, a.shape[0]).T for acts in features)
     plan, stats = plan_fn(torch.cdist(rows_a, rows_b))  # line 4: Euclidean distances; line 7
@@ -107,10 +100,9 @@ def _align_rows(name: str, a, b, plan_fn: Callable, features: tuple | None):
 
 
 def paper_fuse(A: dict, B: dict, plan_fn: Callable, features: tuple | None = None):
-    """Algorithm 1 as the public code implements it: each matrix's rows aligned on their own;
-    o_proj's plan T_o (h, h) stands for the residual stream's (lines 5-6). Norms (Qwen3's per-head
-    q/k norms too) are plain means. Returns the new block and per weight the plan's stats and
-    norm_ratio |aligned A| / |A|."""
+    """Algorithm 1 as the public code implements it: each matrix's rows aligned on their own, o's
+    plan T_o (h, h) standing for the residual stream's (lines 5-6); norms are means. Returns the new
+    block and per weight the plan's stats and norm_ratio |aligned A| / |A|."""
     fused, report = {key: (A[key] + B[key]) / 2 for key in A}, {}  # norms: T_in = I (line 6)
     for name in ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj"):
         plan_o, aligned, report[f"{name}.weight"] = _align_rows(name, rows(A, name), rows(B, name),
@@ -192,13 +184,12 @@ def move_units(block: dict, plans: dict, G: int, d: int) -> dict:
 
 def structured_fuse(A: dict, B: dict, num_heads: int, num_kv_heads: int, head_dim: int,
                     plan_fn: Callable, features: tuple | None = None) -> tuple[dict, dict]:
-    """Our alignment: Algorithm 1's lines 4 and 7-9, applied only to what the symmetries let move.
-    The residual stream is shared and never permuted (norms, o and down biases: plain means); whole
-    heads move with their kv group (RoPE's pairs stay intact), value dims within it, MLP neurons as
-    units. Plans, A's units in B's order: query_heads (G, G, r, r) and value_dims (G, G, d, d) for
-    every pair (A's group a, B's group b), kv_groups (G, G), mlp_neurons (f, f). features: (A's,
-    B's) block_activations: costs then compare what units compute. Returns the new block and the
-    plans' stats, and per aligned matrix norm_ratio |aligned A| / |A|."""
+    """Our alignment: Algorithm 1's lines 4, 7-9 on what the symmetries move. The residual stream is
+    never permuted (norms, o and down biases: means); whole heads move with their kv group (RoPE's
+    pairs intact), value dims within it, MLP neurons as units. Plans, A's units in B's order:
+    query_heads (G, G, r, r), value_dims (G, G, d, d) per pair (A's group a, B's group b), kv_groups
+    (G, G), mlp_neurons (f, f). features: (A's, B's) block_activations, to compare what units
+    compute. Returns the new block, the plans' stats and norm_ratio |aligned A| / |A|."""
     G, d, report, plans = num_kv_heads, head_dim, {}, {}
     r = num_heads // G
 
@@ -232,7 +223,6 @@ def structured_fuse(A: dict, B: dict, num_heads: int, num_kv_heads: int, head_di
         torch.cat([rows(x, "mlp.gate_proj"), rows(x, "mlp.up_proj"), x["mlp.down_proj.weight"].T],
                   -1) for x in (A, B)))
     plans["mlp_neurons"], report["mlp.neurons"] = plan_fn(torch.cdist(feat_a, feat_b))
-
     fused = {key: (A[key] + B[key]) / 2 for key in A}  # norms, o and down biases: the residual's
     for key, value in move_units(A, plans, G, d).items():  # the plans move A's weights, once
         report.setdefault(key, {})["norm_ratio"] = _norm_ratio(value, A[key])
@@ -241,9 +231,8 @@ def structured_fuse(A: dict, B: dict, num_heads: int, num_kv_heads: int, head_di
 
 
 def block_activations(block: torch.nn.Module, x: torch.Tensor, cos, sin):
-    # Runs a model.Block on x (B, T, h) -> (its output, what its units compute): each linear layer's
-    # output by name, o_proj's input (the heads' outputs) as "self_attn.heads" and down_proj's (the
-    # SwiGLU products) as "mlp.swiglu"; float32. Forward hooks: the model only computes.
+    # A model.Block on x (B, T, h) -> (output, what its units compute, float32): each linear's
+    # output by name, o's input as "self_attn.heads", down's as "mlp.swiglu". By forward hooks.
     acts, inputs = {}, {"self_attn.o_proj": "self_attn.heads", "mlp.down_proj": "mlp.swiglu"}
 
     def hook(name, module, args, out):
@@ -251,12 +240,11 @@ def block_activations(block: torch.nn.Module, x: torch.Tensor, cos, sin):
         acts.update({inputs[name]: args[0].float()} if name in inputs else {})
     handles = [module.register_forward_hook(functools.partial(hook, name))
                for name, module in block.named_modules() if isinstance(module, torch.nn.Linear)]
-    try:
-        with torch.no_grad():
-            return block(x, cos, sin), acts
-    finally:
-        for handle in handles:
-            handle.remove()
+    with torch.no_grad():
+        out = block(x, cos, sin)
+    for handle in handles:
+        handle.remove()
+    return out, acts
 
 
 # ---- Growth options ----------------------------------------------------------------------------
@@ -265,9 +253,8 @@ METHODS = ("opt", "avg", "llama-pro", "solar")
 ALIGNMENTS = ("structured", "paper", "published")
 POSITIONS = ("top", "bottom", "middle", "top-bottom", "uniform")
 COSTS = ("weights", "activations")
-# Sinkhorn's epsilon per alignment. paper, published: the public code's 0.06 on raw distances.
-# structured (and activation costs): relative to each cost's mean, so one value suits any scale;
-# 0.005 keeps real MLP plans sharp (docs/ALIGNMENT.md, "How sharp").
+# Sinkhorn's epsilon: paper, published: the public code's 0.06 on raw distances; structured: 0.005
+# of each cost's mean, which keeps real MLP plans sharp at any scale (docs/ALIGNMENT.md).
 DEFAULT_EPSILON = {"paper": 0.06, "structured": 0.005, "published": 0.06}
 
 
@@ -279,8 +266,7 @@ def option(default, help: str, **metadata):  # a field with the help its command
 class GrowthOptions:
     # How new layers are made; each field is also the command line's flag of the same name.
     method: str = option("opt", "how new layers are made", choices=METHODS)
-    align: str = option("structured", "opt's alignment (published: the public code's numbers, not "
-                        "a recommendation)", choices=ALIGNMENTS)
+    align: str = option("structured", "opt's alignment; published: the code's", choices=ALIGNMENTS)
     epsilon: float | None = option(None, f"Sinkhorn's (0: exact); None: {DEFAULT_EPSILON}")
     normalize_plan: bool = option(True, "scale plans by n (OT fusion); off: the public code's")
     max_iter: int = option(MAX_ITER, "Sinkhorn iterations at most, per plan")
@@ -317,13 +303,12 @@ class GrowthOptions:
 
 
 def plan_function(options: GrowthOptions) -> Callable:
-    # The one place that decides how plans are made: epsilon is absolute on raw weight distances in
-    # the paper's recipe (the public code's 0.06), relative to the cost's mean otherwise.
+    # The one place deciding how plans are made: epsilon absolute on raw weight distances in the
+    # paper's recipe (the public code's 0.06), else relative to each cost's mean.
     relative = options.align == "structured" or options.cost == "activations"
-    return functools.partial(transport, epsilon=options.epsilon, relative=relative,
-                             normalize_plan=options.normalize_plan, tol=options.tol,
-                             max_iter=options.max_iter, strict=options.strict,
-                             max_marginal_error=options.max_marginal_error)
+    return functools.partial(transport, epsilon=options.epsilon, relative=relative, tol=options.tol,
+                             normalize_plan=options.normalize_plan, max_iter=options.max_iter,
+                             strict=options.strict, max_marginal_error=options.max_marginal_error)
 
 
 def make_new_block(sources: list[dict], args: ModelArgs, options: GrowthOptions,
@@ -354,10 +339,8 @@ def make_new_block(sources: list[dict], args: ModelArgs, options: GrowthOptions,
 
 
 def insert_after_for(position: str, num_base_layers: int, num_new: int, method: str = "opt"):
-    # Base-layer indices i, a new layer after each. All methods choose among the L - 1 gaps alike;
-    # top with num_new = L/2 is the paper's (32 -> 48: after 15 .. 30). llama-pro's uniform is LLaMA
-    # Pro's block expansion: L slots, a copy after the last layer of each of num_new equal groups
-    # (32 -> 48: after 1, 3, ..., 31). Beyond one per gap, gaps take a second in order.
+    # A new layer after each base layer i returned (L - 1 gaps); top, num_new = L/2: the paper's;
+    # llama-pro's uniform: LLaMA Pro's block expansion (32 -> 48: after 1, 3, ..., 31).
     block_expansion = method == "llama-pro" and position == "uniform"
     gaps = num_base_layers if block_expansion else num_base_layers - 1
 
@@ -384,8 +367,7 @@ Slot = collections.namedtuple("Slot", "sources new")
 
 def make_layout(method: str, L: int, insert_after: list[int] | None, num_new: int | None = None):
     if method == "solar":
-        # SOLAR: layers [0, L - m_top) of one copy, then [m_bottom, L) of another (m_top + m_bottom
-        # = L - K); the second copy's m_bottom .. L - m_top - 1 repeat: we call them new.
+        # SOLAR: [0, L - m_top) of one copy, then [m_bottom, L) of another; the repeats are new.
         m_top = (L - num_new) // 2
         m_bottom = L - num_new - m_top
         return ([Slot((i,), False) for i in range(L - m_top)]
@@ -401,8 +383,7 @@ def make_layout(method: str, L: int, insert_after: list[int] | None, num_new: in
 
 def growth_layout(options: GrowthOptions, L: int, num_new: int | None, position: str | None,
                   insert_after: list[int] | None) -> tuple[list[Slot], dict]:
-    # The one check of where new layers go, then the layout and the record config.json keeps under
-    # "opt_deus": how the model was made, and which layers train.py trains by default.
+    # The one check of where new layers go; the layout; the record config.json keeps as "opt_deus".
     if num_new is not None and num_new <= 0:
         raise GrowthError(f"the number of new layers `num_new` must be a positive integer, "
                           f"got {num_new}")
@@ -433,11 +414,10 @@ def growth_layout(options: GrowthOptions, L: int, num_new: int | None, position:
               "base_num_layers": L, "new_layers": [i for i, slot in enumerate(layout) if slot.new],
               "sources": [list(slot.sources) for slot in layout]}
     if options.method == "opt" and options.align == "published":
-        record["note"] = (
-            "align published reproduces the public OpT-DeUS code's numbers (float32 POT Sinkhorn, "
-            "raw plans); it is not a recommendation: on real weights that solver aborts at its "
-            "first iteration, leaving near-zero plans (see each matrix's aborted, abort_iteration, "
-            "plan_mass)")
+        record["note"] = ("align published reproduces the public OpT-DeUS code's numbers (float32 "
+                          "POT Sinkhorn, raw plans); it is not a recommendation: on real weights "
+                          "that solver aborts at its first iteration, leaving near-zero plans (see "
+                          "each matrix's aborted, abort_iteration, plan_mass)")
     return layout, record
 
 
@@ -445,9 +425,8 @@ def growth_layout(options: GrowthOptions, L: int, num_new: int | None, position:
 
 
 def grown_args(args: ModelArgs, record: dict) -> ModelArgs:
-    # The grown model's args. Per-layer settings (Qwen's layer_types: sliding or full attention)
-    # follow each layer's first source, the layer it sits on; max_window_layers counts those below
-    # the base's boundary. In-memory growth starts a new block as a copy of that layer, window too.
+    # Qwen's per-layer layer_types follow each layer's first source, the layer it sits on (in-memory
+    # growth starts a new block as its copy, window too).
     sources = record["sources"]
     per_layer = {} if args.layer_types is None else {
         "layer_types": [args.layer_types[s[0]] for s in sources],
@@ -457,22 +436,19 @@ def grown_args(args: ModelArgs, record: dict) -> ModelArgs:
 
 
 class Growth:
-    # One growth: Growth(...) checks the request and lays out the grown model (layout, record, args:
-    # the grown ModelArgs); blocks() yields its layers in order; report() says how they were made.
+    # One growth (grow()'s arguments): checks the request, lays out the grown model (layout, record,
+    # args), yields its layers in order (blocks) and reports how (report).
 
-    def __init__(self, args: ModelArgs, num_new: int | None, position: str | None,
-                 insert_after: list[int] | None, options: GrowthOptions | None,
-                 calibration: torch.Tensor | None):
+    def __init__(self, args: ModelArgs, num_new, position, insert_after, options, calibration):
         self.options, self.calibration, self.layers = options or GrowthOptions(), calibration, []
         if self.options.cost == "activations" and calibration is None:
-            raise GrowthError("`cost` activations compares what units compute: give `calibration`")
+            raise GrowthError("`cost` activations needs `calibration` tokens")
         self.layout, self.record = growth_layout(self.options, args.num_hidden_layers, num_new,
                                                  position, insert_after)
         self.args = grown_args(args, self.record)
 
-    def blocks(self, base_block: Callable[[int], dict], run_block: Callable | None = None,
-               hidden: torch.Tensor | None = None, log: Callable[[str], None] | None = None
-               ) -> Iterator[tuple[int, Slot, dict]]:
+    def blocks(self, base_block: Callable, run_block: Callable | None = None, hidden=None,
+               log: Callable | None = None) -> Iterator[tuple[int, Slot, dict]]:
         # (index, slot, tensors) per layer: base_block(i)'s for a kept one, make_new_block's for a
         # new one. cost="activations": hidden (B, T, h) carried up the base as it is read, by
         # run_block(i, tensors, hidden) -> (output, block_activations). The two base blocks read
@@ -518,18 +494,16 @@ def grow(model: Transformer, num_new: int | None = None, *, position: str | None
          insert_after: list[int] | None = None, options: GrowthOptions | None = None,
          log: Callable[[str], None] | None = None, calibration: torch.Tensor | None = None):
     """A deeper copy of `model` (not modified) with new layers at `position` (insert_after_for) or
-    right after the base layers in insert_after, made as `options` say, and the growth report. The
-    grown model's args.extra["opt_deus"] is the growth record ("new_layers": their indices); the
-    report adds per new layer its sources, seconds and plan stats. calibration: token ids (B, T)."""
+    after the base layers in insert_after, made as `options` say; its args.extra["opt_deus"] is the
+    growth record. And the report: per new layer its plans' stats. calibration: token ids (B, T)."""
     growth = Growth(model.current_args(), num_new, position, insert_after, options, calibration)
     grown, dtype = copy.deepcopy(model), next(model.parameters()).dtype
     grown.args, layers, hidden, cos, sin = growth.args, [], None, None, None
     if growth.options.cost == "activations":
         with torch.no_grad():
             hidden, cos, sin = model.embed(calibration.to(model.embed_tokens.weight.device))
-    base = lambda i: model.layers[i].state_dict()  # noqa: E731
     run = lambda i, tensors, x: block_activations(model.layers[i], x, cos, sin)  # noqa: E731
-    for index, slot, tensors in growth.blocks(base, run, hidden, log):
+    for _, slot, tensors in growth.blocks(lambda i: model.layers[i].state_dict(), run, hidden, log):
         layers.append(copy.deepcopy(model.layers[slot.sources[0]]) if slot.new
                       else grown.layers[slot.sources[0]])
         if slot.new:

@@ -154,7 +154,7 @@ def build_parser() -> argparse.ArgumentParser:
                               epilog="Exit codes: 0 written; 2 a bad request (one line on stderr, nothing "
                                      "written, no input touched); 130/143 stopped by SIGINT/SIGTERM (the "
                                      "partial output is deleted). --out may not be, contain or lie inside --base.")
-    p.add_argument("--base", required=True, help="base model: a Hugging Face LLaMA folder")
+    p.add_argument("--base", required=True, help="base model: a Hugging Face folder (llama, qwen2, qwen3, mistral)")
     p.add_argument("--out", required=True, help="output folder for the grown model")
     p.add_argument("--new-layers", type=positive_int, default=None, dest="num_new", help="how many layers to add (K)")
     p.add_argument("--position", choices=POSITIONS, default="top",
