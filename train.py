@@ -157,7 +157,7 @@ def option(default, help: str, **metadata):  # a field with the help its command
 
 @dataclass(frozen=True)
 class TrainConfig:
-    # Each field is also opt-deus-train's flag; the tool checks the values (runs.check_config).
+    # Each field is also opt-deus-train's flag; the tool checks the values (train_checks.py).
     steps: int = option(1000, "optimizer steps the schedule spans")
     lr: float = option(2e-4, "peak learning rate")
     min_lr_ratio: float = option(0.1, "final lr = lr x this")

@@ -34,7 +34,7 @@ from opt_deus_core.model import ModelArgs, Transformer  # noqa: E402
 from opt_deus_tool.checkpoint import expected_shapes  # noqa: E402
 from opt_deus_tool.devices import resolve_device  # noqa: E402
 from opt_deus_tool.distributed import init_distributed, rank_and_world  # noqa: E402
-from opt_deus_tool.runs import check_training  # noqa: E402
+from opt_deus_tool.train_checks import check_training  # noqa: E402
 
 LLAMA_31_8B = dict(vocab_size=128256, hidden_size=4096, intermediate_size=14336, num_attention_heads=32,
                    num_key_value_heads=8, head_dim=128, tie_word_embeddings=False)

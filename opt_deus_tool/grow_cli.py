@@ -20,7 +20,7 @@ import torch
 
 from opt_deus_core.model import Block, layer_window, rope_cos_sin
 from opt_deus_core.opt_deus import POSITIONS, Growth, GrowthError, GrowthOptions, block_activations
-from opt_deus_tool import CheckpointError
+from opt_deus_tool import DataError
 from opt_deus_tool.atomic import check_output_folder, model_folder_problem
 from opt_deus_tool.checkpoint import CheckpointReader, CheckpointWriter, dtype_name
 from opt_deus_tool.cli import (OneLineArgumentParser, add_fields, field_values, finite_float, flag_names, int_list,
@@ -38,12 +38,12 @@ def calibration_tokens(base, text_path, count: int = CALIBRATION_TOKENS) -> torc
     """The first `count` tokens of a text file, in the base's tokenizer, as one row (1, count) after a start
     token: what the base runs on for cost="activations"."""
     if (problem := not_a_file(text_path)) is not None:
-        raise CheckpointError(f"`calibration` {text_path}: {'' if problem == 'no such file' else 'is '}{problem}")
+        raise DataError(f"`calibration` {text_path}: {'' if problem == 'no such file' else 'is '}{problem}")
     tokenizer = load_tokenizer(base)
     start = tokenizer.bos_id if tokenizer.bos_id is not None else tokenizer.eos_id
     tokens = [start] + tokenizer.encode("\n".join(iter_documents([Path(text_path)])))[: count - 1]
     if len(tokens) < count:
-        raise CheckpointError(f"`calibration` {text_path}: {len(tokens)} tokens, fewer than "
+        raise DataError(f"`calibration` {text_path}: {len(tokens)} tokens, fewer than "
                               f"`calibration_tokens` {count}; give a longer text or fewer tokens")
     return torch.tensor([tokens])
 
@@ -53,7 +53,7 @@ def calibration_pass(reader: CheckpointReader, tokens: torch.Tensor, device):
     # a time runs in float32 on `device` (no second model in memory). -> (hidden, run_block for Growth.blocks)
     args = reader.args
     if tokens.shape[1] > args.max_position_embeddings:
-        raise CheckpointError(f"`calibration_tokens` {tokens.shape[1]} is beyond the base's max_position_embeddings "
+        raise DataError(f"`calibration_tokens` {tokens.shape[1]} is beyond the base's max_position_embeddings "
                               f"{args.max_position_embeddings}")
     hidden = reader.tensor("model.embed_tokens.weight", torch.float32, device)[tokens.to(device)]
     cos, sin = rope_cos_sin(args, torch.arange(tokens.shape[1], device=device), torch.float32)
@@ -190,7 +190,7 @@ def grow_command(flags: argparse.Namespace) -> int:
     calibration = None
     if options.cost == "activations":
         if flags.calibration is None:
-            raise CheckpointError("--cost activations: give --calibration, a text file the base runs on")
+            raise DataError("--cost activations: give --calibration, a text file the base runs on")
         calibration = calibration_tokens(flags.base, flags.calibration, flags.calibration_tokens)
     grow_checkpoint(flags.base, flags.out, flags.num_new, position=flags.position, insert_after=flags.insert_after,
                     options=options, device=flags.device, dtype=getattr(torch, flags.dtype) if flags.dtype else None,

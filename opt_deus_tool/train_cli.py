@@ -32,8 +32,9 @@ from opt_deus_tool.cli import (BYTE_TOKENIZER_HELP, OneLineArgumentParser, add_f
 from opt_deus_tool.data import ByteTokenizer, load_data, load_tokenizer
 from opt_deus_tool.devices import resolve_device
 from opt_deus_tool.distributed import init_distributed, rank_and_world
-from opt_deus_tool.runs import (KEEP_CHECKPOINTS, check_config, check_keep_checkpoints, check_tokens, find_checkpoints,
-                                read_trainer_state, resolve_checkpoint, saved_train_config, train_run)
+from opt_deus_tool.runs import (KEEP_CHECKPOINTS, check_keep_checkpoints, find_checkpoints, read_trainer_state,
+                                resolve_checkpoint, saved_train_config, train_run)
+from opt_deus_tool.train_checks import check_config, check_tokens
 
 SIGNALS_HELP = ("SIGINT (Ctrl-C) or SIGTERM (a scheduler's stop): the run says so at once, stops at the next "
                 "micro-batch (the unfinished step is dropped; under torchrun, at the end of the step), saves a "
@@ -70,7 +71,7 @@ def build_train_parser() -> argparse.ArgumentParser:
                                     "into the folder that holds it")
     p.add_argument("--dist-timeout", type=float, default=DIST_TIMEOUT_S,
                    help="torchrun: seconds any collective may wait for the other ranks before the run fails")
-    add_fields(p.add_argument_group("training (train.TrainConfig; checked by runs.check_config)"), TrainConfig,
+    add_fields(p.add_argument_group("training (train.TrainConfig; checked by train_checks.check_config)"), TrainConfig,
                types={"trainable": parse_trainable})
     return p
 

@@ -22,7 +22,8 @@ from opt_deus_core import train
 from opt_deus_core.model import ModelArgs, Transformer
 from opt_deus_tool import data as data_io
 from opt_deus_tool.checkpoint import load_pretrained, save_pretrained
-from opt_deus_tool.runs import check_config, check_trainable, find_checkpoints, train_run, trainer_state
+from opt_deus_tool.runs import find_checkpoints, train_run, trainer_state
+from opt_deus_tool.train_checks import check_config, check_trainable
 from opt_deus_tool.train_cli import build_train_parser, parse_trainable
 
 REPO = Path(__file__).resolve().parents[1]
@@ -75,7 +76,7 @@ def test_token_cache_is_every_document_in_order_each_ended_by_eos(kind, tmp_path
 
 
 def test_config_checks_each_option_once_naming_it():
-    # runs.check_config is the one check of the options, where they enter the tool (the command line's flags are
+    # train_checks.check_config is the one check of the options, where they enter the tool (the command line's flags are
     # the fields); train.py checks nothing.
     with pytest.raises(train.TrainError, match=r"^`lr` inf: expected a finite number$"):
         check_config(train.TrainConfig(lr=float("inf")))
