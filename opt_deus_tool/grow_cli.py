@@ -175,7 +175,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--calibration", default=None, help="--cost activations: a text file (.gz ok) the base runs on")
     p.add_argument("--calibration-tokens", type=positive_int, default=CALIBRATION_TOKENS,
                    help="--cost activations: how many tokens of --calibration, as one sequence")
-    p.add_argument("--device", default="cpu", help="where the alignment is computed (cpu, cuda, cuda:1, ...)")
+    p.add_argument("--device", default="auto",
+                   help="where the alignment is computed: auto (cuda if available, else cpu), cpu, cuda:1, ...")
     p.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), default=None,
                    help="dtype of the written weights; None keeps the base checkpoint's")
     p.add_argument("--max-shard-size", type=size, default="5GB", help="safetensors shard size of the output")
@@ -185,7 +186,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def grow_command(flags: argparse.Namespace) -> int:
-    resolve_device(flags.device)  # refused now, not after the first blocks
+    device = resolve_device(flags.device)  # refused now, not after the first blocks
     options = GrowthOptions(**field_values(flags, GrowthOptions))
     calibration = None
     if options.cost == "activations":
@@ -193,7 +194,7 @@ def grow_command(flags: argparse.Namespace) -> int:
             raise DataError("--cost activations: give --calibration, a text file the base runs on")
         calibration = calibration_tokens(flags.base, flags.calibration, flags.calibration_tokens)
     grow_checkpoint(flags.base, flags.out, flags.num_new, position=flags.position, insert_after=flags.insert_after,
-                    options=options, device=flags.device, dtype=getattr(torch, flags.dtype) if flags.dtype else None,
+                    options=options, device=device, dtype=getattr(torch, flags.dtype) if flags.dtype else None,
                     overwrite=flags.overwrite, max_shard_size=flags.max_shard_size, calibration=calibration,
                     log=log_to_stderr)
     return 0

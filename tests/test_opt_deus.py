@@ -431,3 +431,12 @@ def test_command_line_defaults_are_growth_options_defaults():
     flags = build_parser().parse_args(["--base", "b", "--out", "o"])
     for field in dataclasses.fields(GrowthOptions):
         assert getattr(flags, field.name) == field.default, field.name
+
+
+def test_every_command_defaults_to_the_same_device():
+    # Issue 33: one --device default, auto (cuda when there is one, else the CPU), in every command.
+    from opt_deus_tool import eval_cli, grow_cli, lm_eval_cli, train_cli
+    parsers = {"opt-deus": grow_cli.build_parser(), "opt-deus-train": train_cli.build_train_parser(),
+               "opt-deus-eval": eval_cli.build_eval_parser(), "opt-deus-lm-eval": lm_eval_cli.build_parser()}
+    defaults = {name: parser.get_default("device") for name, parser in parsers.items()}
+    assert defaults == dict.fromkeys(parsers, "auto")
