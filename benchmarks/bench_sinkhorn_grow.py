@@ -38,7 +38,8 @@ def grow(base: Path, out: Path, align: str, solver_dir: Path | None) -> float:
             "--new-layers", "15", "--position", "top"]
     prelude = "" if solver_dir is None else (  # the package's sinkhorn module is the older file
         f"sys.path.insert(0, {str(solver_dir)!r}); import importlib.util, opt_deus_core; "
-        f"spec = importlib.util.spec_from_file_location('opt_deus_core.sinkhorn', {str(solver_dir / 'sinkhorn.py')!r}); "
+        f"spec = importlib.util.spec_from_file_location('opt_deus_core.sinkhorn', "
+        f"{str(solver_dir / 'sinkhorn.py')!r}); "
         "sys.modules[spec.name] = module = importlib.util.module_from_spec(spec); spec.loader.exec_module(module); ")
     code = (f"import sys, runpy; {prelude}sys.argv = {argv!r}; "
             f"runpy.run_module('opt_deus_tool.grow_cli', run_name='__main__')")

@@ -31,6 +31,12 @@ class OneLineArgumentParser(argparse.ArgumentParser):
         self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
 
 
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    # Every default in --help, but no "(default: None)" where None only means "not given" (a required flag).
+    def _get_help_string(self, action):
+        return action.help if action.required or action.default is None else super()._get_help_string(action)
+
+
 def positive_int(text: str) -> int:
     # argparse type for counts: "0", "-3" and "abc" all end in the same one-line error.
     try:

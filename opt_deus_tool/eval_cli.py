@@ -21,8 +21,8 @@ import torch
 
 from opt_deus_tool.atomic import write_text_atomic
 from opt_deus_tool.checkpoint import load_pretrained
-from opt_deus_tool.cli import (BYTE_TOKENIZER_HELP, OneLineArgumentParser, flag_names, log_to_stderr, positive_int,
-                               run_command)
+from opt_deus_tool.cli import (BYTE_TOKENIZER_HELP, HelpFormatter, OneLineArgumentParser, flag_names, log_to_stderr,
+                               positive_int, run_command)
 from opt_deus_core.train import TrainError, evaluate
 from opt_deus_tool.data import iter_documents, load_tokenizer
 from opt_deus_tool.devices import resolve_device
@@ -112,7 +112,7 @@ def eval_command(flags: argparse.Namespace) -> int:
 
 
 def build_eval_parser() -> argparse.ArgumentParser:
-    p = OneLineArgumentParser(prog="opt-deus-eval", formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    p = OneLineArgumentParser(prog="opt-deus-eval", formatter_class=HelpFormatter,
                               description="Perplexity per token and per word (whitespace-separated) of a "
                                           "checkpoint on a text file; every token is predicted once.",
                               epilog="Progress goes to stderr (a line at most every 10 s), the report to stdout. "

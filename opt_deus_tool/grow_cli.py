@@ -23,8 +23,8 @@ from opt_deus_core.opt_deus import POSITIONS, Growth, GrowthError, GrowthOptions
 from opt_deus_tool import DataError
 from opt_deus_tool.atomic import check_output_folder, model_folder_problem
 from opt_deus_tool.checkpoint import CheckpointReader, CheckpointWriter, dtype_name
-from opt_deus_tool.cli import (OneLineArgumentParser, add_fields, field_values, finite_float, flag_names, int_list,
-                               log_to_stderr, positive_int, run_command, size)
+from opt_deus_tool.cli import (HelpFormatter, OneLineArgumentParser, add_fields, field_values, finite_float,
+                               flag_names, int_list, log_to_stderr, positive_int, run_command, size)
 from opt_deus_tool.data import iter_documents, load_tokenizer
 from opt_deus_tool.inputs import not_a_file
 from opt_deus_tool.hf_config import config_from_args
@@ -150,7 +150,7 @@ MAX_NEW_PER_BASE_LAYER = 64
 def build_parser() -> argparse.ArgumentParser:
     p = OneLineArgumentParser(prog="opt-deus", description="Grow a LLaMA checkpoint by inserting new layers "
                               "(OpT-DeUS and baselines). Hugging Face folder in, Hugging Face folder out.",
-                              formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+                              formatter_class=HelpFormatter,
                               epilog="Exit codes: 0 written; 2 a bad request (one line on stderr, nothing "
                                      "written, no input touched); 130/143 stopped by SIGINT/SIGTERM (the "
                                      "partial output is deleted). --out may not be, contain or lie inside --base.")

@@ -25,7 +25,8 @@ import tempfile
 from pathlib import Path
 
 from opt_deus_tool.atomic import write_text_atomic
-from opt_deus_tool.cli import OneLineArgumentParser, flag_names, log_to_stderr, positive_int, run_command
+from opt_deus_tool.cli import (HelpFormatter, OneLineArgumentParser, flag_names, log_to_stderr, positive_int,
+                               run_command)
 from opt_deus_tool.cloze import DEFAULT_TASK_DIR, TaskFileError, read_questions
 
 PROG = "opt-deus-lm-eval"
@@ -157,7 +158,7 @@ def lm_eval_command(flags: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = OneLineArgumentParser(prog=PROG, formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    p = OneLineArgumentParser(prog=PROG, formatter_class=HelpFormatter,
                               description=f"Zero-shot accuracy (acc, acc_norm) of a model folder on a local "
                                           f"multiple-choice task with lm-evaluation-harness {LM_EVAL_VERSION}, "
                                           f"offline.",

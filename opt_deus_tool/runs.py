@@ -6,8 +6,8 @@
                                  holds it) and trainer_state.json (trainer_state(): how to continue; the run)
 
 A training request is checked where it enters the tool, before train() sees it (train_checks.py); a resume
-state where it is read (check_resume). RunFolder.start() restores a checked resume state into the run; train() only starts at its
-step.
+state where it is read (check_resume). RunFolder.start() restores a checked resume state into the run; train()
+only starts at its step.
 
 Checkpoints are written whole or not at all (atomic.AtomicFolder), and one process at a time trains into a run
 folder (atomic.FolderLock). SIGINT, SIGTERM and SIGHUP (a dropped ssh session) are said at once and stop the
@@ -285,7 +285,8 @@ def check_resume(resume: dict, model: Transformer, config: TrainConfig, train_da
     where = resume.get("path", "resume state")
     set_trainable(model, config.trainable)
     named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
-    saved, current = [(n, list(s)) for n, s in resume.get("trainable_params", [])], [(n, list(p.shape)) for n, p in named]
+    saved = [(n, list(s)) for n, s in resume.get("trainable_params", [])]
+    current = [(n, list(p.shape)) for n, p in named]
     if saved != current:
         diff = next(((a, b) for a, b in zip(saved, current) if a != b), None)
         detail = f"{diff[0]} vs {diff[1]}" if diff else f"{len(saved)} vs {len(current)} trainable tensors"

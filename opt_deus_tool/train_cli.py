@@ -27,8 +27,8 @@ import torch
 from opt_deus_tool.atomic import check_output_folder
 from opt_deus_tool.checkpoint import load_pretrained
 from opt_deus_core.train import TrainConfig, TrainError, TrainResult
-from opt_deus_tool.cli import (BYTE_TOKENIZER_HELP, OneLineArgumentParser, add_fields, field_values, flag_names,
-                               log_to_stderr, run_command)
+from opt_deus_tool.cli import (BYTE_TOKENIZER_HELP, HelpFormatter, OneLineArgumentParser, add_fields, field_values,
+                               flag_names, log_to_stderr, run_command)
 from opt_deus_tool.data import ByteTokenizer, load_data, load_tokenizer
 from opt_deus_tool.devices import resolve_device
 from opt_deus_tool.distributed import init_distributed, rank_and_world
@@ -51,7 +51,7 @@ RESUME_OVERRIDES = ("steps", "device", "compile", "log_every", "eval_every", "ev
 
 
 def build_train_parser() -> argparse.ArgumentParser:
-    p = OneLineArgumentParser(prog="opt-deus-train", formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    p = OneLineArgumentParser(prog="opt-deus-train", formatter_class=HelpFormatter,
                               description="Train the new layers of a grown LLaMA (or any layers). "
                                           "`opt-deus-eval --help` for the evaluation command.",
                               epilog=SIGNALS_HELP)

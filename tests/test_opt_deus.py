@@ -440,3 +440,11 @@ def test_every_command_defaults_to_the_same_device():
                "opt-deus-eval": eval_cli.build_eval_parser(), "opt-deus-lm-eval": lm_eval_cli.build_parser()}
     defaults = {name: parser.get_default("device") for name, parser in parsers.items()}
     assert defaults == dict.fromkeys(parsers, "auto")
+
+
+def test_help_shows_defaults_but_no_none_for_required_flags():
+    # Issue 33: --help showed "(default: None)" for --base and --out.
+    from opt_deus_tool import grow_cli
+    text = " ".join(grow_cli.build_parser().format_help().split())
+    assert "--base BASE base model" in text and "(default: None)" not in text
+    assert "(default: structured)" in text and "(default: auto)" in text
