@@ -240,11 +240,12 @@ def block_activations(block: torch.nn.Module, x: torch.Tensor, cos, sin):
         acts.update({inputs[name]: args[0].float()} if name in inputs else {})
     handles = [module.register_forward_hook(functools.partial(hook, name))
                for name, module in block.named_modules() if isinstance(module, torch.nn.Linear)]
-    with torch.no_grad():
-        out = block(x, cos, sin)
-    for handle in handles:
-        handle.remove()
-    return out, acts
+    try:  # no hook left on the caller's model
+        with torch.no_grad():
+            return block(x, cos, sin), acts
+    finally:
+        for handle in handles:
+            handle.remove()
 
 
 # ---- Growth options ----------------------------------------------------------------------------
@@ -258,7 +259,7 @@ COSTS = ("weights", "activations")
 DEFAULT_EPSILON = {"paper": 0.06, "structured": 0.005, "published": 0.06}
 
 
-def option(default, help: str, **metadata):  # a field with the help its command-line flag shows
+def option(default, help: str, **metadata):  # a field, with its flag's help
     return field(default=default, metadata={"help": help, **metadata})
 
 
@@ -273,8 +274,7 @@ class GrowthOptions:
     tol: float = option(TOL, "Sinkhorn stops at this relative marginal error")
     strict: bool = option(False, "fail if a Sinkhorn plan does not converge")
     max_marginal_error: float = option(MAX_MARGINAL_ERROR, "refuse plans beyond it (inf: any)")
-    cost: str = option("weights", "what opt's plans compare: weights, or activations on "
-                       "--calibration text", choices=COSTS)
+    cost: str = option("weights", "opt's plans compare weights or activations", choices=COSTS)
     out_scale: float | None = option(None, "new o_proj and down_proj times this (0: zero-init, the "
                                      "base's function); None: 0 for opt, llama-pro, else 1")
 
@@ -440,8 +440,10 @@ class Growth:
     # args), yields its layers in order (blocks) and reports how (report).
 
     def __init__(self, args: ModelArgs, num_new, position, insert_after, options, calibration):
-        self.options, self.calibration, self.layers = options or GrowthOptions(), calibration, []
-        if self.options.cost == "activations" and calibration is None:
+        self.options, self.layers = options or GrowthOptions(), []
+        by_acts = self.options.cost == "activations"
+        self.calibration = calibration if by_acts else None
+        if by_acts and calibration is None:
             raise GrowthError("`cost` activations needs `calibration` tokens")
         self.layout, self.record = growth_layout(self.options, args.num_hidden_layers, num_new,
                                                  position, insert_after)
@@ -499,7 +501,7 @@ def grow(model: Transformer, num_new: int | None = None, *, position: str | None
     growth = Growth(model.current_args(), num_new, position, insert_after, options, calibration)
     grown, dtype = copy.deepcopy(model), next(model.parameters()).dtype
     grown.args, layers, hidden, cos, sin = growth.args, [], None, None, None
-    if growth.options.cost == "activations":
+    if growth.calibration is not None:
         with torch.no_grad():
             hidden, cos, sin = model.embed(calibration.to(model.embed_tokens.weight.device))
     run = lambda i, tensors, x: block_activations(model.layers[i], x, cos, sin)  # noqa: E731

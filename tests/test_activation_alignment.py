@@ -168,3 +168,16 @@ def test_make_new_block_with_activations_reads_them():
         by_activations, _ = make_new_block([a, b], args, options, records)
         by_weights, _ = make_new_block([a, b], args, GrowthOptions(align=align, out_scale=1.0, epsilon=0.0))
         assert any(not torch.equal(by_activations[k], by_weights[k]) for k in BLOCK_KEYS), align
+
+
+def test_block_activations_leaves_no_hook_on_the_callers_block_even_when_it_fails():
+    # grow() records activations on the user's own model.layers: a forward that raises (here a wrong hidden size,
+    # in practice Ctrl-C) must not leave hooks that would keep recording into a stale dict.
+    args = tiny_args(kv_heads=2, group=2, head_dim=4, hidden=16, intermediate=24)
+    block = Block(args)
+    cos, sin = Transformer(args).embed(torch.zeros(1, 5, dtype=torch.long))[1:]
+    with pytest.raises(RuntimeError):
+        block_activations(block, torch.randn(1, 5, 17), cos, sin)
+    assert not any(module._forward_hooks for module in block.modules())
+    out, acts = block_activations(block, torch.randn(1, 5, 16), cos, sin)
+    assert "mlp.swiglu" in acts and not any(module._forward_hooks for module in block.modules())
