@@ -1,10 +1,10 @@
 """A LLaMA-style decoder in plain PyTorch: what transformers' `LlamaForCausalLM` computes, nothing
-else, and the small deltas of its relatives `Qwen2ForCausalLM` (q/k/v biases, sliding windows),
-`Qwen3ForCausalLM` (per-head q/k norms before RoPE) and `MistralForCausalLM` (a sliding window).
+else, and the small deltas of `Qwen2ForCausalLM` (q/k/v biases, sliding windows), `Qwen3ForCausalLM`
+(per-head q/k norms before RoPE) and `MistralForCausalLM` (a sliding window).
 
-`ModelArgs` holds the fields of their Hugging Face configs under the same names; a parameter's
-name here is its Hugging Face key without the "model." prefix. This file needs torch alone:
-reading and writing Hugging Face folders is the tool's job (opt_deus_tool/checkpoint.py).
+`ModelArgs` holds their Hugging Face configs' fields under the same names; a parameter's name is its
+Hugging Face key without "model.". This file needs torch alone: Hugging Face folders are the tool's
+job (opt_deus_tool/checkpoint.py).
 """
 
 from __future__ import annotations
@@ -54,10 +54,10 @@ class ModelArgs:
                              f"num_key_value_heads={self.num_key_value_heads}")
         if self.head_dim % 2:
             raise ValueError(f"head_dim={self.head_dim} must be even for RoPE")
-        rope_type = (self.rope_scaling or {}).get("rope_type", "default")
+        scaling = self.rope_scaling or {}
+        rope_type = scaling.get("rope_type", "default")
         if rope_type not in ("default", "llama3"):
             raise ValueError(f"rope type {rope_type!r} is not supported ('default' and 'llama3')")
-        scaling = self.rope_scaling or {}
         missing = [k for k in LLAMA3_ROPE_KEYS if rope_type == "llama3" and k not in scaling]
         if missing:
             raise ValueError(f"llama3 rope scaling is missing {', '.join(missing)}")

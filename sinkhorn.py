@@ -11,8 +11,7 @@ that Sinkhorn finds by alternately making the column and the row marginal exact:
     f_i <- -eps * LSE_j( log b_j + (g_j - C_ij) / eps )        (rows sum to a)          (2b)
 
 in the log domain (exp(-C/eps) underflows float32 on real weights). There plain Sinkhorn contracts
-slowly, so each update is over-relaxed (Thibault, Chizat, Dossal & Papadakis 2021; Lehmann,
-von Renesse, Sambale & Uschmajew 2021):
+slowly, so each update is over-relaxed (Thibault et al. 2021; Lehmann et al. 2021):
 
     g <- (1 - w) g + w * (2a),   f <- (1 - w) f + w * (2b),   1 <= w < 2               (3)
 
@@ -77,16 +76,15 @@ def _prepare(cost, epsilon, tol, max_iter, check_every, eps_scaling):
     if cost.dim() < 2 or cost.numel() == 0 or cost.is_meta:
         raise ValueError(f"sinkhorn: cost must be a (..., n, m) tensor with data, n, m >= 1 and a "
                          f"non-empty batch, got shape {tuple(cost.shape)} on {cost.device}")
-    if not 0 < epsilon < math.inf:
-        raise ValueError(f"sinkhorn: epsilon must be a finite number > 0, got {epsilon!r}")
-    if tol is not None and not tol > 0:
-        raise ValueError(f"sinkhorn: tol must be > 0, got {tol!r}")
-    if not (isinstance(max_iter, int) and max_iter >= 1):
-        raise ValueError(f"sinkhorn: max_iter must be an integer >= 1, got {max_iter!r}")
-    if not check_every >= 1:
-        raise ValueError(f"sinkhorn: check_every must be >= 1, got {check_every!r}")
-    if eps_scaling is not None and not 0 < eps_scaling <= 1:
-        raise ValueError(f"sinkhorn: eps_scaling must be in (0, 1] or None, got {eps_scaling!r}")
+    for name, value, ok, rule in (
+            ("epsilon", epsilon, 0 < epsilon < math.inf, "a finite number > 0"),
+            ("tol", tol, tol is None or tol > 0, "> 0"),
+            ("max_iter", max_iter, isinstance(max_iter, int) and max_iter >= 1, "an integer >= 1"),
+            ("check_every", check_every, check_every >= 1, ">= 1"),
+            ("eps_scaling", eps_scaling, eps_scaling is None or 0 < eps_scaling <= 1,
+             "in (0, 1] or None")):
+        if not ok:
+            raise ValueError(f"sinkhorn: {name} must be {rule}, got {value!r}")
     cost = cost.detach()
     dtype = torch.float64 if cost.dtype == torch.float64 else torch.float32
     hi, lo = cost.amax(dim=(-2, -1)).to(dtype), cost.amin(dim=(-2, -1)).to(dtype)  # NaN propagates
@@ -121,7 +119,7 @@ def sinkhorn(cost: Tensor, *, epsilon: float, tol: float | None = None, max_iter
     C, CT, a, b, mass, spread = _prepare(cost, epsilon, tol, max_iter, check_every, eps_scaling)
     dtype, device, log_a, log_b = C.dtype, C.device, a.log(), b.log()
     floor = 0.5 * torch.finfo(dtype).eps / 2 * (spread / epsilon)  # reachable error (see docs)
-    if tol is None:  # 1e-6 (float32) / 1e-10 (float64), raised to 4x the floor but never above 1e-4
+    if tol is None:
         tol = max(1e-6 if dtype == torch.float32 else 1e-10, min(1e-4, 4 * floor))
     # Epsilon scaling (Kosowsky & Yuille 1994; Schmitzer 2019, sec. 3.2): f from (2b) at g = 0, then
     # one iteration of (2) per stage at eps = 2 spread, 2 spread r, ... > epsilon, f carried over.
@@ -185,12 +183,11 @@ def sinkhorn(cost: Tensor, *, epsilon: float, tol: float | None = None, max_iter
 def _failure(worst, tol, it, epsilon, spread, floor, dtype, finished_in_float64, stalled) -> str:
     why = (f"marginal error {worst:.3e} > tol {tol:.1e}" if math.isfinite(worst)
            else "non-finite iterates")
+    f32 = f"float32 cannot get there (rounding floor ~{floor:.1e})"
     if finished_in_float64:
-        hint = (f"float32 cannot get there (rounding floor ~{floor:.1e}); the float64 finish fell "
-                "short: raise max_iter")
+        hint = f"{f32}; the float64 finish fell short: raise max_iter"
     elif dtype == torch.float32 and (stalled or tol < 2 * floor):
-        hint = (f"float32 cannot get there (its rounding floor here is ~{floor:.1e}): pass a "
-                "float64 cost")
+        hint = f"{f32}: pass a float64 cost"
     else:
         hint = "stopped improving: raise epsilon" if stalled else "raise max_iter or epsilon"
     return (f"sinkhorn did not converge: {why} after {it} iterations (epsilon={epsilon:g}, "
@@ -220,7 +217,7 @@ def _assign(c: np.ndarray) -> np.ndarray:
     prev = np.zeros(m + 1, dtype=np.int64)  # previous column on the shortest-path tree
     for i in range(1, n + 1):
         row_of[0], j0 = i, 0  # the new row hangs off the virtual column 0
-        dist = np.full(m + 1, np.inf)  # tentative path lengths to each column
+        dist = np.full(m + 1, np.inf)  # path lengths to each column, so far
         done = np.zeros(m + 1, dtype=bool)  # columns whose distance is final
         while True:
             done[j0] = True
@@ -273,9 +270,7 @@ def published_sinkhorn(cost: Tensor, epsilon: float = 0.06, max_iter: int = 1000
                        stop_threshold: float = 1e-9) -> tuple[Tensor, dict]:
     # The paper's code's solver, POT 0.9's `sinkhorn_knopp`, for align="published"
     # (docs/ALIGNMENT.md): cost (n, m) -> plan diag(u) K diag(v), K = exp(-cost/eps), and stats.
-    # POT's operations in its order, so its float32 numbers: v = b / (K^T u), u = 1 / ((K / a) v);
-    # a zero in K^T u or NaN/inf in u, v keeps the previous (u, v) and stops; every 10 iterations
-    # it stops if ||P^T 1 - b||_2 < stop_threshold.
+    # POT's operations in its order, so its float32 numbers: v = b / (K^T u), u = 1 / ((K / a) v).
     n, m = cost.shape
     a, b = (torch.ones(k, dtype=cost.dtype, device=cost.device) / k for k in (n, m))
     u, v = torch.ones_like(a) / n, torch.ones_like(b) / m

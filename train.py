@@ -1,6 +1,5 @@
-"""Continued training of a grown LLaMA in one process: only its new layers, by default. Read top
-to bottom: samples, the loss, what trains, the options, the seam to other processes, evaluation,
-the loop. Checks and run folders: opt_deus_tool/runs.py; FSDP2: opt_deus_tool/distributed.py."""
+"""Continued training of a grown LLaMA in one process: only its new layers, by default. Checks and
+run folders: opt_deus_tool/runs.py; FSDP2: opt_deus_tool/distributed.py."""
 
 from __future__ import annotations
 
@@ -37,7 +36,7 @@ class TokenBlocks:
     # Sample i: tokens[i*T : i*T+T+1], inputs its first T, targets its last T. Any dataset with
     # __len__ and get(indices) -> (x, y), (B, L) each, trains alike (SFT: opt_deus_tool/data.py).
     def __init__(self, tokens, block_size: int):
-        self.tokens, self.block_size = np.asarray(tokens), block_size  # numpy, memmap, CPU torch
+        self.tokens, self.block_size = np.asarray(tokens), block_size
 
     def __len__(self):
         return (len(self.tokens) - 1) // self.block_size
@@ -71,7 +70,6 @@ class _LinearCrossEntropy(torch.autograd.Function):
     # are computed beside its logits; backward only scales them.
     @staticmethod
     def forward(ctx, h, weight, targets, chunk_rows: int, need_h: bool, need_w: bool):
-        # h (N, D), weight (V, D), targets (N,) -> scalar float32
         grad_h = torch.empty_like(h) if need_h else None
         grad_w = torch.zeros(weight.shape, dtype=torch.float32, device=h.device) if need_w else None
         total = torch.zeros((), dtype=torch.float32, device=h.device)
@@ -151,7 +149,7 @@ def frozen_prefix_of(model: Transformer) -> int | None:
 
 
 # Options and schedule
-def option(default, help: str, **metadata):  # a field with the help its command-line flag shows
+def option(default, help: str, **metadata):
     return field(default=default, metadata={"help": help, **metadata})
 
 
@@ -219,7 +217,7 @@ class OneProcess:
     rank, world = 0, 1
     stops_mid_step = True  # a stop drops the unfinished step (many processes finish it together)
 
-    def device(self, name: str) -> torch.device:  # "auto": cuda if available, else cpu
+    def device(self, name: str) -> torch.device:
         auto = "cuda" if torch.cuda.is_available() else "cpu"
         return torch.device(auto if name == "auto" else name)
 
@@ -353,7 +351,7 @@ def train(model: Transformer, train_data, config: TrainConfig, eval_data=None, *
         for group in optimizer.param_groups:
             group["lr"] = lr
         batches, step_loss = run.forward_backward(step)
-        if step_loss is None:  # a stop arrived: the unfinished step is dropped, nothing applied
+        if step_loss is None:  # a stop arrived: nothing applied
             optimizer.zero_grad(set_to_none=True)
             stopped = signal.Signals(hooks.stop()).name
             log(f"{stopped}: step {step + 1} dropped unfinished; stopping at step {step}")
@@ -382,7 +380,7 @@ def train(model: Transformer, train_data, config: TrainConfig, eval_data=None, *
                 f"{eta % 60:02d}")
         due = c.eval_every > 0 and done % c.eval_every == 0 or done == run.end
         if due and run.eval_data is not None and not (dist.stops_mid_step and hooks.stop()):
-            run.evaluate(done, log)  # (not with a stop pending)
+            run.evaluate(done, log)
         if signum := dist.agree_stop(hooks.stop()):
             stopped = signal.Signals(signum).name
             log(f"{stopped} received: saving a checkpoint at step {done} and stopping")

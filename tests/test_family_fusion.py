@@ -124,7 +124,7 @@ def test_a_symmetry_of_a_family_block_leaves_its_output_unchanged(family, tmp_pa
 @pytest.mark.parametrize("family", sorted(FAMILIES))
 @pytest.mark.parametrize("method, align", [("opt", "structured"), ("opt", "paper"), ("opt", "published"),
                                            ("avg", "structured"), ("llama-pro", "structured"),
-                                           ("solar", "structured")])
+                                           ("solar", "structured"), ("lesa", "structured")])
 def test_zero_init_growth_of_every_family_keeps_its_function_in_transformers(family, method, align, tmp_path):
     import transformers
 
