@@ -7,6 +7,7 @@ points; this module only keeps them short.
 from __future__ import annotations
 
 import contextlib
+import copy
 import dataclasses
 import json
 import math
@@ -19,8 +20,9 @@ from pathlib import Path
 import torch
 
 from opt_deus_core.opt_deus import GrowthError, GrowthOptions, grow
-from opt_deus_tool import CheckpointError
-from opt_deus_tool.atomic import AtomicFolder, write_text_atomic
+from opt_deus_tool import CheckpointError, DataError
+from opt_deus_tool.atomic import AtomicFolder, Interrupted, write_text_atomic
+from opt_deus_tool.calibration import check_calibration
 from opt_deus_tool.hardware import cpu_model
 
 # The methods compared (the study's arms), by the name used in tables and file names -> GrowthOptions
@@ -44,7 +46,14 @@ ARM_OPTIONS = {
     "llama-pro@0.1": dict(method="llama-pro", out_scale=0.1),
     "opt-structured@0.1": dict(method="opt", align="structured", out_scale=0.1),
     "opt-structured-act@0.1": dict(method="opt", align="structured", cost="activations", out_scale=0.1),
+    # Issue 31: LESA (Yang et al. 2025) as its paper grows (new layers as predicted, not zero-initialised), and the
+    # control LLaMA Pro's users ask for (TencentARC/LLaMA-Pro #9): no growth, the base's top k layers (k = the
+    # number of new layers) trained instead, for the same steps on the same data (None: grow_arm).
+    "lesa": dict(method="lesa"),
+    "lesa-zero": dict(method="lesa", out_scale=0.0),
+    "no-growth-top-k": None,
 }
+CONTROL = "no-growth-top-k"
 # The arms of issue 13's study (README command 1 runs them); the study adds the scaled arms (experiments/study.sh).
 CLASSIC_ARMS = ("opt-published", "opt-paper-unnorm", "opt-paper", "opt-structured", "avg-zero", "llama-pro", "avg",
                 "solar")
@@ -52,8 +61,10 @@ CLASSIC_ARMS = ("opt-published", "opt-paper-unnorm", "opt-paper", "opt-structure
 # arm in experiments/layer_quality.py). Left out to fit 90 minutes, with what the earlier studies measured
 # (docs/RESULTS.md): opt-published (worst zero-init arm in both parts, twice), opt-paper-unnorm (equal to
 # opt-published to 4 digits), avg and solar (references that do not preserve the function: the scaled arms now
-# play that part).
-STUDY_ARMS = ("opt-paper", "opt-structured", "avg-zero", "llama-pro", "avg@0.1", "llama-pro@0.1",
+# play that part). Issue 31 adds lesa and the no-growth control and, to stay within the study's time, drops
+# opt-paper (never better than opt-structured: +0.0009 nats/byte embedded, +0.0090 nats/token SmolLM2) and
+# llama-pro@0.1 (no better than llama-pro: −0.0002 [−0.0008, +0.0005] embedded, +0.0096 worse on SmolLM2).
+STUDY_ARMS = ("opt-structured", "avg-zero", "llama-pro", "lesa", "no-growth-top-k", "avg@0.1",
               "opt-structured@0.1", "opt-structured-act@0.1")
 # The paired comparisons: every arm against these two zero-init baselines, seed by seed.
 BASELINES = ("avg-zero", "llama-pro")
@@ -80,7 +91,7 @@ def parse_list(text: str, what: str, choices=None) -> list[str]:
 def growth_options(name: str) -> GrowthOptions:
     if name not in ARM_OPTIONS:
         raise ExperimentError(f"unknown method {name!r} (choose from {', '.join(ARM_OPTIONS)})")
-    return GrowthOptions(**ARM_OPTIONS[name])
+    return GrowthOptions(**(ARM_OPTIONS[name] or {"out_scale": 0.0}))  # the control: nothing, as zero-init
 
 
 def method_available(name: str) -> bool:
@@ -102,10 +113,21 @@ def available_methods(names, log=print) -> tuple[str, ...]:
     return kept
 
 
+def grow_arm(model, name: str, num_new: int, position: str, calibration=None):
+    """(the model an arm trains, its growth report, the layers that train: None for the run's --trainable). The
+    control is an un-grown copy whose top num_new layers train."""
+    if name == CONTROL:
+        L = model.args.num_hidden_layers
+        return copy.deepcopy(model), {"method": None, "new_layers": [], "zero_init": True}, list(range(L - num_new, L))
+    return (*grow_by_name(model, name, num_new, position, calibration), None)
+
+
 def grow_by_name(model, name: str, num_new: int, position: str, calibration=None):
     """grow() with one of ARM_OPTIONS. SOLAR places its repeated layers itself, so it gets no position; calibration:
     token ids (B, T) for the arms aligned by activations."""
     options = growth_options(name)
+    # Only an arm aligned by activations reads calibration, checked as the tool checks it (one line, not a traceback)
+    calibration = check_calibration(calibration, model.args) if options.cost == "activations" else None
     return grow(model, num_new, position=None if options.method == "solar" else position, options=options,
                 calibration=calibration)
 
@@ -116,15 +138,22 @@ def grow_by_name(model, name: str, num_new: int, position: str, calibration=None
 
 
 @contextlib.contextmanager
-def output_folder(out):
-    """Yields a temporary folder beside `out`; on success it replaces `out`, on error it is deleted."""
+def output_folder(out, inputs=()):
+    """Yields a temporary folder beside `out`; on success it replaces `out`, on error it is deleted. inputs: (flag,
+    path) pairs `out` may not be, contain or lie inside (replacing earlier results would delete them)."""
     # opt_deus_tool.atomic.AtomicFolder: the project's one temp-folder-then-rename writer (an existing folder is
     # moved aside and deleted only once the new one is in place; SIGTERM cleans up too).
     def earlier_results(path):
         return None if (path / "summary.json").is_file() else "holds files but no summary.json, so no earlier results"
-    with AtomicFolder(out, overwrite=True, replaceable=earlier_results) as folder:
+    with AtomicFolder(out, overwrite=True, replaceable=earlier_results, inputs=inputs, name="--out") as folder:
         yield folder.tmp
         folder.commit()
+
+
+def config_inputs(config) -> list[tuple[str, str]]:  # what a study reads, by flag: its results never replace one
+    values = [(f, getattr(config, f[2:].replace("-", "_"), None)) for f in ("--data-dir", "--base", "--data",
+                                                                           "--accuracy-task")]
+    return [(f, v) for f, value in values for v in (value if isinstance(value, (list, tuple)) else [value]) if v]
 
 
 def run_study(config, run, out, log, jobs: int) -> dict:
@@ -137,7 +166,7 @@ def run_study(config, run, out, log, jobs: int) -> dict:
         raise ExperimentError("no method left to run")
     if out is None:
         return run(config, None, log, jobs)
-    with output_folder(out) as tmp:
+    with output_folder(out, config_inputs(config)) as tmp:
         summary = run(config, tmp, log, jobs)
     log(f"wrote {Path(out)}/summary.md, summary.json, runs/" + "".join(", " + p for p in summary["plots"]))
     return summary
@@ -165,17 +194,79 @@ def one_thread():
     torch.set_num_threads(1)
 
 
+_report = None  # where report() sends events: the study's Progress in its process, a queue to it in a worker
+_stop = None  # in map_jobs' workers: set once an item failed or the study was interrupted
+
+
+def report(**event):
+    """A piece of the study's work done (experiments/study_output.py: Progress), from whichever process did it;
+    nothing when no study listens."""
+    if _report is not None:
+        _report(event)
+
+
+@contextlib.contextmanager
+def reporting(sink):
+    # report() calls sink(event) inside the block, map_jobs' workers included.
+    global _report
+    previous, _report = _report, sink
+    try:
+        yield
+    finally:
+        _report = previous
+
+
+class _Skipped(Exception):
+    """An item a worker did not start: another had failed, or the study was interrupted."""
+
+
+def _worker_start(queue, stop):
+    global _report, _stop
+    one_thread()
+    _report, _stop = (None if queue is None else queue.put), stop
+
+
+def _start_item(fn, x):
+    # Items already handed to a worker (one more than the workers) can no longer be cancelled: they check `_stop`.
+    if _stop.is_set():
+        raise _Skipped()
+    try:
+        return fn(x)
+    except BaseException:
+        _stop.set()
+        raise
+
+
 def map_jobs(fn, items: list, jobs: int) -> list:
     """[fn(x) for x in items], in `jobs` worker processes when jobs > 1 (fn and the items must be
-    picklable: module-level functions, dataclasses). Results keep the order of `items`."""
+    picklable: module-level functions, dataclasses). Results keep the order of `items`; a failure,
+    Ctrl-C or SIGTERM cancels the items not started. The workers' report() events reach this process's."""
     if jobs <= 1 or len(items) <= 1:
         return [fn(x) for x in items]
     import multiprocessing
-    from concurrent.futures import ProcessPoolExecutor
+    from concurrent.futures import FIRST_EXCEPTION, Future, ProcessPoolExecutor, wait
     # spawn, not fork: a forked child of a process that already ran torch can deadlock in OpenMP.
-    with ProcessPoolExecutor(max_workers=min(jobs, len(items)), mp_context=multiprocessing.get_context("spawn"),
-                             initializer=one_thread) as pool:
-        return list(pool.map(fn, items))
+    context = multiprocessing.get_context("spawn")
+    # SimpleQueue: put() writes before the worker's function returns, so every event is here once its job is.
+    queue = context.SimpleQueue() if _report is not None else None
+    stop = context.Event()
+    with ProcessPoolExecutor(max_workers=min(jobs, len(items)), mp_context=context, initializer=_worker_start,
+                             initargs=(queue, stop)) as pool:
+        futures = [pool.submit(_start_item, fn, x) for x in items]
+        try:
+            pending = set(futures)
+            while pending:
+                done, pending = wait(pending, timeout=0.5, return_when=FIRST_EXCEPTION)
+                while queue is not None and not queue.empty():
+                    _report(queue.get())
+                failed = next((e for e in map(Future.exception, done) if e is not None and not isinstance(e, _Skipped)),
+                              None)
+                if failed is not None:
+                    raise failed
+        except BaseException:  # without this, leaving the pool would still run every item not started
+            stop.set()
+            raise
+        return [f.result() for f in futures]
 
 
 def environment() -> dict:
@@ -259,6 +350,9 @@ def fmt_interval(diff: dict, digits: int = 4) -> str:
 
 
 def markdown_table(headers: list[str], rows: list[list]) -> str:
+    # A column with no value in any row (e.g. "Δ vs its zero-init arm" when no arm has one) is left out.
+    keep = [i for i in range(len(headers)) if not rows or any(str(row[i]).strip() for row in rows)]
+    headers, rows = [headers[i] for i in keep], [[row[i] for i in keep] for row in rows]
     lines = ["| " + " | ".join(headers) + " |", "|" + "|".join("---" for _ in headers) + "|"]
     lines += ["| " + " | ".join(str(c) for c in row) + " |" for row in rows]
     return "\n".join(lines) + "\n"
@@ -296,73 +390,6 @@ def save_figure(fig, path):
     os.replace(tmp, path)
 
 
-def plot_band(ax, steps, curves, label: str, lo=None, hi=None, color=None):
-    """Mean of `curves` (seeds x points) as a line, with a shaded band: the seeds' min..max, or the
-    given lo..hi (e.g. a confidence interval)."""
-    import numpy as np
-    curves = np.asarray(curves, dtype=float)
-    mean = curves.mean(axis=0)
-    (line,) = ax.plot(steps, mean, label=label, linewidth=1.4, color=color)
-    lo = curves.min(axis=0) if lo is None else lo
-    hi = curves.max(axis=0) if hi is None else hi
-    ax.fill_between(steps, lo, hi, color=line.get_color(), alpha=0.15, linewidth=0)
-    return line
-
-
-def plot_paired_curves(path, curves: dict, zero_init: dict, note: str, ylabel: str, log) -> list[str]:
-    """The study's figure. curves: {arm: (steps, seeds x steps held-out losses)}, every arm at the
-    same steps and seeds. Left: each arm's mean with its seeds' min..max band; then, for each of
-    BASELINES present, every arm minus the baseline, paired by seed, with its 95 % t-interval."""
-    arms = list(curves)
-    baselines = [b for b in BASELINES if b in curves]
-    fig, axes = new_figure(1 + len(baselines))
-    if fig is None:
-        log(f"matplotlib is not installed: skipping {Path(path).name} (pip install matplotlib, or the `plots` extra)")
-        return []
-    n_seeds = len(next(iter(curves.values()))[1])
-    color = {arm: f"C{i % 10}" for i, arm in enumerate(arms)}  # one colour per arm in every panel
-    for arm in arms:
-        plot_band(axes[0], *curves[arm], arm, color=color[arm])
-    axes[0].set(title=f"held-out loss (mean; band: min..max over {n_seeds} seeds)", xlabel="step after growth",
-                ylabel=ylabel)
-    # Zoom on the zero-init arms: the arms that do not preserve the function start far above them.
-    starts = [float(c[:, 0].mean()) for a, (_, c) in curves.items() if zero_init.get(a)]
-    ends = [float(c[:, -1].min()) for _, c in curves.values()]
-    if starts:
-        lo, hi = min(ends), max(starts)
-        pad = 0.1 * (hi - lo) + 1e-6
-        axes[0].set_ylim(lo - pad, hi + pad)
-    for ax, b in zip(axes[1:], baselines):
-        steps, base_curves = curves[b]
-        means = []
-        for arm in arms:
-            if arm == b:
-                continue
-            diff = curves[arm][1] - base_curves
-            means += list(diff.mean(axis=0))
-            intervals = [paired_difference(list(curves[arm][1][:, i]), list(base_curves[:, i]))
-                         for i in range(len(steps))]
-            if intervals[0]["lo"] is None:
-                plot_band(ax, steps, diff, arm, color=color[arm])
-            else:
-                plot_band(ax, steps, diff, arm, lo=[d["lo"] for d in intervals], hi=[d["hi"] for d in intervals],
-                          color=color[arm])
-        ax.axhline(0.0, color="gray", linestyle=":")
-        if means:  # frame the mean differences; the widest intervals (few seeds) may run off the edge
-            lo, hi = min(min(means), 0.0), max(max(means), 0.0)
-            pad = 0.5 * (hi - lo) + 1e-4
-            ax.set_ylim(lo - pad, hi + pad)
-        ax.set(title=f"minus {b}, paired by seed (band: 95% t-interval)", xlabel="step after growth",
-               ylabel="loss difference")
-    for ax in axes:
-        ax.grid(alpha=0.3)
-        if ax.get_legend_handles_labels()[0]:
-            ax.legend(fontsize=7)
-    fig.suptitle(note, fontsize=9)
-    save_figure(fig, path)
-    return [Path(path).name]
-
-
 def run_cli(prog: str, flags, start, user_errors: tuple) -> int:
     """The shared ending of the experiment scripts' main(): checks --threads/--jobs, then `start()` runs the
     study; a user error is one line and exit 2, Ctrl-C / SIGTERM exit 130 with nothing written (the output
@@ -376,7 +403,10 @@ def run_cli(prog: str, flags, start, user_errors: tuple) -> int:
     except KeyboardInterrupt:
         print(f"{prog}: interrupted; nothing written", file=sys.stderr)
         return 130
-    except (ExperimentError, GrowthError, CheckpointError, *user_errors) as e:
+    except Interrupted as e:  # SIGTERM, SIGHUP, ...: the output folder's scratch copy is already gone
+        print(f"{prog}: {e}; nothing written", file=sys.stderr)
+        return 128 + e.signum
+    except (ExperimentError, GrowthError, CheckpointError, DataError, *user_errors) as e:
         print(f"{prog}: error: {e}", file=sys.stderr)
         return 2
     return 0

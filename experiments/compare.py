@@ -18,7 +18,8 @@ Per seed:
 3. Train only the new layers of every grown model for the same --grow-steps on the same data order,
    and the un-grown base (all layers) for the same budget as a reference.
 Across seeds: each arm's final held-out loss minus avg-zero's and llama-pro's, paired by seed, with
-a 95 % t-interval, and the whole held-out curves with their seed bands.
+a 95 % t-interval; curves.png shows each arm's mean held-out curve beside its final difference from
+avg-zero with that interval. The log has one line per finished arm, with the study's elapsed time and ETA.
 
 Outputs under --out: runs/seed<k>/<arm>.jsonl (training metrics; first line: the run, the Python
 version and the corpus fingerprint), summary.md, summary.json, curves.png (with matplotlib: pip
@@ -51,12 +52,16 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))  # so `python experiments/compare.py` works without `pip install -e .`
 
 from experiments.common import (CLASSIC_ARMS, ARM_OPTIONS, STUDY_ARMS, ExperimentError, environment, fmt,  # noqa: E402
-                                fmt_against_zero_init, fmt_interval, fmt_pm, grow_by_name, growth_options, map_jobs,
-                                markdown_table, mean_std, paired_comparisons, parse_list, plot_paired_curves,
+                                fmt_against_zero_init, fmt_interval, fmt_pm, grow_arm, growth_options, map_jobs,
+                                markdown_table, mean_std, paired_comparisons, paired_difference, parse_list, reporting,
                                 reproducibility, run_cli, run_study, stamp_jsonl, write_json)
+from experiments.common import report as report_progress  # noqa: E402
+from experiments.study_output import Progress, figure_reference, plot_study, quiet  # noqa: E402
 from opt_deus_core.model import ModelArgs, Transformer  # noqa: E402
 from opt_deus_core.opt_deus import POSITIONS  # noqa: E402
 from opt_deus_tool import CheckpointError  # noqa: E402
+from opt_deus_tool.cli import (OneLineArgumentParser, finite_float, non_negative_int, positive_float,  # noqa: E402
+                               positive_int)
 from opt_deus_tool.data import ByteTokenizer  # noqa: E402
 from opt_deus_tool.runs import train_run  # noqa: E402
 from opt_deus_core.train import TrainConfig, TrainError, evaluate  # noqa: E402
@@ -270,7 +275,13 @@ def flat_at(curve: list[tuple[int, float]], window: int, tol: float) -> bool:
     return bool(earlier) and min(earlier) - min(loss for _, loss in curve) < tol
 
 
-def train_base(base: Transformer, train_tokens, eval_tokens, config: CompareConfig, seed: int, metrics, log) -> dict:
+def base_cap(config: CompareConfig) -> int:
+    # The most steps a base can run: --base-max-steps, then its anneal (the study's progress plans with this).
+    return config.base_max_steps + round(config.anneal_fraction * config.base_max_steps)
+
+
+def train_base(base: Transformer, train_tokens, eval_tokens, config: CompareConfig, seed: int, metrics, log,
+               label: str = "base") -> dict:
     """Trains the base until its held-out loss is flat, then anneals; see the module docstring.
 
     Runs as one training run (one optimizer, one data stream) cut into chunks of check_every steps:
@@ -282,12 +293,15 @@ def train_base(base: Transformer, train_tokens, eval_tokens, config: CompareConf
     cfg = train_config(config, config.base_max_steps, config.base_lr, "all", seed, warmup_steps=config.base_warmup,
                        decay_fraction=0.0, checkpoint_every=0)
     curve, step, checkpoint = [], 0, None
+    every = max(config.check_every, config.base_max_steps // 10)  # a progress line about 10 times per base
     with tempfile.TemporaryDirectory(prefix="opt-deus-base-") as tmp:
-        folder = dict(out_dir=tmp, keep_checkpoints=1, metrics_path=metrics, log=log)
+        folder = dict(out_dir=tmp, keep_checkpoints=1, metrics_path=metrics, log=quiet(log))
         while step < config.base_max_steps:
             stop = min(step + config.check_every, config.base_max_steps)
             r = checked(train_run(base, train_tokens, dataclasses.replace(cfg, stop_after=stop), eval_tokens,
                                   resume_from=checkpoint, **folder))
+            note = f"base step {r.step} (at most {config.base_max_steps}): held-out loss {r.evals[-1]['eval_loss']:.4f}"
+            report_progress(label=label, work=r.step - step, note=None if r.step // every == step // every else note)
             step, checkpoint = r.step, r.checkpoint
             curve += [(e["step"], e["eval_loss"]) for e in r.evals if not curve or e["step"] > curve[-1][0]]
             if flat_at(curve, config.flat_window, config.flat_tol):
@@ -302,6 +316,7 @@ def train_base(base: Transformer, train_tokens, eval_tokens, config: CompareConf
                                              eval_every=0)
             r = checked(train_run(base, train_tokens, anneal_cfg, eval_tokens, resume_from=checkpoint, **folder))
             curve += [(e["step"], e["eval_loss"]) for e in r.evals if e["step"] > curve[-1][0]]
+    report_progress(label=label, work=anneal, replan=step + anneal - base_cap(config))  # a flattened base ends early
     return {"constant_lr_steps": step, "anneal_steps": anneal, "steps": step + anneal, "flattened": flattened,
             "curve": [{"step": s, "loss": l} for s, l in curve], "seconds": time.perf_counter() - t0}
 
@@ -332,7 +347,11 @@ def shared_base(config: CompareConfig, runs_dir: str | None, log) -> dict:
     folder = Path(runs_dir) / "shared-base" if runs_dir else None
     metrics = folder / "base.jsonl" if folder else None
     base = make_base(config, seed)
-    record = train_base(base, train_tokens, eval_tokens, config, seed, metrics, lambda *a: log("[shared base]", *a))
+    log(f"[shared base] {config.layers} layers, hidden {config.hidden}, {sum(p.numel() for p in base.parameters()):,} "
+        f"parameters, seed {seed}")
+    record = train_base(base, train_tokens, eval_tokens, config, seed, metrics, lambda *a: log("[shared base]", *a),
+                        label="shared base")
+    log(f"[shared base] held-out loss {held_out(base, eval_tokens, config)['loss']:.4f} after {record['steps']} steps")
     if metrics is not None:
         stamp_jsonl(metrics, {"arm": "base", "seed": seed, **reproducibility(data_info["corpus_sha256"])})
     return {"state": {k: v.clone() for k, v in base.state_dict().items()}, "record": record, "seed": seed}
@@ -357,19 +376,26 @@ def run_seed(config: CompareConfig, seed: int, runs_dir: str | None, log=print, 
         if folder is not None:
             stamp_jsonl(metrics(name), {"arm": name, **stamp})
 
-    # The activation-aligned arm's calibration text: the first 16 blocks of the training bytes.
-    calibration = torch.from_numpy(np.asarray(train_tokens[: 16 * config.block_size], np.int64)).view(16, -1)
+    # The activation-aligned arms' calibration text: the first 16 blocks of the training bytes, or as many whole
+    # blocks as they hold (grow_by_name gives it only to those arms, and refuses too little in one line).
+    rows = min(16, len(train_tokens) // config.block_size)
+    calibration = torch.from_numpy(np.asarray(train_tokens[: rows * config.block_size], np.int64))
+    calibration = calibration.view(rows, config.block_size)
+    if rows < 16 and any(growth_options(name).cost == "activations" for name in config.methods):
+        log(f"note: calibration text for the activation arms: {rows} blocks of {config.block_size} bytes (the "
+            f"training bytes hold no more), not 16")
     base = make_base(config, seed)
     n_params = sum(p.numel() for p in base.parameters())
-    log(f"base: {config.layers} layers, hidden {config.hidden}, {n_params:,} parameters")
     if base_given is None:
-        base_run = train_base(base, train_tokens, eval_tokens, config, seed, metrics("base"), log)
+        log(f"base: {config.layers} layers, hidden {config.hidden}, {n_params:,} parameters")
+        base_run = train_base(base, train_tokens, eval_tokens, config, seed, metrics("base"), log, f"seed {seed}")
         finish("base")
     else:
         base.load_state_dict(base_given["state"])
         base_run = {**base_given["record"], "shared_from_seed": base_given["seed"]}
     base_eval = held_out(base, eval_tokens, config)
-    log(f"base held-out loss {base_eval['loss']:.4f} after {base_run['steps']} steps")
+    if base_given is None:
+        log(f"base held-out loss {base_eval['loss']:.4f} after {base_run['steps']} steps")
 
     # Every arm reads the same continued-training stream (seed + 1000), not a replay of the base's.
     grow_seed = seed + 1000
@@ -377,7 +403,7 @@ def run_seed(config: CompareConfig, seed: int, runs_dir: str | None, log=print, 
     names = config.methods if only is None else [name for name in config.methods if name == only]
     for name in names:
         t0 = time.perf_counter()
-        grown, report = grow_by_name(base, name, config.new_layers, config.position, calibration)
+        grown, report, trainable = grow_arm(base, name, config.new_layers, config.position, calibration)
         grow_s = time.perf_counter() - t0
         zero_init = growth_options(name).out_scale == 0
         after_growth = held_out(grown, eval_tokens, config)
@@ -386,15 +412,15 @@ def run_seed(config: CompareConfig, seed: int, runs_dir: str | None, log=print, 
             raise ExperimentError(f"seed {seed}, {name}: held-out loss right after growth {after_growth['loss']!r} "
                                   f"differs from the base's {base_eval['loss']!r}; a zero-init arm must start exactly "
                                   f"at the base function")
-        log(f"{name}: grew {config.layers} -> {len(grown.layers)} layers in {grow_s:.1f}s (new layers "
-            f"{report['new_layers']}); held-out loss after growth {after_growth['loss']:.4f}")
         r = checked(train_run(grown, train_tokens, train_config(config, config.grow_steps, config.grow_lr,
-                                                                config.trainable, grow_seed), eval_tokens,
-                              metrics_path=metrics(name), log=lambda *a: log(f"[{name}]", *a)))
+                                                                trainable or config.trainable, grow_seed), eval_tokens,
+                              metrics_path=metrics(name), log=quiet(lambda *a: log(f"[{name}]", *a))))
         finish(name)
         evals = [{"step": e["step"], "loss": e["eval_loss"]} for e in r.evals]
         after = held_out(grown, eval_tokens, config)
-        log(f"{name}: held-out loss after training {after['loss']:.4f} ({r.mean_step_s:.3f} s/step)")
+        report_progress(label=f"seed {seed}", arm=True, work=config.grow_steps,
+                        note=f"{name}: held-out loss {after_growth['loss']:.4f} -> {after['loss']:.4f} "
+                             f"({r.mean_step_s:.3f} s/step)")
         arms[name] = {"growth": {k: report.get(k) for k in ("method", "align", "epsilon", "zero_init", "normalize_plan",
                                                              "position", "insert_after", "new_layers")},
                       "zero_init": zero_init, "layers": len(grown.layers), "grow_seconds": grow_s,
@@ -408,11 +434,13 @@ def run_seed(config: CompareConfig, seed: int, runs_dir: str | None, log=print, 
         reference = copy.deepcopy(base)
         r = checked(train_run(reference, train_tokens, train_config(config, config.grow_steps, config.grow_lr, "all",
                                                                       grow_seed), eval_tokens,
-                              metrics_path=metrics(REFERENCE), log=lambda *a: log(f"[{REFERENCE}]", *a)))
+                              metrics_path=metrics(REFERENCE), log=quiet(lambda *a: log(f"[{REFERENCE}]", *a))))
         finish(REFERENCE)
         evals = [{"step": e["step"], "loss": e["eval_loss"]} for e in r.evals]
         after = held_out(reference, eval_tokens, config)
-        log(f"{REFERENCE} (no growth, all layers): held-out loss {after['loss']:.4f}")
+        report_progress(label=f"seed {seed}", arm=True, work=config.grow_steps,
+                        note=f"{REFERENCE} (no growth, all layers): held-out loss {base_eval['loss']:.4f} -> "
+                             f"{after['loss']:.4f} ({r.mean_step_s:.3f} s/step)")
         arms[REFERENCE] = {"growth": None, "zero_init": True, "layers": config.layers, "grow_seconds": 0.0,
                            "after_growth": base_eval, "after_training": after, "evals": evals,
                            "flattened": run_flat(evals, config), "losses": r.losses,
@@ -457,20 +485,25 @@ def _run(config: CompareConfig, folder: Path | None, log, jobs: int) -> dict:
         f"Python {reproducibility('')['python']}, corpus sha256 {data_info['corpus_sha256']}")
     log(f"arms: {', '.join(config.methods)}{', ' + REFERENCE if config.reference else ''}; seeds {list(config.seeds)}"
         f"{f'; {jobs} worker processes' if jobs > 1 else ''}")
-    # A shared base trains here, before the workers start (with --threads, on all of this process's threads).
-    base_given = shared_base(config, runs_dir, log) if config.shared_base else None
-    if jobs > 1 and base_given is not None:
-        # One job per (seed, arm): with a shared base the arms are independent, and many short jobs
-        # keep every worker busy (5 seeds as 5 jobs on 2 workers would leave one idle a third of the time).
-        arms = list(config.methods) + ([REFERENCE] if config.reference else [])
-        parts = map_jobs(_seed_job, [(config, seed, runs_dir, base_given, arm) for seed in config.seeds
-                                     for arm in arms], jobs)
-        seeds = [merge_arms(parts[i: i + len(arms)]) for i in range(0, len(parts), len(arms))]
-    elif jobs > 1:
-        seeds = map_jobs(_seed_job, [(config, seed, runs_dir, None, None) for seed in config.seeds], jobs)
-    else:
-        seeds = [run_seed(config, seed, runs_dir, log=lambda *a, s=seed: log(f"[seed {s}]", *a), base_given=base_given)
-                 for seed in config.seeds]
+    # One line per finished arm (of a seed), the whole study's elapsed time and ETA; about ten per base.
+    n_runs = len(config.seeds) * (len(config.methods) + config.reference)
+    progress = Progress(n_runs, (1 if config.shared_base else len(config.seeds)) * base_cap(config)
+                        + n_runs * config.grow_steps, log)
+    with reporting(progress):
+        # A shared base trains here, before the workers start (with --threads, on all of this process's threads).
+        base_given = shared_base(config, runs_dir, log) if config.shared_base else None
+        if jobs > 1 and base_given is not None:
+            # One job per (seed, arm): with a shared base the arms are independent, and many short jobs
+            # keep every worker busy (5 seeds as 5 jobs on 2 workers would leave one idle a third of the time).
+            arms = list(config.methods) + ([REFERENCE] if config.reference else [])
+            parts = map_jobs(_seed_job, [(config, seed, runs_dir, base_given, arm) for seed in config.seeds
+                                         for arm in arms], jobs)
+            seeds = [merge_arms(parts[i: i + len(arms)]) for i in range(0, len(parts), len(arms))]
+        elif jobs > 1:
+            seeds = map_jobs(_seed_job, [(config, seed, runs_dir, None, None) for seed in config.seeds], jobs)
+        else:
+            seeds = [run_seed(config, seed, runs_dir, log=lambda *a, s=seed: log(f"[seed {s}]", *a),
+                              base_given=base_given) for seed in config.seeds]
     summary = {"config": dataclasses.asdict(config), "data": data_info,
                "reproducibility": reproducibility(data_info["corpus_sha256"]), "environment": environment(),
                "arms": list(seeds[0]["arms"]), "seeds": seeds, "comparisons": comparisons(seeds),
@@ -509,7 +542,7 @@ def summary_markdown(summary: dict) -> str:
         flattened = (f"flattened at step {seeds[0]['base']['constant_lr_steps']}" if n_flat
                      else "not flattened (hit the step cap)")
     else:
-        steps_run = f"{min(base_steps)}–{max(base_steps)}"
+        steps_run = f"{min(base_steps)}" + (f"–{max(base_steps)}" if max(base_steps) > min(base_steps) else "")
         flattened = f"flattened in {n_flat} of {n} seeds"
     listed = ", ".join(map(str, c["seeds"]))
     which = (f"one, trained with seed {c['seeds'][0]} and shared by seeds {listed} (they vary the arms' data order "
@@ -559,11 +592,14 @@ def summary_markdown(summary: dict) -> str:
 
 
 def plot_curves(summary: dict, path: Path, log) -> list[str]:
-    seeds, rep = summary["seeds"], summary["reproducibility"]
-    return plot_paired_curves(path, {arm: eval_curves(seeds, arm) for arm in summary["arms"]},
-                              {arm: seeds[0]["arms"][arm]["zero_init"] for arm in summary["arms"]},
-                              f"experiments/compare.py: Python {rep['python']}, corpus sha256 "
-                              f"{rep['corpus_sha256'][:16]}…, {len(seeds)} seeds", "loss (nats/byte)", log)
+    seeds, rep, arms = summary["seeds"], summary["reproducibility"], summary["arms"]
+    ref = figure_reference(arms)
+    return plot_study(path, {arm: eval_curves(seeds, arm) for arm in arms},
+                      {arm: paired_difference(final_losses(seeds, arm), final_losses(seeds, ref)) for arm in arms
+                       if arm != ref},
+                      ref, {arm: seeds[0]["arms"][arm]["zero_init"] for arm in arms},
+                      f"experiments/compare.py: Python {rep['python']}, corpus sha256 {rep['corpus_sha256'][:16]}…, "
+                      f"{len(seeds)} seeds", "loss (nats/byte)", log)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -572,31 +608,33 @@ def plot_curves(summary: dict, path: Path, log) -> list[str]:
 
 def build_parser() -> argparse.ArgumentParser:
     d = CompareConfig()
-    p = argparse.ArgumentParser(description="The study: grow a small byte-level LLaMA with each depth up-scaling "
-                                            "method, continue training, compare held-out loss paired by seed. Runs "
-                                            "on the standard library's source: nothing to download.",
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    # One-line errors and the commands' argparse types (docs/CLI.md: the experiments follow the same contract).
+    p = OneLineArgumentParser(prog="compare.py", description="The study: grow a small byte-level LLaMA with each "
+                              "depth up-scaling method, continue training, compare held-out loss paired by seed. "
+                              "Runs on the standard library's source: nothing to download.",
+                              formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--preset", choices=sorted(PRESETS), default="default",
                    help="sizes; every flag below overrides it. " + "; ".join(
                        f"{k}: " + (", ".join(f"{a}={v}" for a, v in s.items()) or "the defaults shown")
                        for k, s in PRESETS.items()))
     g = p.add_argument_group("base model (defaults: preset 'default')")
     for name in ("layers", "hidden", "heads", "kv_heads", "head_dim", "intermediate", "block_size"):
-        g.add_argument("--" + name.replace("_", "-"), type=int, default=None, help=f"({getattr(d, name)})")
+        g.add_argument("--" + name.replace("_", "-"), type=positive_int, default=None, help=f"({getattr(d, name)})")
     g = p.add_argument_group("growth")
-    g.add_argument("--new-layers", type=int, default=None, help=f"layers added to the base ({d.new_layers})")
+    g.add_argument("--new-layers", type=positive_int, default=None, help=f"layers added to the base ({d.new_layers})")
     g.add_argument("--position", choices=POSITIONS, default=None, help=f"where new layers go, not solar ({d.position})")
     g.add_argument("--methods", default=None, help=f"comma list ({','.join(d.methods)})")
     g.add_argument("--reference", action=argparse.BooleanOptionalAction, default=None,
                    help=f"also train the un-grown base, all layers, for the same budget ({d.reference})")
     g = p.add_argument_group("training")
-    for name, kind, what in [("batch_size", int, "sequences per step"), ("base_max_steps", int, ""),
-                             ("base_warmup", int, ""), ("base_lr", float, ""),
-                             ("check_every", int, "held-out evaluation interval"),
-                             ("flat_window", int, "the flatness criterion's window, steps"),
-                             ("flat_tol", float, "flat: held-out loss fell less than this over the window"),
-                             ("anneal_fraction", float, "base anneal steps / constant-lr steps"),
-                             ("grow_steps", int, "steps after growth, every arm"), ("grow_lr", float, "")]:
+    for name, kind, what in [("batch_size", positive_int, "sequences per step"), ("base_max_steps", positive_int, ""),
+                             ("base_warmup", non_negative_int, ""), ("base_lr", positive_float, ""),
+                             ("check_every", positive_int, "held-out evaluation interval"),
+                             ("flat_window", positive_int, "the flatness criterion's window, steps"),
+                             ("flat_tol", finite_float, "flat: held-out loss fell less than this over the window"),
+                             ("anneal_fraction", finite_float, "base anneal steps / constant-lr steps"),
+                             ("grow_steps", positive_int, "steps after growth, every arm"),
+                             ("grow_lr", positive_float, "")]:
         g.add_argument("--" + name.replace("_", "-"), type=kind, default=None, help=f"{what} ({getattr(d, name)})")
     g.add_argument("--trainable", choices=("new", "all"), default=None,
                    help=f"what trains after growth ({d.trainable})")
@@ -604,13 +642,14 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--shared-base", action=argparse.BooleanOptionalAction, default=None,
                    help=f"one base for all seeds, trained once with the first seed ({d.shared_base})")
     g.add_argument("--device", default=None, help=f"cpu, cuda, ... (cuda trains in bf16 autocast) ({d.device})")
-    g.add_argument("--threads", type=int, default=1,
+    g.add_argument("--threads", type=non_negative_int, default=1,
                    help="CPU threads for torch (0: torch's default, all cores). On a small or busy machine, "
                         "OpenMP threads competing with other processes can be many times slower than one")
-    g.add_argument("--jobs", type=int, default=1, help="seeds run in this many worker processes, one thread each")
+    g.add_argument("--jobs", type=positive_int, default=1,
+                   help="seeds run in this many worker processes, one thread each")
     g = p.add_argument_group("data")
-    g.add_argument("--train-bytes", type=int, default=None, help=f"({d.train_bytes})")
-    g.add_argument("--eval-blocks", type=int, default=None,
+    g.add_argument("--train-bytes", type=positive_int, default=None, help=f"({d.train_bytes})")
+    g.add_argument("--eval-blocks", type=positive_int, default=None,
                    help=f"held-out blocks of --block-size bytes ({d.eval_blocks})")
     g.add_argument("--data-dir", default=None, help="folder of .py files (default: this Python's stdlib)")
     p.add_argument("--out", default="runs/compare", help="results folder (replaced)")

@@ -43,8 +43,12 @@ if str(ROOT) not in sys.path:
 from experiments.common import (ExperimentError, environment, fmt_interval, map_jobs, markdown_table,  # noqa: E402
                                 output_folder, paired_difference, run_cli, write_json)
 from opt_deus_core.model import Block, Transformer, layer_window  # noqa: E402
-from opt_deus_core.opt_deus import GrowthOptions, avg_fuse, block_activations, make_new_block, move_units  # noqa: E402
+from opt_deus_core.opt_deus import (Growth, GrowthOptions, avg_fuse, block_activations, make_new_block,  # noqa: E402
+                                    move_units)
 from opt_deus_core.train import TokenBlocks, linear_cross_entropy  # noqa: E402
+from opt_deus_tool.calibration import MIN_CALIBRATION_TOKENS, check_calibration  # noqa: E402
+from opt_deus_tool.cli import OneLineArgumentParser, at_least, comma_list, non_negative_int  # noqa: E402
+from opt_deus_tool.cli import positive_float, positive_int  # noqa: E402
 
 # arm -> GrowthOptions fields (with out_scale 1: the scale is applied afterwards), or a construction of its own
 ARMS = {
@@ -53,8 +57,10 @@ ARMS = {
     "opt-published": dict(align="published"), "opt-structured": dict(align="structured"),
     "opt-structured-act": dict(align="structured", cost="activations"),
     "opt-paper-act": dict(align="paper", cost="activations"),
+    "lesa": "lesa",  # issue 31: LESA's predictor, fitted once on the whole base as growth fits it
 }
 SCALES = (1.0, 0.5, 0.25, 0.1)
+TARGETS = ("embedded", "smollm2", "qwen25")  # qwen25: Qwen2.5-Coder-0.5B-Instruct, converted by tests/qwen.py
 REFERENCE_ARMS = ("avg", "copy-A")  # every arm is compared against these, paired
 EQUAL_NORMS = (0.05, 0.1, 0.2)  # output norms (relative to B's update) at which arms are compared
 
@@ -87,10 +93,19 @@ def random_symmetry(block: dict, args, generator: torch.Generator) -> dict:
     return {**block, **move_units(block, plans, G, d)}
 
 
-def new_layer(arm: str, A: dict, B: dict, args, records: tuple, generator: torch.Generator) -> dict:
-    # The new layer between A and B, its output projections unscaled (s = 1), float32.
+def lesa_layers(blocks: list[dict], args, seed: int) -> dict:
+    # LESA's layer for every gap i (after base layer i), its predictors fitted once on the whole base.
+    options = GrowthOptions(method="lesa", out_scale=1.0, seed=seed)
+    return Growth(args, None, None, list(range(len(blocks) - 1)), options, None).lesa(lambda i: blocks[i], None)
+
+
+def new_layer(arm: str, A: dict, B: dict, args, records: tuple, generator: torch.Generator,
+              predicted: dict | None = None) -> dict:
+    # The new layer between A and B, its output projections unscaled (s = 1), float32; predicted: LESA's for the gap.
     A, B = ({key: value.float() for key, value in block.items()} for block in (A, B))
     kind = ARMS[arm]
+    if kind == "lesa":
+        return make_new_block([A, B], args, GrowthOptions(method="lesa", out_scale=1.0), predicted=predicted)[0]
     if kind in ("copy-A", "copy-B"):
         return dict(A if kind == "copy-A" else B)
     if kind == "avg":
@@ -162,6 +177,8 @@ def measure(stack: Stack, config: QualityConfig, seed: int, log) -> dict:
     """Every arm at every scale: {"one_at_a_time": {arm: {gap: {s: [loss increase, norm ratio]}}},
     "all_at_once": {arm: {s: [...]}}} for one base."""
     L = len(stack.base.layers)
+    if config.top_gaps > L - 1:  # the embedded bases' are checked before they train (validate)
+        raise ExperimentError(f"--top-gaps {config.top_gaps}: the base has {L} layers, {L - 1} gaps")
     blocks = [{key: value.detach() for key, value in layer.state_dict().items()} for layer in stack.base.layers]
     top = list(range(L - 1 - config.top_gaps, L - 1))
     one, every = {arm: {} for arm in config.arms}, {arm: {} for arm in config.arms}
@@ -170,10 +187,11 @@ def measure(stack: Stack, config: QualityConfig, seed: int, log) -> dict:
         generator = torch.Generator().manual_seed(seed * 1000 + 17)  # the control's symmetry, per seed
         by_activations = isinstance(ARMS[arm], dict) and ARMS[arm].get("cost") == "activations"
         made, record = {}, None
+        predicted = lesa_layers(blocks, stack.args, seed) if ARMS[arm] == "lesa" else {}
         for i in range(L - 1):  # the calibration records of layers i and i + 1, two at a time
             records = (record or stack.record(i), stack.record(i + 1)) if by_activations else (None, None)
             record = records[1]
-            made[i] = new_layer(arm, blocks[i], blocks[i + 1], stack.args, records, generator)
+            made[i] = new_layer(arm, blocks[i], blocks[i + 1], stack.args, records, generator, predicted.get(i))
         for i in range(L - 1):
             one[arm][i] = {s: [loss - stack.base_loss, ratio] for s in config.scales
                            for loss, ratio in [stack.run({i: scaled(made[i], s)})]}
@@ -207,15 +225,18 @@ def smollm2_base(config: QualityConfig, log) -> dict:
     from experiments import smollm2
     from opt_deus_tool.checkpoint import load_pretrained
     from opt_deus_tool.data import load_tokenizer
-    if smollm2.default_base() is None or smollm2.default_data() is None:
-        raise ExperimentError("the smollm2 target needs the SmolLM2 checkpoint (tests/smollm2.py) and the Austen "
-                              "novels (../shared/data/austen)")
-    smol = smollm2.SmolConfig(base=smollm2.default_base(), data=smollm2.default_data(),
+    folder = smollm2.default_base(smollm2.QWEN25 if config.target == "qwen25" else smollm2.SMOLLM2)
+    if folder is None or smollm2.default_data() is None:
+        raise ExperimentError(f"the {config.target} target needs its checkpoint (tests/smollm2.py, tests/qwen.py) "
+                              f"and the Austen novels (../shared/data/austen)")
+    smol = smollm2.SmolConfig(base=folder, data=smollm2.default_data(),
                               eval_tokens=config.eval_tokens or 1024, block_size=256)
+    smol.validate()  # --eval-tokens: at least one block
     train_tokens, eval_tokens, _ = smollm2.load_tokens(smol, load_tokenizer(smol.base))
     base = load_pretrained(smol.base, dtype=torch.float32).eval()
     x, y = TokenBlocks(eval_tokens, smol.block_size).get(range((len(eval_tokens) - 1) // smol.block_size))
     calibration = torch.from_numpy(np.asarray(train_tokens[: config.calibration_tokens], np.int64))[None]
+    check_calibration(calibration, base.args, "--calibration-tokens")  # at most the base's positions
     return measure(Stack(base, x, y, calibration), config, 0, log)
 
 
@@ -325,22 +346,44 @@ def summary_markdown(summary: dict, config: QualityConfig) -> str:
 
 
 def resummarize(path) -> dict:
-    # Tables again from a summary.json (its keys as JSON wrote them: strings), without measuring anything.
+    # Tables again from a summary.json (its keys as JSON wrote them: strings), without measuring anything. A file
+    # that is no such summary is one line, whatever part of it is missing or malformed.
     import json
-    summary = json.loads(Path(path).read_text())
-    for seed in summary["seeds"]:
-        seed["one_at_a_time"] = {arm: {int(g): {float(k): v for k, v in c.items()} for g, c in gaps.items()}
-                                 for arm, gaps in seed["one_at_a_time"].items()}
-        seed["all_at_once"] = {arm: {float(k): v for k, v in c.items()} for arm, c in seed["all_at_once"].items()}
-    config = QualityConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in summary["config"].items()})
-    summary["summary"] = summarize(summary["seeds"], config)
+    try:
+        summary = json.loads(Path(path).read_text(encoding="utf-8"))
+        for seed in summary["seeds"]:
+            seed["one_at_a_time"] = {arm: {int(g): {float(k): v for k, v in c.items()} for g, c in gaps.items()}
+                                     for arm, gaps in seed["one_at_a_time"].items()}
+            seed["all_at_once"] = {arm: {float(k): v for k, v in c.items()} for arm, c in seed["all_at_once"].items()}
+        config = QualityConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in summary["config"].items()})
+        summary["summary"] = summarize(summary["seeds"], config)
+    except (OSError, ValueError, LookupError, TypeError, AttributeError, ArithmeticError) as e:
+        raise ExperimentError(f"--resummarize {path}: not a summary.json that layer_quality.py wrote "
+                              f"({type(e).__name__}: {(str(e).splitlines() or [''])[0][:200]})") from None
     return summary, config
 
 
+def validate(config: QualityConfig):
+    # Before any base trains: what the flags' types cannot know, the embedded base's size (and the API's values).
+    unknown, scales = [arm for arm in config.arms if arm not in ARMS], config.scales
+    if unknown or config.target not in TARGETS or not scales or not min(scales) > 0:
+        raise ExperimentError(f"--target {'|'.join(TARGETS)}, --arms from {', '.join(ARMS)}, --scales > 0")
+    if config.target == "embedded":
+        from experiments import compare
+        base = compare.preset_config(config.base_preset)
+        T, held_out, e = base.block_size, base.eval_blocks * base.block_size + 1, config.eval_tokens
+        for ok, problem in ((config.top_gaps <= base.layers - 1, f"--top-gaps {config.top_gaps}: the base has "
+                             f"{base.layers} layers, {base.layers - 1} gaps"),
+                            (config.calibration_tokens >= T, f"--calibration-tokens {config.calibration_tokens} is "
+                             f"below one block of the base's context ({T}): no calibration text"),
+                            (e is None or T + 1 <= e <= held_out, f"--eval-tokens {e}: the held-out text has "
+                             f"{held_out} tokens; give {T + 1}..{held_out} (a block and its next token at least)")):
+            if not ok:
+                raise ExperimentError(problem)
+
+
 def run(config: QualityConfig, out, log=print, jobs: int = 1) -> dict:
-    unknown = [arm for arm in config.arms if arm not in ARMS]
-    if unknown or config.target not in ("embedded", "smollm2") or not config.scales or min(config.scales) <= 0:
-        raise ExperimentError(f"--target embedded|smollm2, --arms from {', '.join(ARMS)}, --scales > 0")
+    validate(config)
     for ref in REFERENCE_ARMS:
         if ref not in config.arms:
             raise ExperimentError(f"--arms must include {ref}, the reference of the paired comparisons")
@@ -355,27 +398,34 @@ def run(config: QualityConfig, out, log=print, jobs: int = 1) -> dict:
     return summary
 
 
-def write_outputs(summary: dict, config: QualityConfig, out, log=print):
+def write_outputs(summary: dict, config: QualityConfig, out, log=print, inputs=()):
     if out is not None:
-        with output_folder(out) as folder:
+        with output_folder(out, inputs) as folder:
             write_json(folder / "summary.json", summary)
             (folder / "summary.md").write_text(summary_markdown(summary, config))
     log(summary_markdown(summary, config))
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--target", choices=["embedded", "smollm2"], default="embedded")
-    p.add_argument("--seeds", default="0,1,2,3,4", help="embedded: one base per seed")
-    p.add_argument("--arms", default=",".join(ARMS))
-    p.add_argument("--scales", default=",".join(map(str, SCALES)), help="the values of s swept")
-    p.add_argument("--top-gaps", type=int, default=None, help="setting (a)'s new layers (None: 4; smollm2: 15)")
-    p.add_argument("--eval-tokens", type=int, default=None, help="held-out tokens (None: embedded all, smollm2 1024)")
-    p.add_argument("--calibration-tokens", type=int, default=2048)
-    p.add_argument("--base-preset", default="default", help="embedded: compare.py's preset for the bases")
-    p.add_argument("--jobs", type=int, default=1, help="worker processes (embedded: one base each)")
-    p.add_argument("--threads", type=int, default=0, help="torch threads in this process (0: torch's default)")
+    from experiments import compare
+    # One-line errors and the commands' argparse types (docs/CLI.md: the experiments follow the same contract).
+    p = OneLineArgumentParser(prog="layer_quality.py", description=__doc__.splitlines()[0],
+                              formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--target", choices=TARGETS, default="embedded")
+    p.add_argument("--seeds", type=comma_list(non_negative_int, distinct=True), default=[0, 1, 2, 3, 4],
+                   help="embedded: one base per seed, all different")
+    p.add_argument("--arms", type=comma_list(str, distinct=True, choices=tuple(ARMS)), default=list(ARMS))
+    p.add_argument("--scales", type=comma_list(positive_float, distinct=True), default=list(SCALES),
+                   help="the values of s swept (each > 0, all different)")
+    p.add_argument("--top-gaps", type=positive_int, help="setting (a)'s new layers (None: 4; smollm2: 15)")
+    p.add_argument("--eval-tokens", type=positive_int, help="held-out tokens (None: embedded all, smollm2 1024)")
+    p.add_argument("--calibration-tokens", type=at_least(MIN_CALIBRATION_TOKENS), default=2048,
+                   help="the activation arms' calibration text (embedded: at least one block of the base's context)")
+    p.add_argument("--base-preset", choices=sorted(compare.PRESETS), default="default",
+                   help="embedded: compare.py's preset for the bases")
+    p.add_argument("--jobs", type=positive_int, default=1, help="worker processes (embedded: one base each)")
+    p.add_argument("--threads", type=non_negative_int, default=0,
+                   help="torch threads in this process (0: torch's default)")
     p.add_argument("--out", default=None, help="output folder (summary.json, summary.md)")
     p.add_argument("--resummarize", default=None, help="a summary.json: write its tables again into --out")
     flags = p.parse_args(argv)
@@ -383,12 +433,11 @@ def main(argv=None) -> int:
     def start():
         if flags.resummarize:
             summary, config = resummarize(flags.resummarize)
-            write_outputs(summary, config, flags.out)
+            write_outputs(summary, config, flags.out, inputs=[("--resummarize", flags.resummarize)])
             return
-        config = QualityConfig(target=flags.target, seeds=tuple(int(x) for x in flags.seeds.split(",")),
-                               arms=tuple(flags.arms.split(",")),
-                               scales=tuple(float(x) for x in flags.scales.split(",")),
-                               top_gaps=flags.top_gaps or (15 if flags.target == "smollm2" else 4),
+        config = QualityConfig(target=flags.target, seeds=tuple(flags.seeds), arms=tuple(flags.arms),
+                               scales=tuple(flags.scales),
+                               top_gaps=flags.top_gaps or {"smollm2": 15, "qwen25": 12}.get(flags.target, 4),
                                eval_tokens=flags.eval_tokens, calibration_tokens=flags.calibration_tokens,
                                base_preset=flags.base_preset)
         run(config, flags.out, jobs=flags.jobs)

@@ -55,14 +55,17 @@ if str(ROOT) not in sys.path:
 
 from experiments.common import (BASELINES, CLASSIC_ARMS, ARM_OPTIONS, STUDY_ARMS, ExperimentError,  # noqa: E402
                                 bootstrap_comparisons, ema, environment, fmt, fmt_bootstrap, fmt_interval, fmt_pm,
-                                fmt_against_zero_init, grow_by_name, growth_options,
+                                fmt_against_zero_init, grow_arm, growth_options,
                                 map_jobs, markdown_table, mean_std, new_figure, paired_comparisons, parse_list,
-                                plot_paired_curves, reproducibility, run_cli, run_study, save_figure, stamp_jsonl,
-                                write_json)
+                                paired_difference, reporting, reproducibility, run_cli, run_study, save_figure,
+                                stamp_jsonl, write_json)
+from experiments.common import report as report_progress  # noqa: E402
+from experiments.study_output import Progress, figure_reference, plot_study, quiet  # noqa: E402
 from opt_deus_core.model import Transformer  # noqa: E402
 from opt_deus_core.opt_deus import POSITIONS  # noqa: E402
 from opt_deus_tool import CheckpointError, DataError  # noqa: E402
 from opt_deus_tool.checkpoint import load_pretrained  # noqa: E402
+from opt_deus_tool.cli import OneLineArgumentParser, non_negative_int, positive_float, positive_int  # noqa: E402
 from opt_deus_tool.cloze import (DEFAULT_TASK_JSONL, EncodedQuestion, TaskFileError, encode_questions,  # noqa: E402
                                  read_questions, score_questions, tokenizer_encoder)
 from opt_deus_tool.data import HFTokenizer, iter_documents, list_data_files, load_tokenizer  # noqa: E402
@@ -96,18 +99,28 @@ PRESETS = {
     "study": dict(device="cpu", block_size=256, batch_size=2, micro_batch_size=2, steps=20, lr=3e-4,
                   seeds=(0, 1, 2), eval_tokens=4096, evals=2, positions=(), accuracy_questions=STUDY_QUESTIONS,
                   methods=STUDY_ARMS),
+    # Issue 31, the second real model: Qwen2.5-Coder-0.5B-Instruct (--base: the folder tests/qwen.py converts) grown
+    # 24 -> 36 in the top half, five arms, 3 seeds, 1 worker (13.6 GB peak in a 2-step smoke run that trained 15
+    # layers). experiments/qwen25.sh runs it with its layer-quality sweep; not run yet (docs/RESULTS.md).
+    # lr 1e-4: at SmolLM2's 3e-4 two steps raised the held-out loss (4.21 -> 5.42 llama-pro, 9.39 the control).
+    "qwen25": dict(device="cpu", block_size=256, batch_size=2, micro_batch_size=2, steps=8, lr=1e-4,
+                   seeds=(0, 1, 2), eval_tokens=1024, evals=0, positions=(), accuracy_questions=50,
+                   new_layers=12, methods=("no-growth-top-k", "llama-pro", "avg-zero", "opt-structured", "lesa")),
 }
 
 
-def default_base() -> str | None:
-    # Where tests/smollm2.py caches the converted checkpoint (same rule as its _cache_root).
+SMOLLM2, QWEN25 = "smollm2-135m-instruct-hf", "qwen2.5-coder-0.5b-instruct-hf"
+
+
+def default_base(name: str = SMOLLM2) -> str | None:
+    # Where tests/smollm2.py (tests/qwen.py) caches the converted checkpoint (same rule as its _cache_root).
     root = os.environ.get("OPT_DEUS_CACHE")
     if root:
         cache = Path(root).expanduser()
     else:
         xdg = os.environ.get("XDG_CACHE_HOME")
         cache = (Path(xdg).expanduser() if xdg else Path.home() / ".cache") / "opt-deus"
-    path = cache / "smollm2-135m-instruct-hf"
+    path = cache / name
     return str(path) if (path / "config.json").is_file() else None
 
 
@@ -150,8 +163,8 @@ class SmolConfig:
         for position in self.positions:
             if position not in POSITIONS:
                 raise ExperimentError(f"unknown position {position!r} (choose from {', '.join(POSITIONS)})")
-        if not self.seeds:
-            raise ExperimentError("no seeds")
+        if not self.seeds or len(set(self.seeds)) != len(self.seeds):  # 0,0 would pair a run with itself
+            raise ExperimentError(f"seeds {self.seeds}: need at least one, all different")
         if self.accuracy_task is not None and not Path(self.accuracy_task).is_file():
             raise ExperimentError(f"--accuracy-task {self.accuracy_task}: no such file (--no-accuracy to skip it)")
         if self.accuracy_questions is not None and self.accuracy_questions < 1:
@@ -220,11 +233,11 @@ def held_out(model, eval_tokens, config: SmolConfig) -> dict:
     return {"loss": r["loss"], "perplexity": r["perplexity"]}
 
 
-def train_config(config: SmolConfig, seed: int, n_eval_blocks: int) -> TrainConfig:
+def train_config(config: SmolConfig, seed: int, n_eval_blocks: int, trainable="new") -> TrainConfig:
     return TrainConfig(
         steps=config.steps, lr=config.lr, warmup_steps=max(1, config.steps // 10) if config.steps > 1 else 0,
         batch_tokens=config.batch_size * config.block_size, micro_batch_size=config.micro_batch_size,
-        block_size=config.block_size, trainable="new",
+        block_size=config.block_size, trainable=trainable,
         eval_every=max(1, config.steps // config.evals) if config.evals > 0 else 0,
         eval_batches=math.ceil(n_eval_blocks / config.micro_batch_size),  # the whole held-out set
         log_every=max(1, config.steps // 4), seed=seed, device=config.device, checkpoint_every=0,
@@ -287,7 +300,7 @@ def run_arm(prepared: Prepared, config: SmolConfig, method: str, position: str, 
     L = p.base.args.num_hidden_layers
     t0 = time.perf_counter()
     calibration = torch.from_numpy(np.asarray(p.train_tokens[:2048], np.int64))[None]  # for the activation arm
-    grown, report = grow_by_name(p.base, method, config.new_layers, position, calibration)
+    grown, report, trainable = grow_arm(p.base, method, config.new_layers, position, calibration)
     grow_s = time.perf_counter() - t0
     zero_init = growth_options(method).out_scale == 0
     after_growth = held_out(grown, p.eval_tokens, config)
@@ -304,8 +317,9 @@ def run_arm(prepared: Prepared, config: SmolConfig, method: str, position: str, 
     for seed in config.seeds:
         model = copy.deepcopy(grown)
         metrics = Path(runs_dir) / f"{name}-seed{seed}.jsonl" if runs_dir else None
-        r = train_run(model, p.train_tokens, train_config(config, seed, p.data_info["eval_blocks"]), p.eval_tokens,
-                      metrics_path=metrics, log=lambda *a: log(f"[{name} seed {seed}]", *a))
+        r = train_run(model, p.train_tokens, train_config(config, seed, p.data_info["eval_blocks"], trainable or "new"),
+                      p.eval_tokens,
+                      metrics_path=metrics, log=quiet(lambda *a: log(f"[{name} seed {seed}]", *a)))
         if r.stopped is not None:  # Ctrl-C / SIGTERM: train() returned early; do not tabulate it
             raise KeyboardInterrupt(r.stopped)
         if metrics is not None:
@@ -316,8 +330,9 @@ def run_arm(prepared: Prepared, config: SmolConfig, method: str, position: str, 
         evals = [{"step": e["step"], "loss": e["eval_loss"]} for e in r.evals]
         if evals[0]["step"] != 0:  # the curve starts where growth left the model
             evals.insert(0, {"step": 0, "loss": after_growth["loss"]})
-        log(f"{name} seed {seed}: held-out perplexity {after['perplexity']:.3f}, {r.mean_step_s:.2f} s/step"
-            + _accuracy_note(after["accuracy"]))
+        note = (f"{name}: held-out perplexity {after_growth['perplexity']:.3f} -> {after['perplexity']:.3f}, "
+                f"{r.mean_step_s:.2f} s/step{_accuracy_note(after['accuracy'])}")
+        report_progress(label=f"seed {seed}", arm=True, work=1, note=note)
         seeds.append({"seed": seed, "after_training": after, "mean_step_s": r.mean_step_s,
                       "tokens_per_s": r.tokens_per_s, "losses": r.losses, "evals": evals,
                       "trainable_params": r.trainable_params})
@@ -362,10 +377,12 @@ def _run(config: SmolConfig, folder: Path | None, log, jobs: int) -> dict:
         f"{prepared.base_eval['perplexity']:.3f}{_accuracy_note(base_accuracy)} ({time.perf_counter() - t0:.1f}s)")
 
     runs = runs_of(config)
-    if jobs > 1:
-        results = map_jobs(_arm_job, [(config, m, p, str(runs_dir) if runs_dir else None) for m, p in runs], jobs)
-    else:
-        results = [run_arm(prepared, config, m, p, str(runs_dir) if runs_dir else None, log) for m, p in runs]
+    n_runs = len(runs) * len(config.seeds)  # the progress: one line per grown model trained with one seed
+    with reporting(Progress(n_runs, n_runs, log)):
+        if jobs > 1:
+            results = map_jobs(_arm_job, [(config, m, p, str(runs_dir) if runs_dir else None) for m, p in runs], jobs)
+        else:
+            results = [run_arm(prepared, config, m, p, str(runs_dir) if runs_dir else None, log) for m, p in runs]
     for r in results:  # every worker loaded the same base and data
         if r["base_held_out"] != prepared.base_eval:
             raise ExperimentError(f"{r['run']}: the base's held-out loss differs between processes")
@@ -518,10 +535,13 @@ def plot(summary: dict, folder: Path, log) -> list[str]:
         return []
     top = [r for r in summary["results"] if r["position"] in ("top", "own")]
     rep = summary["reproducibility"]
-    made = plot_paired_curves(
+    final = {r["method"]: [s["after_training"]["loss"] for s in r["seeds"]] for r in top}
+    ref = figure_reference(final)
+    made = plot_study(
         folder / "curves.png",
         {r["method"]: ([e["step"] for e in r["seeds"][0]["evals"]],
                        np.array([[e["loss"] for e in s["evals"]] for s in r["seeds"]])) for r in top},
+        {arm: paired_difference(losses, final[ref]) for arm, losses in final.items() if arm != ref}, ref,
         {r["method"]: r["zero_init"] for r in top},
         f"experiments/smollm2.py: Python {rep['python']}, corpus sha256 {rep['corpus_sha256'][:16]}…, "
         f"{len(summary['config']['seeds'])} seeds", "loss (nats/token)", log)
@@ -531,7 +551,7 @@ def plot(summary: dict, folder: Path, log) -> list[str]:
         ax.plot(range(1, len(losses) + 1), ema(list(losses), 0.5 if len(losses) < 50 else 0.9), label=r["run"])
     ax.set(title="training loss after growth (mean over seeds, EMA)", xlabel="step", ylabel="loss (nats/token)")
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
+    ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1), frameon=False)  # beside the data, not on it
     stamp = f"Python {rep['python']}, corpus sha256 {rep['corpus_sha256'][:16]}…"
     fig.suptitle(stamp, fontsize=8)
     save_figure(fig, folder / "loss_curves.png")
@@ -553,9 +573,10 @@ def plot(summary: dict, folder: Path, log) -> list[str]:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description="Grow SmolLM2-135M 30 -> 45 layers with each method, continue "
-                                            "pre-training the new layers on Austen, compare held-out perplexity.",
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    # One-line errors and the commands' argparse types (docs/CLI.md: the experiments follow the same contract).
+    p = OneLineArgumentParser(prog="smollm2.py", description="Grow SmolLM2-135M 30 -> 45 layers with each method, "
+                              "continue pre-training the new layers on Austen, compare held-out perplexity.",
+                              formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--preset", choices=sorted(PRESETS), default="cpu",
                    help="sizes: " + "; ".join(f"{k}: " + ", ".join(f"{a}={v}" for a, v in s.items())
                                              for k, s in PRESETS.items()) + ". Flags below override them")
@@ -566,31 +587,32 @@ def build_parser() -> argparse.ArgumentParser:
                    help="text files/folders (.txt, .gz); default ../shared/data/austen if present")
     p.add_argument("--held-out", default="emma",
                    help="the file held out for perplexity (its name before the first dot)")
-    p.add_argument("--new-layers", type=int, default=15)
+    p.add_argument("--new-layers", type=positive_int, default=None, help="new layers (default: the preset's, else 15)")
     p.add_argument("--methods", default=None,
                    help=f"comma list, grown at the top positions (preset; default {','.join(CLASSIC_ARMS)})")
     p.add_argument("--positions", default=None,
                    help="comma list, for opt-structured (preset; default top,middle,bottom; 'none' for none)")
     p.add_argument("--seeds", default=None, help="comma list (preset)")
-    p.add_argument("--steps", type=int, default=None, help="(preset)")
-    p.add_argument("--lr", type=float, default=None, help="(preset)")
-    p.add_argument("--block-size", type=int, default=None, help="(preset)")
-    p.add_argument("--batch-size", type=int, default=None, help="sequences per step (preset)")
-    p.add_argument("--micro-batch-size", type=int, default=None, help="(preset)")
-    p.add_argument("--eval-tokens", type=int, default=None, help="held-out tokens evaluated, 0 = all (preset)")
-    p.add_argument("--evals", type=int, default=None,
+    p.add_argument("--steps", type=positive_int, default=None, help="(preset)")
+    p.add_argument("--lr", type=positive_float, default=None, help="(preset)")
+    p.add_argument("--block-size", type=positive_int, default=None, help="(preset)")
+    p.add_argument("--batch-size", type=positive_int, default=None, help="sequences per step (preset)")
+    p.add_argument("--micro-batch-size", type=positive_int, default=None, help="(preset)")
+    p.add_argument("--eval-tokens", type=non_negative_int, default=None,
+                   help="held-out tokens evaluated, 0 = all (preset)")
+    p.add_argument("--evals", type=non_negative_int, default=None,
                    help="held-out evaluations during training, 0 = only the end (preset)")
     p.add_argument("--device", default=None, help="(preset)")
     p.add_argument("--accuracy-task", default=str(DEFAULT_TASK_JSONL),
                    help="the cloze JSONL scored (acc, acc_norm) after growth and after training")
-    p.add_argument("--accuracy-questions", type=int, default=None,
+    p.add_argument("--accuracy-questions", type=non_negative_int, default=None,
                    help="its first N questions, 0 = all (preset)")
     p.add_argument("--no-accuracy", action="store_true", help="skip the accuracy evaluation (perplexity only)")
-    p.add_argument("--threads", type=int, default=1,
+    p.add_argument("--threads", type=non_negative_int, default=1,
                    help="CPU threads for torch (0: torch's default, all cores). On a small or busy machine, "
                         "OpenMP threads competing with other processes can be many times slower than one")
-    p.add_argument("--jobs", type=int, default=1, help="grown models trained in this many worker processes, one "
-                                                       "thread each")
+    p.add_argument("--jobs", type=positive_int, default=1,
+                   help="grown models trained in this many worker processes, one thread each")
     p.add_argument("--out", default="runs/smollm2", help="results folder (replaced)")
     return p
 
@@ -625,7 +647,8 @@ def config_from_flags(flags) -> SmolConfig:
         positions = tuple(parse_list(flags.positions, "--positions", POSITIONS))
     if str(preset["device"]).startswith("cuda") and not torch.cuda.is_available():
         raise ExperimentError(f"device {preset['device']}: CUDA is not available (use --preset cpu or --device cpu)")
-    return SmolConfig(base=flags.base, data=list(flags.data), held_out=flags.held_out, new_layers=flags.new_layers,
+    return SmolConfig(base=flags.base, data=list(flags.data), held_out=flags.held_out,
+                      new_layers=flags.new_layers or preset.get("new_layers", 15),
                       methods=tuple(parse_list(flags.methods, "--methods", ARM_OPTIONS)) if flags.methods
                       else tuple(preset.get("methods", CLASSIC_ARMS)),
                       positions=positions,

@@ -7,6 +7,9 @@
     gguf.py         a GGUF file (llama, qwen2) converted into a Hugging Face folder: the tests' real checkpoints
     data.py         tokenizers, data files, the token cache, Alpaca-style SFT examples
     devices.py      the device a command runs on ("auto", cuda:N, ...), refused in one line if absent
+    hub.py          Hugging Face Hub ids (ORG/NAME[@REVISION]) where a model folder is taken, through the HF cache
+    model_card.py   README.md model cards of grown folders and training checkpoints
+    progress.py     what training says before and at its first step, and the moment a stop signal arrives
     train_checks.py a training request checked where it enters (config values, data, trainable layers)
     runs.py         training run folders: checkpoints, metrics.jsonl, resume state (checked), stopping on signals
     distributed.py  torchrun: FSDP2 behind train.py's OneProcess seam (sharding, gathering, agreeing ranks)

@@ -112,23 +112,61 @@ def save_state_dict(args: ModelArgs, state_dict: dict, path, max_shard_size: int
                     copy_files_from=None, overwrite: bool = False, atomic: bool = True):
     # A Transformer's state dict (model.py names), e.g. one gathered from FSDP shards, as save_pretrained.
     args = dataclasses.replace(args, dtype=dtype_name(state_dict["embed_tokens.weight"].dtype))
+    folder = None if isinstance(copy_files_from, dict) else copy_files_from  # a dict: side files' bytes
     with CheckpointWriter(path, max_shard_size=max_shard_size, overwrite=overwrite, atomic=atomic,
-                          inputs=[("`copy_files_from`", copy_files_from)], name="`path`",
+                          inputs=[("`copy_files_from`", folder)], name="`path`",
                           replaceable=model_folder_problem) as writer:
         for name, tensor in state_dict.items():
             writer.add(hf_key(name), tensor)
         writer.finish(config_from_args(args), copy_files_from=copy_files_from)
 
 
+def file_identity(path: Path) -> tuple | None:
+    try:
+        st = os.stat(path)  # through a symlink (a Hugging Face cache's snapshot links to its blobs)
+    except OSError:
+        return None
+    return st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns
+
+
+class FolderSnapshot:
+    """What a model folder held when a command began reading it: each file that makes the model (config, weights,
+    side files) by identity (device, inode, size, modification time). A folder replaced meanwhile (another
+    `opt-deus --overwrite` into it) or a file rewritten in place changes it, and check() refuses rather than let
+    one output mix two versions. side_files(): the side files' bytes, read once, for the outputs that ship them."""
+
+    def __init__(self, path):
+        self.path = Path(path)
+        names = ["config.json", "model.safetensors.index.json", *SIDE_FILES,
+                 *sorted(f.name for f in self.path.glob("*.safetensors"))]
+        self.identity = {name: file_identity(self.path / name) for name in dict.fromkeys(names)
+                         if (self.path / name).is_file()}
+
+    def check(self):
+        for name, before in self.identity.items():
+            if file_identity(self.path / name) != before:
+                raise CheckpointError(f"{self.path / name}: changed while this command was reading {self.path} "
+                                      f"(another process replaced or rewrote it); nothing was written: run again "
+                                      f"once that process is done")
+
+    def side_files(self) -> dict[str, bytes]:
+        files = {name: (self.path / name).read_bytes() for name in SIDE_FILES if name in self.identity}
+        self.check()  # the bytes read are the ones the snapshot saw
+        return files
+
+
 class CheckpointReader:
     """A Hugging Face folder read one tensor at a time. Opening checks every tensor's name, dtype and shape
-    against the config, from the safetensors headers alone."""
+    against the config, from the safetensors headers alone. Files closed between blocks (release) reopen by
+    path: each reopening, and check_all_read, refuses a folder that changed since it was opened (snapshot)."""
 
     def __init__(self, path):
         self.path = Path(path)
         config_path = self.path / "config.json"
         if not self.path.is_dir():
             raise CheckpointError(f"{self.path}: not a folder")
+        self.snapshot = FolderSnapshot(self.path)  # before anything is read
+        self._opened = set()  # files opened at least once
         if not config_path.is_file():
             raise CheckpointError(f"{config_path}: missing (not a Hugging Face checkpoint folder)")
         config = read_json_object(config_path, CheckpointError)
@@ -165,6 +203,9 @@ class CheckpointReader:
 
     def _open(self, file: Path):
         if file not in self._handles:
+            if file in self._opened:  # reopened after release(): still the file it was?
+                self.snapshot.check()
+            self._opened.add(file)
             try:
                 self._handles[file] = safe_open(str(file), framework="pt", device="cpu")
             except (SafetensorError, OSError) as e:
@@ -231,6 +272,7 @@ class CheckpointReader:
         unread = [key for key in self.files if key not in self._read]
         if unread:
             raise CheckpointError(f"{self.path}: tensor {unread[0]} was never used ({len(unread)} unused)")
+        self.snapshot.check()  # every tensor came from the folder as it was when opened
 
 
 class CheckpointWriter:
@@ -320,9 +362,13 @@ class CheckpointWriter:
         (self.tmp / "config.json").write_text(json.dumps(config, indent=2) + "\n")
         for name, text in (extra_files or {}).items():
             (self.tmp / name).write_text(text)
-        for name in SIDE_FILES:
-            if copy_files_from is not None and (Path(copy_files_from) / name).is_file():
-                shutil.copy2(Path(copy_files_from) / name, self.tmp / name)
+        if isinstance(copy_files_from, dict):  # side files read when the command started (FolderSnapshot)
+            for name, data in copy_files_from.items():
+                (self.tmp / name).write_bytes(data)
+        elif copy_files_from is not None:
+            for name in SIDE_FILES:
+                if (Path(copy_files_from) / name).is_file():
+                    shutil.copy2(Path(copy_files_from) / name, self.tmp / name)
         if self.folder is not None:
             self.folder.commit()
 

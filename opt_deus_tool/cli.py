@@ -87,6 +87,52 @@ def any_int(text: str) -> int:
         raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
 
 
+def non_negative_int(text: str) -> int:
+    # argparse type for counts where 0 means something (--threads 0: torch's default).
+    value = any_int(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {text!r}")
+    return value
+
+
+def at_least(minimum: int) -> Callable[[str], int]:
+    # argparse type for an integer with a floor that has a reason (calibration text: enough tokens to be text).
+    def parse(text: str) -> int:
+        value = any_int(text)
+        if value < minimum:
+            raise argparse.ArgumentTypeError(f"expected an integer >= {minimum}, got {text!r}")
+        return value
+    return parse
+
+
+def positive_float(text: str) -> float:
+    value = finite_float(text)
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"expected a finite number > 0, got {text!r}")
+    return value
+
+
+def comma_list(item: Callable[[str], object], distinct: bool = False, choices=None) -> Callable[[str], list]:
+    """argparse type for a non-empty comma list, each entry parsed by `item` (an argparse type), from `choices`
+    when given; distinct: a repeated entry is refused (seeds 0,0 would pair a run with itself)."""
+    def parse(text: str) -> list:
+        entries = [x.strip() for x in text.split(",")]
+        if not any(entries) or not all(entries):
+            raise argparse.ArgumentTypeError(f"expected a comma list without empty entries, got {text!r}")
+        values = []
+        for entry in entries:
+            try:
+                values.append(item(entry))
+            except (argparse.ArgumentTypeError, ValueError) as e:
+                raise argparse.ArgumentTypeError(f"{text!r}: {e}") from None
+            if choices is not None and values[-1] not in choices:
+                raise argparse.ArgumentTypeError(f"unknown {entry!r} in {text!r} (choose from {', '.join(choices)})")
+            if distinct and values[-1] in values[:-1]:
+                raise argparse.ArgumentTypeError(f"{entry!r} appears twice in {text!r}; give each once")
+        return values
+    return parse
+
+
 # How a field's annotation becomes a flag's type (the dataclass checks the value's range: one check per rule).
 ANNOTATION_TYPES = {int: any_int, float: any_float, str: str}
 

@@ -26,6 +26,7 @@ from opt_deus_tool.cli import (BYTE_TOKENIZER_HELP, HelpFormatter, OneLineArgume
 from opt_deus_core.train import TrainError, evaluate
 from opt_deus_tool.data import iter_documents, load_tokenizer
 from opt_deus_tool.devices import resolve_device
+from opt_deus_tool.hub import resolve_model
 from opt_deus_tool.inputs import not_a_file
 
 EVAL_BLOCK_SIZE = 2048  # the window when the model allows it
@@ -35,7 +36,8 @@ FLAGS = flag_names("model", "text", "block_size", "batch_size", "device", "dtype
 def evaluate_text(model_dir, text_path, block_size: int | None = None, batch_size: int = 4, device: str = "auto",
                   dtype: torch.dtype = torch.float32, byte_tokenizer: bool = False,
                   log: Callable | None = None) -> dict:
-    """Perplexity per token and per word (whitespace-separated) of a checkpoint on a text file."""
+    """Perplexity per token and per word (whitespace-separated) of a checkpoint (a folder or a Hub id
+    ORG/NAME[@REVISION]) on a text file."""
     for name, value in (("block_size", block_size), ("batch_size", batch_size)):
         if value is None and name == "block_size":
             continue
@@ -47,6 +49,7 @@ def evaluate_text(model_dir, text_path, block_size: int | None = None, batch_siz
     text = "\n".join(iter_documents([text_path]))
     if not text.strip():
         raise TrainError(f"{text_path}: empty")
+    source, model_dir = str(model_dir), resolve_model(model_dir, "`model`")
     model = load_pretrained(model_dir, dtype=dtype, device=resolve_device(device))
     tokenizer = load_tokenizer(model_dir, byte_tokenizer=byte_tokenizer)
     max_positions = model.args.max_position_embeddings
@@ -63,7 +66,7 @@ def evaluate_text(model_dir, text_path, block_size: int | None = None, batch_siz
     progress = None if log is None else progress_lines(log)
     r = evaluate(model, tokens, min(block_size, len(tokens) - 1), batch_size, progress=progress)
     words = len(text.split())
-    return {"model": str(model_dir), "text": str(text_path), "tokens": r["tokens"], "words": words,
+    return {"model": source, "text": str(text_path), "tokens": r["tokens"], "words": words,
             "loss_per_token": r["loss"], "perplexity_per_token": r["perplexity"],
             "perplexity_per_word": math.exp(min(r["nll_sum"] / max(words, 1), 700.0))}
 
@@ -118,7 +121,7 @@ def build_eval_parser() -> argparse.ArgumentParser:
                               epilog="Progress goes to stderr (a line at most every 10 s), the report to stdout. "
                                      "Exit code 2: a bad request (one line on stderr, nothing written); "
                                      "130/143: stopped by SIGINT/SIGTERM.")
-    p.add_argument("--model", required=True, help="Hugging Face checkpoint folder")
+    p.add_argument("--model", required=True, help="Hugging Face checkpoint folder or Hub id ORG/NAME[@REVISION]")
     p.add_argument("--text", required=True, help="UTF-8 text file (.gz ok)")
     p.add_argument("--block-size", type=positive_int, default=None,
                    help=f"tokens per window (non-overlapping); None: the model's max_position_embeddings, at most "

@@ -20,41 +20,23 @@ import torch
 
 from opt_deus_core.model import Block, layer_window, rope_cos_sin
 from opt_deus_core.opt_deus import POSITIONS, Growth, GrowthError, GrowthOptions, block_activations
-from opt_deus_tool import DataError
 from opt_deus_tool.atomic import check_output_folder, model_folder_problem
 from opt_deus_tool.checkpoint import CheckpointReader, CheckpointWriter, dtype_name
-from opt_deus_tool.cli import (HelpFormatter, OneLineArgumentParser, add_fields, field_values, finite_float,
-                               flag_names, int_list, log_to_stderr, positive_int, run_command, size)
-from opt_deus_tool.data import iter_documents, load_tokenizer
-from opt_deus_tool.inputs import not_a_file
+from opt_deus_tool.cli import (HelpFormatter, OneLineArgumentParser, add_fields, at_least, field_values,
+                               finite_float, flag_names, int_list, log_to_stderr, positive_int, run_command, size)
+from opt_deus_tool.calibration import (CALIBRATION_TOKENS, MIN_CALIBRATION_TOKENS, calibration_tokens,  # noqa: F401
+                                       check_calibration, check_calibration_request, read_calibration)
+from opt_deus_tool.growths import GROWTHS, record_growth
 from opt_deus_tool.hf_config import config_from_args
 from opt_deus_tool.devices import resolve_device
-
-
-CALIBRATION_TOKENS = 2048  # --calibration-tokens' default: a few thousand tokens describe a unit well enough
-
-
-def calibration_tokens(base, text_path, count: int = CALIBRATION_TOKENS) -> torch.Tensor:
-    """The first `count` tokens of a text file, in the base's tokenizer, as one row (1, count) after a start
-    token: what the base runs on for cost="activations"."""
-    if (problem := not_a_file(text_path)) is not None:
-        raise DataError(f"`calibration` {text_path}: {'' if problem == 'no such file' else 'is '}{problem}")
-    tokenizer = load_tokenizer(base)
-    start = tokenizer.bos_id if tokenizer.bos_id is not None else tokenizer.eos_id
-    tokens = [start] + tokenizer.encode("\n".join(iter_documents([Path(text_path)])))[: count - 1]
-    if len(tokens) < count:
-        raise DataError(f"`calibration` {text_path}: {len(tokens)} tokens, fewer than "
-                              f"`calibration_tokens` {count}; give a longer text or fewer tokens")
-    return torch.tensor([tokens])
+from opt_deus_tool.hub import resolve_model
+from opt_deus_tool.model_card import growth_card
 
 
 def calibration_pass(reader: CheckpointReader, tokens: torch.Tensor, device):
     # The calibration tokens' hidden states (1, T, h), carried up the base as its blocks stream in: one block at
     # a time runs in float32 on `device` (no second model in memory). -> (hidden, run_block for Growth.blocks)
-    args = reader.args
-    if tokens.shape[1] > args.max_position_embeddings:
-        raise DataError(f"`calibration_tokens` {tokens.shape[1]} is beyond the base's max_position_embeddings "
-                              f"{args.max_position_embeddings}")
+    args = reader.args  # tokens checked by check_calibration
     hidden = reader.tensor("model.embed_tokens.weight", torch.float32, device)[tokens.to(device)]
     cos, sin = rope_cos_sin(args, torch.arange(tokens.shape[1], device=device), torch.float32)
 
@@ -75,33 +57,47 @@ def check_finite(block: dict, where: str):
 def grow_checkpoint(base: str | Path, out: str | Path, num_new: int | None = None, *, position: str | None = "top",
                     insert_after: list[int] | None = None, options: GrowthOptions | None = None,
                     device: str = "cpu", dtype: torch.dtype | None = None, overwrite: bool = False,
-                    max_shard_size: str | int = "5GB", calibration: torch.Tensor | None = None, log=print) -> dict:
-    """Grow the Hugging Face LLaMA folder `base` into a new folder `out`, streaming; returns the report.
+                    max_shard_size: str | int = "5GB", calibration: torch.Tensor | None = None, log=print,
+                    source: str | None = None, calibration_text: str | Path | None = None,
+                    calibration_tokens: int | None = None) -> dict:
+    """Grow the Hugging Face LLaMA folder `base` (or Hub id ORG/NAME[@REVISION], hub.py) into a new folder `out`,
+    streaming; returns the report. source: what the base is called in the report and model card (default: `base`).
 
     Positions, options and report as opt_deus.grow(); the report also has "options" and "base". Base blocks are
     read one at a time onto `device`, where new layers are computed; tensors are written in `dtype` (None: the
     base's) to shards of at most max_shard_size, with config.json, growth_report.json and the base's tokenizer
-    files. calibration: token ids (1, T) for options.cost "activations" (calibration_tokens()). On any error
-    nothing is left at `out`.
+    files. options.cost "activations" runs the base on calibration text: `calibration_text`, a text file whose
+    first `calibration_tokens` tokens (default CALIBRATION_TOKENS) are read, or `calibration`, token ids (B, T)
+    (check_calibration). On any error nothing is left at `out`; a base changed while it is read is refused.
     """
+    source = str(base) if source is None else source
+    base = resolve_model(base, "`base`")
     reader = CheckpointReader(base)
+    side_files = reader.snapshot.side_files()  # read now: what `out` ships comes from the base read
     args = reader.args
     limit = MAX_NEW_PER_BASE_LAYER * args.num_hidden_layers
     if max(num_new or 0, len(insert_after or ())) > limit:  # a typo, before positions are allocated
         raise GrowthError(f"`num_new` {num_new or len(insert_after)} is more than {MAX_NEW_PER_BASE_LAYER} new layers "
                           f"per base layer ({limit} for {args.num_hidden_layers} layers)")
+    check_calibration_request(options or GrowthOptions(), calibration, calibration_text, calibration_tokens)
+    out, inputs = Path(out), [("`base`", base), ("`calibration_text`", calibration_text)]
+    # `out` may not be, contain or lie inside an input (with `overwrite` that would delete it); `overwrite`
+    # replaces an earlier output, not whatever folder a mistyped `out` names. Checked before any work.
+    check_output_folder(out, inputs, overwrite, replaceable=model_folder_problem)
+    if calibration_text is not None:
+        count = CALIBRATION_TOKENS if calibration_tokens is None else calibration_tokens
+        calibration = read_calibration(base, calibration_text, count)
+    if calibration is not None:
+        calibration = check_calibration(calibration, args)
     growth = Growth(args, num_new, position, insert_after, options, calibration)
     options, layout, record = growth.options, growth.layout, growth.record
-    out = Path(out)
-    # `out` may not be, contain or lie inside `base` (with `overwrite` that would delete the base); `overwrite`
-    # replaces an earlier output, not whatever folder a mistyped `out` names. Checked before any work.
-    check_output_folder(out, [("`base`", base)], overwrite, replaceable=model_folder_problem)
+    growths = record_growth(args.extra, record)  # a grown base's growths stay on record (growths.py)
     if not any((Path(base) / name).is_file() for name in ("tokenizer.json", "tokenizer.model")):
         log(f"note: {base} has no tokenizer.json or tokenizer.model; {out} will have none either")
     if dtype is None:  # "the base's dtype" must be one: a mixed base (bf16 embeddings) would be rounded silently
         reader.check_one_dtype("`dtype`")
     out_dtype = dtype or reader.dtype("model.embed_tokens.weight")
-    log(f"growing {base} ({args.num_hidden_layers} layers) -> {out} ({len(layout)} layers): method {options.method}"
+    log(f"growing {source} ({args.num_hidden_layers} layers) -> {out} ({len(layout)} layers): method {options.method}"
         + (f", {options.align} alignment, epsilon {options.epsilon}" if options.method == "opt" else "")
         + f", new layers at {record['new_layers']}, zero-init {record['zero_init']}, {device}")
 
@@ -117,9 +113,12 @@ def grow_checkpoint(base: str | Path, out: str | Path, num_new: int | None = Non
 
     hidden, run_block = calibration_pass(reader, calibration, device) if options.cost == "activations" else (None, None)
     started = time.perf_counter()
-    grown_args = dataclasses.replace(growth.args, dtype=dtype_name(out_dtype))
-    with CheckpointWriter(out, max_shard_size=max_shard_size, overwrite=overwrite,
-                          inputs=[("`base`", base)]) as writer:
+    grown_args = dataclasses.replace(growth.args, dtype=dtype_name(out_dtype),
+                                     extra={**growth.args.extra, **({GROWTHS: growths} if len(growths) > 1 else {})})
+    if len(growths) > 1:
+        log(f"note: {base} was grown before; its growths' new layers will be layers "
+            + "; ".join(str(g["new_layers_final"]) for g in growths[:-1]) + f" of {out} (config.json {GROWTHS})")
+    with CheckpointWriter(out, max_shard_size=max_shard_size, overwrite=overwrite, inputs=inputs) as writer:
         writer.add("model.embed_tokens.weight", checked("model.embed_tokens.weight"))
         for index, slot, tensors in growth.blocks(base_block, run_block, hidden, log):
             for key in reader.block_keys:
@@ -129,9 +128,10 @@ def grow_checkpoint(base: str | Path, out: str | Path, num_new: int | None = Non
         if not args.tie_word_embeddings:
             writer.add("lm_head.weight", checked("lm_head.weight"))
         reader.check_all_read()  # also checks a redundant tied head equals the embeddings (not copied)
-        growth_report = growth.report(str(base))
-        writer.finish(config_from_args(grown_args), copy_files_from=base,
-                      extra_files={"growth_report.json": json.dumps(growth_report, indent=2) + "\n"})
+        growth_report = growth.report(source)
+        writer.finish(config_from_args(grown_args), copy_files_from=side_files,
+                      extra_files={"growth_report.json": json.dumps(growth_report, indent=2) + "\n",
+                                   "README.md": growth_card(growth_report, source, base, out, args.model_type)})
     log(f"wrote {out} ({len(layout)} layers, new {record['new_layers']}) in {time.perf_counter() - started:.1f}s")
     return growth_report
 
@@ -141,7 +141,7 @@ def grow_checkpoint(base: str | Path, out: str | Path, num_new: int | None = Non
 
 FLAGS = flag_names(*(f.name for f in dataclasses.fields(GrowthOptions)), "base", "out", "position", "insert_after",
                    "device", "dtype", "max_shard_size", "overwrite", "calibration", "calibration_tokens",
-                   num_new="--new-layers")
+                   num_new="--new-layers", calibration_text="--calibration")
 # Depth up-scaling adds a fraction of a model's depth; beyond this many new layers per base layer a request is a
 # typo (10**9 would otherwise allocate gigabytes of positions before any other check).
 MAX_NEW_PER_BASE_LAYER = 64
@@ -153,8 +153,10 @@ def build_parser() -> argparse.ArgumentParser:
                               formatter_class=HelpFormatter,
                               epilog="Exit codes: 0 written; 2 a bad request (one line on stderr, nothing "
                                      "written, no input touched); 130/143 stopped by SIGINT/SIGTERM (the "
-                                     "partial output is deleted). --out may not be, contain or lie inside --base.")
-    p.add_argument("--base", required=True, help="base model: a Hugging Face folder (llama, qwen2, qwen3, mistral)")
+                                     "partial output is deleted). --out may not be, contain or lie inside an input "
+                                     "(--base, --calibration).")
+    p.add_argument("--base", required=True, help="base model: a Hugging Face folder (llama, qwen2, qwen3, mistral) or "
+                                                 "a Hub id ORG/NAME[@REVISION] (read through the Hugging Face cache)")
     p.add_argument("--out", required=True, help="output folder for the grown model")
     p.add_argument("--new-layers", type=positive_int, default=None, dest="num_new", help="how many layers to add (K)")
     p.add_argument("--position", choices=POSITIONS, default="top",
@@ -173,30 +175,27 @@ def build_parser() -> argparse.ArgumentParser:
     scale.add_argument("--no-zero-init", action="store_const", const=1.0, dest="out_scale",
                    help="keep new layers' o_proj and down_proj as made (--out-scale 1); the default for avg, solar")
     p.add_argument("--calibration", default=None, help="--cost activations: a text file (.gz ok) the base runs on")
-    p.add_argument("--calibration-tokens", type=positive_int, default=CALIBRATION_TOKENS,
-                   help="--cost activations: how many tokens of --calibration, as one sequence")
+    p.add_argument("--calibration-tokens", type=at_least(MIN_CALIBRATION_TOKENS), default=None,
+                   help=f"--cost activations: how many tokens of --calibration (the start token included), as one "
+                        f"sequence; at least {MIN_CALIBRATION_TOKENS} (default: {CALIBRATION_TOKENS})")
     p.add_argument("--device", default="auto",
                    help="where the alignment is computed: auto (cuda if available, else cpu), cpu, cuda:1, ...")
     p.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), default=None,
                    help="dtype of the written weights; None keeps the base checkpoint's")
     p.add_argument("--max-shard-size", type=size, default="5GB", help="safetensors shard size of the output")
     p.add_argument("--overwrite", action="store_true",
-                   help="replace a non-empty --out (never one that is, contains or is inside --base)")
+                   help="replace a non-empty --out (never one that is, contains or is inside an input)")
     return p
 
 
 def grow_command(flags: argparse.Namespace) -> int:
     device = resolve_device(flags.device)  # refused now, not after the first blocks
     options = GrowthOptions(**field_values(flags, GrowthOptions))
-    calibration = None
-    if options.cost == "activations":
-        if flags.calibration is None:
-            raise DataError("--cost activations: give --calibration, a text file the base runs on")
-        calibration = calibration_tokens(flags.base, flags.calibration, flags.calibration_tokens)
-    grow_checkpoint(flags.base, flags.out, flags.num_new, position=flags.position, insert_after=flags.insert_after,
+    base = resolve_model(flags.base, "--base")  # a Hub id: downloaded (or found in the cache) now
+    grow_checkpoint(base, flags.out, flags.num_new, position=flags.position, insert_after=flags.insert_after,
                     options=options, device=device, dtype=getattr(torch, flags.dtype) if flags.dtype else None,
-                    overwrite=flags.overwrite, max_shard_size=flags.max_shard_size, calibration=calibration,
-                    log=log_to_stderr)
+                    overwrite=flags.overwrite, max_shard_size=flags.max_shard_size, calibration_text=flags.calibration,
+                    calibration_tokens=flags.calibration_tokens, log=log_to_stderr, source=flags.base)
     return 0
 
 

@@ -18,6 +18,7 @@ import math
 
 from opt_deus_core.model import LLAMA3_ROPE_KEYS, ModelArgs
 from opt_deus_tool import CheckpointError
+from opt_deus_tool.growths import GROWTHS, growth_history
 
 # model_type -> (the transformers class config.json names, the family's own keys with its config's defaults).
 # In every family q, k, v and o have biases as transformers builds them: llama and qwen3 with attention_bias,
@@ -95,6 +96,9 @@ def config_from_args(args: ModelArgs) -> dict:
     for key, default in family.items():
         if key in args.extra or getattr(args, key) != default:
             config[key] = getattr(args, key)
+    if GROWTHS in args.extra:  # a model grown again in memory: its latest growth joins the list (growths.py)
+        history, _ = growth_history(args.extra), config.pop(GROWTHS)
+        config.update({GROWTHS: history} if len(history) > 1 else {})  # one growth: opt_deus alone, as before
     config.setdefault("architectures", [architecture])
     config.setdefault("hidden_act", "silu")
     if args.hf_style == "v5":
@@ -127,6 +131,8 @@ def check_config(config: dict):
                 check_value(f"{key}.{name}", rope[name], float)
     if config.get("opt_deus") is not None and not isinstance(config["opt_deus"], dict):
         raise CheckpointError(f"config key opt_deus (the growth record) must be an object, got {config['opt_deus']!r}")
+    if config.get(GROWTHS) is not None:
+        growth_history(config)  # every growth on record must place in this model
     model_type = config.get("model_type")
     if model_type not in FAMILIES:
         raise CheckpointError(f"model_type={model_type!r} is not supported: only LLaMA and the families that "

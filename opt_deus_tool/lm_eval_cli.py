@@ -20,14 +20,23 @@ import copy
 import importlib.util
 import json
 import os
+import signal
 import sys
 import tempfile
+import threading
 from pathlib import Path
+from unittest import mock
 
-from opt_deus_tool.atomic import write_text_atomic
+import torch
+
+from opt_deus_tool import CheckpointError
+from opt_deus_tool.atomic import TERMINATING_SIGNALS, AtomicFolder, write_text_atomic
+from opt_deus_tool.checkpoint import CheckpointReader
 from opt_deus_tool.cli import (HelpFormatter, OneLineArgumentParser, flag_names, log_to_stderr, positive_int,
                                run_command)
-from opt_deus_tool.cloze import DEFAULT_TASK_DIR, TaskFileError, read_questions
+from opt_deus_tool.cloze import DEFAULT_TASK_DIR, TARGET_DELIMITER, TaskFileError, read_questions
+from opt_deus_tool.devices import resolve_device
+from opt_deus_tool.hub import resolve_model
 
 PROG = "opt-deus-lm-eval"
 LM_EVAL_VERSION = "0.4.13"  # the version the `eval` extra pins and this wrapper was tested with
@@ -54,7 +63,15 @@ def read_task(yaml_path) -> dict:
         if config.get(key) != wanted:
             raise TaskFileError(f"{yaml_path}: {key} is {config.get(key)!r}; this command runs local "
                                 f"{wanted} tasks ({key}: {wanted})")
-    data_files = (config.get("dataset_kwargs") or {}).get("data_files")
+    kwargs = config.get("dataset_kwargs")
+    if not isinstance(kwargs, dict):
+        raise TaskFileError(f"{yaml_path}: dataset_kwargs must be a mapping (dataset_kwargs: {{data_files: {{test: "
+                            f"FILE.jsonl}}}}), got {type(kwargs).__name__} {kwargs!r}"[:300])
+    for key in ("test_split", "validation_split"):
+        if config.get(key) is not None and not isinstance(config[key], str):
+            raise TaskFileError(f"{yaml_path}: {key} must be a split name such as test, got "
+                                f"{type(config[key]).__name__} {config[key]!r}"[:300])
+    data_files = kwargs.get("data_files")
     if isinstance(data_files, str):
         data_files = {"train": data_files}
     if not isinstance(data_files, dict) or not all(isinstance(v, str) for v in data_files.values()):
@@ -64,23 +81,77 @@ def read_task(yaml_path) -> dict:
         raise TaskFileError(f"{yaml_path}: the task reads split {split!r}, data_files has {', '.join(data_files)}")
     config = copy.deepcopy(config)
     resolved = {name: str((yaml_path.parent / file).resolve()) for name, file in data_files.items()}
-    for file in resolved.values():
-        read_questions(file)
+    questions = {name: read_questions(file) for name, file in resolved.items()}
+    check_templates(config, questions[split], resolved[split], yaml_path)
     config["dataset_kwargs"]["data_files"] = resolved
     if split == "train" and "test_split" not in config and "validation_split" not in config:
         config["test_split"] = "train"
     return config
 
 
+def check_templates(config: dict, questions: list[dict], data_file, yaml_path):
+    # doc_to_text, doc_to_choice and doc_to_target as lm-eval 0.4.13 applies them (ConfigurableTask: a field name
+    # of the data, else a Jinja template with StrictUndefined), on every question before lm-eval starts: a
+    # template naming a missing field is one line here, not a traceback minutes into the run.
+    fields = sorted({key for q in questions for key in q})
+    for key, kinds in (("doc_to_text", (str,)), ("doc_to_choice", (str, list)), ("doc_to_target", (str, int))):
+        if not isinstance(config.get(key), kinds) or isinstance(config.get(key), bool):
+            raise TaskFileError(f"{yaml_path}: {key} must be a field name or a Jinja template such as "
+                                f"\"{{{{context}}}}\" (fields: {', '.join(fields)}), got {config.get(key)!r}"[:300])
+    for i, q in enumerate(questions, 1):
+        text, choices, target = (apply_spec(config, key, q, fields, f"question {i} of {data_file}", yaml_path)
+                                 for key in ("doc_to_text", "doc_to_choice", "doc_to_target"))
+        problem = next((key for key, ok in (
+            ("doc_to_text", isinstance(text, str) and text.strip()),
+            ("doc_to_choice", isinstance(choices, list) and len(choices) >= 2
+             and all(isinstance(c, str) and c.strip() for c in choices)),
+            ("doc_to_target", target in choices if isinstance(target, str) else
+             isinstance(target, int) and not isinstance(target, bool) and 0 <= target < len(choices))) if not ok), None)
+        if problem:
+            value = {"doc_to_text": text, "doc_to_choice": choices, "doc_to_target": target}[problem]
+            raise TaskFileError(f"{yaml_path}: {problem} {config[problem]!r} gives {value!r} on question {i} of "
+                                f"{data_file} (expected {TEMPLATE_RESULTS[problem]})"[:400])
+
+
+TEMPLATE_RESULTS = {"doc_to_text": "a non-empty text", "doc_to_choice": "a list of two or more non-empty texts",
+                    "doc_to_target": "the index of a choice, or a choice's text"}
+
+
+def apply_spec(config: dict, key: str, question: dict, fields: list[str], where: str, yaml_path):
+    # lm-eval's ConfigurableTask.doc_to_text / doc_to_choice / doc_to_target for a str, int or list spec.
+    import ast
+    import jinja2
+    from lm_eval.utils import apply_template
+    spec = config[key]
+    if not isinstance(spec, str):
+        return spec
+    if spec in fields:
+        return question.get(spec)
+    try:
+        value = apply_template(spec, question)
+        return ast.literal_eval(value) if key == "doc_to_choice" or (key == "doc_to_target" and value.isdigit()) \
+            else value
+    except (jinja2.TemplateError, ValueError, SyntaxError) as e:
+        problem = " ".join(str(e).split())[:200]
+        raise TaskFileError(f"{yaml_path}: {key} {spec!r} fails on {where} ({problem}); its fields: "
+                            f"{', '.join(fields)}") from None
+
+
 @contextlib.contextmanager
 def offline_environment():
     # Set for what lm-eval, datasets and huggingface_hub read, restored afterwards. They read these when first
     # imported, which is why the command sets them before importing lm_eval.
-    saved = {k: os.environ.get(k) for k in OFFLINE}
+    # huggingface_hub imported already (a Hub id resolved just before) keeps what it read then: told too.
+    hub = sys.modules.get("huggingface_hub.constants")
+    saved, hub_offline = {k: os.environ.get(k) for k in OFFLINE}, getattr(hub, "HF_HUB_OFFLINE", None)
     os.environ.update(OFFLINE)
+    if hub is not None:
+        hub.HF_HUB_OFFLINE = True
     try:
         yield
     finally:
+        if hub is not None:
+            hub.HF_HUB_OFFLINE = hub_offline
         for k, v in saved.items():
             if v is None:
                 os.environ.pop(k, None)
@@ -88,20 +159,77 @@ def offline_environment():
                 os.environ[k] = v
 
 
+def lm_eval_device(name) -> str:
+    # A device this machine has (devices.resolve_device: "cuda:1" without a second GPU is refused), spelled as
+    # lm-eval's HFLM lists devices: it runs any name not in its list ("cpu:0", "bogus") on cuda-if-available.
+    device = resolve_device(str(name))
+    return str(device) if device.type == "cuda" and device.index is not None else device.type
+
+
+def check_model(model_dir, config: dict, limit: int | None = None):
+    """The folder loaded as strictly as every other command loads it (checkpoint.CheckpointReader: every tensor
+    present, of its shape, used, none beside a shard index; a tied head equal to the embeddings) and every value
+    finite, one tensor at a time; then the tokenizer lm-eval will use, on the questions it will score: no token
+    id beyond the model's vocabulary. transformers would fill a missing tensor with random weights and score it."""
+    reader = CheckpointReader(model_dir)
+    for key, file in reader.files.items():
+        if not torch.isfinite(reader.tensor(key)).all():
+            raise CheckpointError(f"{file}: tensor {key} contains NaN or inf")
+        reader.release()  # one tensor's pages resident at a time
+    reader.check_all_read()
+    from transformers import AutoTokenizer
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(str(model_dir))  # as lm-eval's HFLM loads it
+    except Exception as e:  # transformers raises OSError, ValueError, TypeError ... for a missing or bad tokenizer
+        problem = " ".join(str(e).split())[:200]
+        raise CheckpointError(f"{model_dir}: cannot load its tokenizer ({problem})") from None
+    split = config["test_split"] if config.get("test_split") else config.get("validation_split") or "train"
+    questions = read_questions(config["dataset_kwargs"]["data_files"][split])[:limit]
+    texts = [q["context"] + TARGET_DELIMITER + c for q in questions for c in q["choices"]]
+    top = max(max(ids, default=0) for ids in tokenizer(texts)["input_ids"])
+    if top >= reader.args.vocab_size:
+        raise CheckpointError(f"{model_dir}: its tokenizer gives token id {top} on the task's questions, beyond the "
+                              f"model's vocab_size {reader.args.vocab_size} (a tokenizer that does not belong to "
+                              f"this model?)")
+
+
+@contextlib.contextmanager
+def signals_raise():
+    # SIGTERM, SIGHUP, SIGQUIT, SIGUSR1, SIGUSR2 (where nobody else handles them) raise Interrupted, so that the
+    # temporary datasets cache is deleted on the way out and the command exits 128 + n (run_command).
+    previous = {}
+    if threading.current_thread() is threading.main_thread():
+        previous = {s: signal.signal(s, AtomicFolder._on_signal) for s in TERMINATING_SIGNALS
+                    if signal.getsignal(s) == signal.SIG_DFL}
+    try:
+        yield
+    finally:
+        for s, handler in previous.items():
+            signal.signal(s, handler)
+
+
 def evaluate_task(model_dir, config: dict, limit: int | None = None, batch_size: int = 1, device: str = "cpu",
-                  dtype: str = "float32") -> dict:
-    """lm_eval.simple_evaluate on one checked task config (read_task), zero-shot, every sample logged.
-    Returns lm-eval's results dict (results, samples, configs, versions ...)."""
-    import lm_eval
-    from lm_eval.tasks import TaskManager
-    with tempfile.TemporaryDirectory(prefix="opt-deus-lm-eval-") as cache:
-        config = copy.deepcopy(config)
-        config["dataset_kwargs"]["cache_dir"] = cache  # datasets' Arrow copy of the JSONL, deleted afterwards
-        # include_defaults=False: lm-eval's ~10k built-in task files are not indexed (seconds) for one local task.
-        return lm_eval.simple_evaluate(model="hf", model_args={"pretrained": str(model_dir), "dtype": dtype},
-                                       tasks=[config], num_fewshot=0, limit=limit, batch_size=batch_size,
-                                       device=device, log_samples=True,
-                                       task_manager=TaskManager(include_defaults=False))
+                  dtype: str = "float32", check: bool = True) -> dict:
+    """lm_eval.simple_evaluate on one checked task config (read_task), zero-shot, every sample logged, after
+    check_model (check=False: the caller ran it). Returns lm-eval's results dict (results, samples, configs ...)."""
+    device = lm_eval_device(device)
+    with signals_raise():
+        if check:
+            check_model(model_dir, config, limit)
+        import lm_eval
+        import lm_eval.evaluator
+        from lm_eval.tasks import TaskManager
+        with tempfile.TemporaryDirectory(prefix="opt-deus-lm-eval-") as cache, \
+                mock.patch.object(lm_eval.evaluator, "get_git_commit_hash", lambda: None):
+            # get_git_commit_hash runs `git describe` in the working directory, which prints "fatal: not a git
+            # repository" outside one and records an unrelated repository's commit inside one.
+            config = copy.deepcopy(config)
+            config["dataset_kwargs"]["cache_dir"] = cache  # datasets' Arrow copy of the JSONL, deleted afterwards
+            # include_defaults=False: lm-eval's ~10k built-in task files are not indexed (seconds) for one task.
+            return lm_eval.simple_evaluate(model="hf", model_args={"pretrained": str(model_dir), "dtype": dtype},
+                                           tasks=[config], num_fewshot=0, limit=limit, batch_size=batch_size,
+                                           device=device, log_samples=True,
+                                           task_manager=TaskManager(include_defaults=False))
 
 
 def report_of(results: dict, model_dir, task_yaml) -> dict:
@@ -133,21 +261,21 @@ def check_json_path(json_flag: str | None, inputs: list[tuple[str, str]]):
             raise TaskFileError(f"--json {json_flag}: would overwrite the input {flag} {source}")
 
 
-def lm_eval_command(flags: argparse.Namespace) -> int:
+def lm_eval_command(flags: argparse.Namespace, model: str | None = None) -> int:
+    # model: --model's folder (hub.resolve_model: a Hub id's snapshot in the cache); None: --model itself.
     config = read_task(flags.task)
-    model_dir = Path(flags.model)
+    model_dir = Path(flags.model if model is None else model)
     if not (model_dir / "config.json").is_file():
         raise TaskFileError(f"--model {flags.model}: not a Hugging Face model folder (no config.json)")
     check_json_path(flags.json, [("--model", flags.model), ("--task", flags.task),
                                  *(("--task's data", f) for f in config["dataset_kwargs"]["data_files"].values())])
-    device = flags.device
-    if device == "auto":
-        import torch
-        device = "cuda" if torch.cuda.is_available() else "cpu"
+    device = lm_eval_device(flags.device)
     dtype = flags.dtype if flags.dtype != "auto" else ("bfloat16" if device.startswith("cuda") else "float32")
-    log_to_stderr(f"lm-eval: {config['task']} on {model_dir} ({device}, {dtype}), offline")
-    report = report_of(evaluate_task(model_dir, config, flags.limit, flags.batch_size, device, dtype), model_dir,
-                       flags.task)
+    with signals_raise():
+        check_model(model_dir, config, flags.limit)
+        log_to_stderr(f"lm-eval: {config['task']} on {model_dir} ({device}, {dtype}), offline")
+        results = evaluate_task(model_dir, config, flags.limit, flags.batch_size, device, dtype, check=False)
+    report = report_of(results, model_dir, flags.task)
     report.update(device=device, dtype=dtype)
     if flags.json:
         write_text_atomic(flags.json, json.dumps(report, indent=2) + "\n")
@@ -165,7 +293,8 @@ def build_parser() -> argparse.ArgumentParser:
                               epilog="lm-eval's progress goes to stderr, the accuracies to stdout. Exit code 2: a "
                                      "bad request (one line on stderr, nothing written). Needs the `eval` extra: "
                                      "pip install -e \".[eval]\".")
-    p.add_argument("--model", required=True, help="Hugging Face model folder (with its tokenizer)")
+    p.add_argument("--model", required=True, help="Hugging Face model folder (with its tokenizer) or Hub id "
+                                                  "ORG/NAME[@REVISION]")
     p.add_argument("--task", default=str(DEFAULT_TASK_YAML),
                    help="lm-eval task YAML (dataset_path: json; a relative data_files path is taken from the YAML's "
                         "folder)")
@@ -186,10 +315,11 @@ def main(argv: list[str] | None = None) -> int:
         if importlib.util.find_spec("lm_eval") is None:
             raise TaskFileError(f"lm-eval is not installed: pip install -e \".[eval]\" "
                                 f"(lm-eval[hf]=={LM_EVAL_VERSION})")
-        return lm_eval_command(flags)
+        model = resolve_model(flags.model, "--model")  # a Hub id is read (downloaded) before going offline
+        with offline_environment():
+            return lm_eval_command(flags, model)
 
-    with offline_environment():
-        return run_command(PROG, command, FLAGS)
+    return run_command(PROG, command, FLAGS)
 
 
 if __name__ == "__main__":

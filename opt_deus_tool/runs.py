@@ -29,15 +29,18 @@ from typing import Callable
 import torch
 
 from opt_deus_core.model import ModelArgs, Transformer
-from opt_deus_core.train import (OneProcess, TrainConfig, TrainError, TrainHooks, TrainResult,
+from opt_deus_core.train import (OneProcess, TrainConfig, TrainError, TrainHooks, TrainResult, TrainRun,
                                  as_dataset, make_optimizer, set_trainable, train)
 from opt_deus_tool.atomic import (AtomicFolder, FolderLock, model_folder_problem, remove_stale_scratch,
                                   write_text_atomic)
-from opt_deus_tool.checkpoint import save_state_dict
+from opt_deus_tool.checkpoint import FolderSnapshot, save_state_dict
+from opt_deus_tool.growths import new_layers
 from opt_deus_tool.devices import resolve_device
 from opt_deus_tool.train_checks import check_config, check_training
 from opt_deus_tool.distributed import rank_and_world
 from opt_deus_tool.inputs import parse_json, read_json_object
+from opt_deus_tool.model_card import checkpoint_card
+from opt_deus_tool.progress import SignalWatch, before_first_step, first_step_line
 
 # Run-folder settings saved beside the TrainConfig in run.json and trainer_state.json ("config").
 KEEP_CHECKPOINTS = 2  # keep the newest N checkpoints of the run (0: all)
@@ -57,15 +60,21 @@ class RunFolder(TrainHooks):
     process holds one; only rank 0's writes (run.json, metrics.jsonl, checkpoints)."""
 
     def __init__(self, out_dir, args: ModelArgs, *, metrics_path=None, keep_checkpoints: int = KEEP_CHECKPOINTS,
-                 run: dict | None = None, log: Callable = print):
+                 run: dict | None = None, log: Callable = print, side_files: dict[str, bytes] | None = None):
         check_keep_checkpoints(keep_checkpoints)
         self.out_dir = Path(out_dir) if out_dir is not None else None
         self.args, self.metrics_path, self.keep = args, metrics_path, keep_checkpoints
         self.resume, self.saved = None, 0  # a checked load_resume() state to continue; the last saved step
         self.run, self.log = run, log
+        # The tokenizer files checkpoints ship, read once now: a --model folder replaced during the run must not
+        # hand its new tokenizer to weights trained on the old one's ids.
+        copy_from = (run or {}).get("copy_files_from")
+        self.side_files = side_files if side_files is not None or copy_from is None or out_dir is None else \
+            FolderSnapshot(copy_from).side_files()
         self.metrics = None  # the open metrics.jsonl
         self.received: list[int] = []  # signals, in the order they came
-        self.previous_handlers = {}
+        self.said: dict[int, object] = {}  # signal -> who acknowledged it first (the handler or the watch)
+        self.previous_handlers, self.watch, self.loop = {}, None, None  # self.loop: the train loop, once started
         self.lock, self.started = None, False
 
     def folder_config(self, config: dict) -> dict:
@@ -78,9 +87,12 @@ class RunFolder(TrainHooks):
         if threading.current_thread() is threading.main_thread():
             for s in STOP_SIGNALS:
                 self.previous_handlers[s] = signal.signal(s, self._on_signal)
+            self.watch = SignalWatch(self._woken).__enter__()  # says a signal arrived even mid-kernel
         return self
 
     def __exit__(self, exc_type, exc, tb):
+        if self.watch is not None:
+            self.watch.__exit__()
         for s, handler in self.previous_handlers.items():
             signal.signal(s, handler)
         if self.metrics is not None:
@@ -93,8 +105,20 @@ class RunFolder(TrainHooks):
                                     f"the checkpoints written before it") from None
 
     def _on_signal(self, signum, frame):
-        self.received.append(signum)
         signal.signal(signum, self.previous_handlers[signum])
+        self._acknowledge(signum)
+
+    def _woken(self, signum: int):
+        # The watch's thread, the moment the signal arrived; ours only while our handler is the one installed.
+        if signum in self.previous_handlers and signal.getsignal(signum) == self._on_signal:
+            self._acknowledge(signum)
+
+    def _acknowledge(self, signum: int):
+        # Said once per signal, by whichever of the watch and the handler comes first (setdefault is atomic).
+        token = object()
+        if self.said.setdefault(signum, token) is not token:
+            return
+        self.received.append(signum)
         if rank_and_world()[0] == 0:  # straight to fd 2: a print() interrupting a print() raises "reentrant call"
             message = (f"{signal.Signals(signum).name} received: stopping at the next micro-batch and saving a "
                        f"checkpoint of the last finished step (send it again to stop at once)\n")
@@ -117,6 +141,9 @@ class RunFolder(TrainHooks):
             self.write_start(start_step, dataclasses.asdict(loop.c))
         if self.resume is not None:
             self.log(f"resumed from {self.resume.get('path', 'resume state')} at step {start_step}")
+        if isinstance(loop, TrainRun):  # train.py's loop (not a stand-in): a data note; on a CPU, an estimate
+            self.loop, loop.start = loop, start_step
+            before_first_step(loop, self.log)
         return start_step
 
     def write_start(self, start_step: int, config: dict):
@@ -138,6 +165,8 @@ class RunFolder(TrainHooks):
             self.metrics = open(path, "a" if start_step else "w")
 
     def record(self, row: dict):
+        if "loss" in row and self.loop is not None and (line := first_step_line(self.loop, row)) is not None:
+            self.log(line)  # the first step's progress, however --log-every falls
         if self.metrics is not None:
             try:
                 self.metrics.write(json.dumps(row) + "\n")
@@ -160,9 +189,9 @@ class RunFolder(TrainHooks):
         state = {**state, "config": self.folder_config(state["config"]), "time": time.strftime("%Y-%m-%dT%H:%M:%S")}
         if self.run is not None:
             state["run"] = self.run
-        copy_files_from = (self.run or {}).get("copy_files_from")
-        path = save_checkpoint(self.out_dir / f"checkpoint-{step:06d}", self.args, weights, optimizer_state, state,
-                               copy_files_from)
+        path = self.out_dir / f"checkpoint-{step:06d}"
+        card = checkpoint_card(path, self.args, state, self.loop.evals if self.loop is not None else [])
+        path = save_checkpoint(path, self.args, weights, optimizer_state, state, self.side_files, card)
         if self.keep:  # the newest N of this run (another run's, if any, stay); never the one just written
             run_id = (self.run or {}).get("run_id")
             ours = [c for c in find_checkpoints(self.out_dir)
@@ -181,7 +210,7 @@ def check_keep_checkpoints(keep: int):
 
 
 def save_checkpoint(path, args: ModelArgs, weights: dict, optimizer_state: dict, trainer_state: dict,
-                    copy_files_from=None) -> Path:
+                    copy_files_from=None, card: str | None = None) -> Path:
     # A Hugging Face folder plus optimizer.pt and trainer_state.json, built in a hidden temporary folder and
     # renamed into place: it loads in transformers, opt-deus-eval, as --model, and resumes at any world size.
     path = Path(path).absolute()
@@ -190,6 +219,8 @@ def save_checkpoint(path, args: ModelArgs, weights: dict, optimizer_state: dict,
             save_state_dict(args, weights, folder.tmp, copy_files_from=copy_files_from, atomic=False)
             torch.save(optimizer_state, folder.tmp / "optimizer.pt")
             (folder.tmp / "trainer_state.json").write_text(json.dumps(trainer_state, indent=2) + "\n")
+            if card is not None:  # README.md: the model card (model_card.checkpoint_card)
+                (folder.tmp / "README.md").write_text(card)
         except (OSError, RuntimeError) as e:  # a full disk: torch.save says RuntimeError, and names no file
             message = getattr(e, "strerror", None) or str(e).strip().splitlines()[0]
             raise TrainError(f"{path}: cannot write the checkpoint ({message}); nothing of it was kept") from None
@@ -340,13 +371,22 @@ def saved_train_config(state: dict, where) -> tuple[TrainConfig, int]:
 
 def train_run(model: Transformer, train_data, config: TrainConfig, eval_data=None, *, out_dir=None,
               metrics_path=None, keep_checkpoints: int = KEEP_CHECKPOINTS, resume_from=None, run: dict | None = None,
-              log: Callable = print, dist: OneProcess | None = None) -> TrainResult:
+              log: Callable = print, dist: OneProcess | None = None,
+              side_files: dict[str, bytes] | None = None) -> TrainResult:
     """train() into a run folder: checkpoints under out_dir (None: none), metrics in metrics_path, resumed from
     the checkpoint resume_from (whose weights `model` already holds), stopped in order by SIGINT/SIGTERM; the
-    request checked first (check_training). dist: train()'s seam (distributed.init_distributed() under torchrun)."""
+    request checked first (check_training). dist: train()'s seam (distributed.init_distributed() under torchrun).
+    side_files: the tokenizer files every checkpoint gets (FolderSnapshot.side_files; None: read now from run's
+    copy_files_from)."""
     check_training(model, train_data, config, eval_data, 1 if dist is None else dist.world)
+    if config.trainable == "new":  # said at the start: which layers, and why (a model grown twice has two sets)
+        layers, why = new_layers(model.args.extra)
+        log(f"training the new layers {layers} (trainable new): {why}")
+        if layers != sorted(set((model.args.extra.get("opt_deus") or {}).get("new_layers") or [])):
+            # train.py's "new" is the latest growth's alone: pass every growth's layers by index
+            config = dataclasses.replace(config, trainable=layers)
     hooks = RunFolder(out_dir, model.current_args(), metrics_path=metrics_path, keep_checkpoints=keep_checkpoints,
-                      run=run, log=log)
+                      run=run, log=log, side_files=side_files)
     with hooks:  # the run folder is locked before its checkpoint is read
         if resume_from is not None:
             hooks.resume = check_resume(load_resume(resume_from, config.device), model, config, train_data)

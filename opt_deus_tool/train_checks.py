@@ -11,6 +11,7 @@ import numpy as np
 
 from opt_deus_core.model import Transformer
 from opt_deus_core.train import TokenBlocks, TrainConfig, TrainError
+from opt_deus_tool.growths import new_layers
 
 
 def check_config(c: TrainConfig) -> TrainConfig:
@@ -52,15 +53,14 @@ def check_tokens(tokens, block_size: int, what: str) -> np.ndarray:
 
 
 def check_trainable(model: Transformer, spec) -> list[int]:
-    # train.set_trainable's spec against the model: "new" (the growth record's new_layers), "all", or layer indices.
+    # train.set_trainable's spec against the model: "new" (every growth's new layers), "all", or layer indices.
     if isinstance(spec, str) and spec not in ("new", "all") or not spec:
         raise TrainError(f"`trainable` {spec!r}: expected 'new', 'all' or a non-empty list of layer indices")
     if spec == "all":
         return list(range(len(model.layers)))
-    if spec == "new":
-        record = model.args.extra.get("opt_deus")
-        spec = record.get("new_layers") if isinstance(record, dict) else None
-        if not spec or not isinstance(spec, list):
+    if spec == "new":  # every growth's new layers (a model grown twice has two sets: growths.py)
+        spec = new_layers(model.args.extra)[0]
+        if not spec:
             raise TrainError("`trainable` new: the checkpoint records no new layers (config.json has no "
                              "opt_deus.new_layers); pass `trainable` all or a comma list of layer indices")
     layers, n = sorted(set(spec)), len(model.layers)

@@ -25,13 +25,14 @@ from pathlib import Path
 import torch
 
 from opt_deus_tool.atomic import check_output_folder
-from opt_deus_tool.checkpoint import load_pretrained
+from opt_deus_tool.checkpoint import FolderSnapshot, load_pretrained
 from opt_deus_core.train import TrainConfig, TrainError, TrainResult
 from opt_deus_tool.cli import (BYTE_TOKENIZER_HELP, HelpFormatter, OneLineArgumentParser, add_fields, field_values,
                                flag_names, log_to_stderr, run_command)
 from opt_deus_tool.data import ByteTokenizer, load_data, load_tokenizer
 from opt_deus_tool.devices import resolve_device
 from opt_deus_tool.distributed import init_distributed, rank_and_world
+from opt_deus_tool.hub import resolve_model
 from opt_deus_tool.runs import (KEEP_CHECKPOINTS, check_keep_checkpoints, find_checkpoints, read_trainer_state,
                                 resolve_checkpoint, saved_train_config, train_run)
 from opt_deus_tool.train_checks import check_config, check_tokens
@@ -55,7 +56,8 @@ def build_train_parser() -> argparse.ArgumentParser:
                               description="Train the new layers of a grown LLaMA (or any layers). "
                                           "`opt-deus-eval --help` for the evaluation command.",
                               epilog=SIGNALS_HELP)
-    p.add_argument("--model", help="Hugging Face checkpoint folder to start from (not needed with --resume)")
+    p.add_argument("--model", help="Hugging Face checkpoint folder to start from, or a Hub id ORG/NAME[@REVISION] "
+                                   "(not needed with --resume)")
     p.add_argument("--data", nargs="+", help="CPT: text files/folders (.gz ok), JSONL with 'text'; "
                                              "SFT: Alpaca JSON/JSONL (default with --resume: the checkpoint's)")
     p.add_argument("--task", choices=["cpt", "sft"], default="cpt", help="continued pre-training or instruction tuning")
@@ -137,7 +139,7 @@ def check_run_folder(flags, typed: set[str], resume: Path | None, run: dict, inp
         if Path(flags.out).is_dir() and find_checkpoints(flags.out):
             raise TrainError(f"--out {flags.out}: already holds checkpoints; pass --resume {flags.out} or choose "
                              f"another --out")
-        check_output_folder(flags.out, [("--model", flags.model), *inputs], overwrite=True, name="--out")
+        check_output_folder(flags.out, inputs, overwrite=True, name="--out")
         return Path(flags.out)
     run_dir = resume.parent
     out = Path(flags.out) if "out" in typed else run_dir
@@ -182,7 +184,7 @@ def run_training(flags: argparse.Namespace, typed: set[str]) -> TrainResult:
         state = read_trainer_state(resume)
         config, keep = resume_config(flags, typed, resume, state)
         run = state.get("run", {})
-        model_dir, task = resume, run.get("task", "cpt")
+        model_dir, task, model_name = resume, run.get("task", "cpt"), run.get("model") or str(resume)
         data_paths, eval_paths = flags.data or run.get("data"), flags.eval_data or run.get("eval_data")
         eval_fraction = run.get("eval_fraction", flags.eval_fraction)
         cache_dir = flags.cache_dir if "cache_dir" in typed else run.get("cache_dir", flags.cache_dir)
@@ -191,10 +193,12 @@ def run_training(flags: argparse.Namespace, typed: set[str]) -> TrainResult:
         if not flags.model:
             raise TrainError("--model is required (or --resume)")
         config = check_config(TrainConfig(**field_values(flags, TrainConfig)))
-        keep, model_dir, task = flags.keep_checkpoints, Path(flags.model), flags.task
+        keep, task, model_name = flags.keep_checkpoints, flags.task, flags.model
+        model_dir = Path(resolve_model(flags.model, "--model"))  # a Hub id: downloaded (or found in the cache)
         data_paths, eval_paths = flags.data, flags.eval_data
-        eval_fraction, cache_dir, copy_from = flags.eval_fraction, flags.cache_dir, Path(flags.model)
-    inputs = [("--data", p) for p in data_paths or []] + [("--eval-data", p) for p in eval_paths or []]
+        eval_fraction, cache_dir, copy_from = flags.eval_fraction, flags.cache_dir, model_dir
+    inputs = [("--model", model_dir)] * (resume is None) + [("--data", p) for p in data_paths or []] + \
+        [("--eval-data", p) for p in eval_paths or []]
     out = check_run_folder(flags, typed, resume, run, inputs)
     if not data_paths:
         raise TrainError("--data is required")
@@ -218,9 +222,11 @@ def run_training(flags: argparse.Namespace, typed: set[str]) -> TrainResult:
         log = lambda *a: None  # noqa: E731  (only rank 0 prints)
     # Under torchrun the weights load on the CPU and fully_shard moves each rank's shard to the device.
     device = "cpu" if distributed else resolve_device(config.device)
+    snapshot = FolderSnapshot(model_dir)  # weights, tokenizer and the files checkpoints ship: one version of them
     model = load_pretrained(model_dir, dtype=torch.float32, device=device)
     # A run started with --byte-tokenizer resumes with it (run.json's tokenizer is "byte-v1").
     tokenizer = load_tokenizer(model_dir, flags.byte_tokenizer or run.get("tokenizer") == ByteTokenizer.name)
+    side_files = snapshot.side_files()  # read now, not when a checkpoint is saved (on resume: the checkpoint's)
     if rank:
         torch.distributed.barrier()  # rank 0 tokenises into the cache first; the others read it
     data = load_data(data_paths, task, tokenizer, config.block_size, cache_dir, log)
@@ -252,10 +258,10 @@ def run_training(flags: argparse.Namespace, typed: set[str]) -> TrainResult:
     # The run description travels in every checkpoint's trainer_state.json, so --resume needs nothing else.
     run = {"task": task, "data": [str(p) for p in data_paths], "eval_data": eval_paths,
            "eval_fraction": eval_fraction, "cache_dir": str(cache_dir), "copy_files_from": str(copy_from),
-           "model": str(model_dir), "tokenizer": tokenizer.name, "world_size": world,
+           "model": model_name, "tokenizer": tokenizer.name, "world_size": world,
            "run_id": run.get("run_id") or uuid.uuid4().hex}  # rank 0's is the one saved
     result = train_run(model, data, config, eval_data, out_dir=out, metrics_path=out / "metrics.jsonl",
-                       keep_checkpoints=keep, resume_from=resume, run=run, log=log, dist=dist)
+                       keep_checkpoints=keep, resume_from=resume, run=run, log=log, dist=dist, side_files=side_files)
     if not rank:
         print(json.dumps({"step": result.step, "final_loss": result.final_loss, "eval_loss": result.eval_loss,
                           "eval_perplexity": result.eval_perplexity, "tokens_per_s": result.tokens_per_s,

