@@ -447,7 +447,7 @@ class Growth:
                log: Callable | None = None) -> Iterator[tuple[int, Slot, dict]]:
         # (index, slot, tensors) per layer: base_block(i)'s if kept, make_new_block's if new. With
         # cost="activations", hidden (B, T, h) goes up the base by run_block(i, tensors, hidden) ->
-        # (output, block_activations). Each base block is read once, the last two held in memory.
+        # (output, block_activations). Base blocks read once (lesa: all first), the last two held.
         held = {}  # base layer -> source(i)
 
         def source(i):  # -> (tensors, activations)
