@@ -75,6 +75,7 @@ class QualityConfig:
     eval_tokens: int | None = None    # held-out tokens (None: the target's default)
     calibration_tokens: int = 2048    # for the activation arms, from the training text
     base_preset: str = "default"      # embedded: compare.py's preset for the base ("tiny": the tests')
+    only_top_gaps: bool = False       # one-at-a-time in the top_gaps only (qwen25.sh: to fit its 90 minutes)
 
 
 def random_symmetry(block: dict, args, generator: torch.Generator) -> dict:
@@ -181,6 +182,7 @@ def measure(stack: Stack, config: QualityConfig, seed: int, log) -> dict:
         raise ExperimentError(f"--top-gaps {config.top_gaps}: the base has {L} layers, {L - 1} gaps")
     blocks = [{key: value.detach() for key, value in layer.state_dict().items()} for layer in stack.base.layers]
     top = list(range(L - 1 - config.top_gaps, L - 1))
+    gaps = top if config.only_top_gaps else list(range(L - 1))
     one, every = {arm: {} for arm in config.arms}, {arm: {} for arm in config.arms}
     t0 = time.perf_counter()
     for arm in config.arms:
@@ -188,11 +190,12 @@ def measure(stack: Stack, config: QualityConfig, seed: int, log) -> dict:
         by_activations = isinstance(ARMS[arm], dict) and ARMS[arm].get("cost") == "activations"
         made, record = {}, None
         predicted = lesa_layers(blocks, stack.args, seed) if ARMS[arm] == "lesa" else {}
-        for i in range(L - 1):  # the calibration records of layers i and i + 1, two at a time
-            records = (record or stack.record(i), stack.record(i + 1)) if by_activations else (None, None)
+        for i in sorted(set(gaps) | set(top)):  # the calibration records of layers i and i + 1, two at a time
+            records = ((record if i - 1 in made else None) or stack.record(i), stack.record(i + 1)) \
+                if by_activations else (None, None)
             record = records[1]
             made[i] = new_layer(arm, blocks[i], blocks[i + 1], stack.args, records, generator, predicted.get(i))
-        for i in range(L - 1):
+        for i in gaps:
             one[arm][i] = {s: [loss - stack.base_loss, ratio] for s in config.scales
                            for loss, ratio in [stack.run({i: scaled(made[i], s)})]}
         for s in config.scales:
@@ -263,7 +266,7 @@ def at_norm(curve: dict, target: float) -> float | None:
 def units(seeds: list[dict], arm: str) -> dict:
     # one-at-a-time measurements as {s: [unit values]} over (seed, gap) units, in a fixed order
     return {s: [seed["one_at_a_time"][arm][gap][s][0] for seed in seeds for gap in sorted(seed["one_at_a_time"][arm])]
-            for s in seeds[0]["one_at_a_time"][arm][0]}
+            for s in next(iter(seeds[0]["one_at_a_time"][arm].values()))}
 
 
 def paired(a: list, b: list) -> dict | None:
@@ -423,6 +426,8 @@ def main(argv=None) -> int:
                    help="the activation arms' calibration text (embedded: at least one block of the base's context)")
     p.add_argument("--base-preset", choices=sorted(compare.PRESETS), default="default",
                    help="embedded: compare.py's preset for the bases")
+    p.add_argument("--only-top-gaps", action="store_true",
+                   help="measure one new layer at a time only in the --top-gaps (default: every gap)")
     p.add_argument("--jobs", type=positive_int, default=1, help="worker processes (embedded: one base each)")
     p.add_argument("--threads", type=non_negative_int, default=0,
                    help="torch threads in this process (0: torch's default)")
@@ -439,7 +444,7 @@ def main(argv=None) -> int:
                                scales=tuple(flags.scales),
                                top_gaps=flags.top_gaps or {"smollm2": 15, "qwen25": 12}.get(flags.target, 4),
                                eval_tokens=flags.eval_tokens, calibration_tokens=flags.calibration_tokens,
-                               base_preset=flags.base_preset)
+                               base_preset=flags.base_preset, only_top_gaps=flags.only_top_gaps)
         run(config, flags.out, jobs=flags.jobs)
     return run_cli("layer_quality.py", flags, start, ())
 

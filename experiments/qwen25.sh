@@ -12,7 +12,9 @@ base=${QWEN25:-${OPT_DEUS_CACHE:-${XDG_CACHE_HOME:-$HOME/.cache}/opt-deus}/qwen2
 start=$(date +%s)
 python "$experiments/smollm2.py" --preset qwen25 --base "$base" --no-accuracy --out "$out/qwen25"
 middle=$(date +%s)
-python "$experiments/layer_quality.py" --target qwen25 --arms avg,copy-A,copy-B,opt-structured,lesa \
-    --out "$out/layer_quality_qwen25"
+# The sweep sized to the 90 minutes (the training part takes ~50): the 12 gaps the study grows, three scales,
+# 512 held-out tokens (a Qwen forward is mostly its 151,936 x 896 lm_head), four arms.
+python "$experiments/layer_quality.py" --target qwen25 --arms avg,copy-A,opt-structured,lesa --only-top-gaps \
+    --scales 1,0.25,0.1 --eval-tokens 512 --out "$out/layer_quality_qwen25"
 end=$(date +%s)
 echo "qwen25: training part $((middle - start)) s, layer quality $((end - middle)) s, total $((end - start)) s"

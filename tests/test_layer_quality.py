@@ -97,3 +97,19 @@ def test_the_control_trains_the_top_k_existing_layers_and_lesa_grows_as_its_pape
     assert control["after_training"]["loss"] != control["after_growth"]["loss"]  # it trained
     assert lesa["layers"] == config.layers + config.new_layers and not lesa["zero_init"]
     assert lesa["after_growth"]["loss"] != avg["after_growth"]["loss"]
+
+
+def test_only_top_gaps_measures_those_gaps_alone_and_the_same_values_there(tmp_path):
+    # qwen25.sh's sweep: one new layer at a time in the top gaps only, each value as the full sweep measures it
+    # (the activation arm's calibration records no longer come from the gap below).
+    config = layer_quality.QualityConfig(target="embedded", seeds=(0,), arms=("avg", "copy-A", "opt-structured-act"),
+                                         scales=(1.0, 0.25), top_gaps=2, calibration_tokens=64,
+                                         base_preset="tiny")
+    full = layer_quality.run(config, None, log=lambda *a: None)["seeds"][0]
+    top = layer_quality.run(layer_quality.QualityConfig(**{**vars(config), "only_top_gaps": True}), tmp_path / "out",
+                            log=lambda *a: None)["seeds"][0]
+    for arm in config.arms:
+        assert sorted(top["one_at_a_time"][arm]) == [1, 2]
+        assert top["one_at_a_time"][arm] == {gap: full["one_at_a_time"][arm][gap] for gap in (1, 2)}, arm
+        assert top["all_at_once"][arm] == full["all_at_once"][arm]
+    assert "at each of 2 gaps" in (tmp_path / "out" / "summary.md").read_text()
