@@ -51,7 +51,7 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))  # so `python experiments/compare.py` works without `pip install -e .`
 
-from experiments.common import (CLASSIC_ARMS, ARM_OPTIONS, STUDY_ARMS, ExperimentError, environment, fmt,  # noqa: E402
+from experiments.common import (CLASSIC_ARMS, ARM_OPTIONS, STUDY_EMBEDDED_ARMS, ExperimentError, environment, fmt,  # noqa: E402
                                 fmt_against_zero_init, fmt_interval, fmt_pm, grow_arm, growth_options, map_jobs,
                                 markdown_table, mean_std, paired_comparisons, paired_difference, parse_list, reporting,
                                 reproducibility, run_cli, run_study, stamp_jsonl, write_json)
@@ -147,7 +147,8 @@ PRESETS = {
     # The full CPU study, with --jobs 2: one shared base trained until flat (at most 3000 steps), then five
     # seeds of 300 steps per arm, one job per (seed, arm). Measured time and results: docs/RESULTS.md.
     "study": dict(seeds=(0, 1, 2, 3, 4), shared_base=True, base_max_steps=3000, base_warmup=50, check_every=50,
-                  flat_window=250, flat_tol=0.01, grow_steps=300, methods=STUDY_ARMS, reference=False),
+                  flat_window=250, flat_tol=0.01, grow_steps=300, methods=STUDY_EMBEDDED_ARMS,
+                  reference=False),
     # One GPU (bf16 autocast): a wider, deeper base, still tiny for a GPU; sized by estimate, not run yet.
     "gpu": dict(device="cuda", layers=16, hidden=512, heads=8, kv_heads=4, head_dim=64, intermediate=1536,
                 block_size=256, batch_size=32, train_bytes=8_000_000, eval_blocks=256, base_max_steps=4000,

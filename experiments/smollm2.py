@@ -101,7 +101,7 @@ PRESETS = {
                   methods=STUDY_ARMS),
     # Issue 31, the second real model: Qwen2.5-Coder-0.5B-Instruct (--base: the folder tests/qwen.py converts) grown
     # 24 -> 36 in the top half, five arms, 3 seeds, 1 worker (13.6 GB peak in a 2-step smoke run that trained 15
-    # layers). experiments/qwen25.sh runs it with its layer-quality sweep; not run yet (docs/RESULTS.md).
+    # layers). experiments/qwen25.sh runs it with its layer-quality sweep (55 min on 2 cores; docs/RESULTS.md).
     # lr 1e-4: at SmolLM2's 3e-4 two steps raised the held-out loss (4.21 -> 5.42 llama-pro, 9.39 the control).
     "qwen25": dict(device="cpu", block_size=256, batch_size=2, micro_batch_size=2, steps=8, lr=1e-4,
                    seeds=(0, 1, 2), eval_tokens=1024, evals=0, positions=(), accuracy_questions=50,

@@ -70,9 +70,10 @@ def test_a_tiny_run_measures_every_arm_scale_and_gap(tmp_path):
 def test_the_studys_scaled_arms_grow_and_train_at_the_tiny_preset():
     # Issue 21's training arms: s = 0.1 is not zero-init (the grown model starts off the base's loss), the
     # activation arm runs on calibration blocks of the training bytes, and every arm trains.
-    from experiments import common, compare
+    from experiments import common, compare, smollm2
     assert set(common.STUDY_ARMS) <= set(common.ARM_OPTIONS)
-    assert compare.preset_config("study").methods == common.STUDY_ARMS
+    assert compare.preset_config("study").methods == common.STUDY_EMBEDDED_ARMS  # the s = 0.1 arms: SmolLM2 only
+    assert smollm2.PRESETS["study"]["methods"] == common.STUDY_ARMS
     config = compare.preset_config("tiny", seeds=(0,), methods=("avg-zero", "avg@0.1", "opt-structured-act@0.1"),
                                    reference=False)
     arms = compare.run_compare(config, None, log=lambda *a: None)["seeds"][0]["arms"]
