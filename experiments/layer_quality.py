@@ -190,9 +190,8 @@ def measure(stack: Stack, config: QualityConfig, seed: int, log) -> dict:
         by_activations = isinstance(ARMS[arm], dict) and ARMS[arm].get("cost") == "activations"
         made, record = {}, None
         predicted = lesa_layers(blocks, stack.args, seed) if ARMS[arm] == "lesa" else {}
-        for i in sorted(set(gaps) | set(top)):  # the calibration records of layers i and i + 1, two at a time
-            records = ((record if i - 1 in made else None) or stack.record(i), stack.record(i + 1)) \
-                if by_activations else (None, None)
+        for i in gaps:  # contiguous, and holding every top gap: layer i + 1's record serves gap i + 1 as well
+            records = (record or stack.record(i), stack.record(i + 1)) if by_activations else (None, None)
             record = records[1]
             made[i] = new_layer(arm, blocks[i], blocks[i + 1], stack.args, records, generator, predicted.get(i))
         for i in gaps:
