@@ -64,8 +64,11 @@ CLASSIC_ARMS = ("opt-published", "opt-paper-unnorm", "opt-paper", "opt-structure
 # play that part). Issue 31 adds lesa and the no-growth control and, to stay within the study's time, drops
 # opt-paper (never better than opt-structured: +0.0009 nats/byte embedded, +0.0090 nats/token SmolLM2) and
 # llama-pro@0.1 (no better than llama-pro: −0.0002 [−0.0008, +0.0005] embedded, +0.0096 worse on SmolLM2).
-STUDY_ARMS = ("opt-structured", "avg-zero", "llama-pro", "lesa", "no-growth-top-k", "avg@0.1",
-              "opt-structured@0.1", "opt-structured-act@0.1")
+# The control goes last: with --jobs 2 each worker takes the next arm (its growth and 3 seeds) when it is free, and
+# the control's steps cost two thirds of a grown arm's, so the worker that frees first takes it and the two finish
+# together (the SmolLM2 part's last arm ran alone for 7 of its 50 minutes with the control fifth; docs/RESULTS.md).
+STUDY_ARMS = ("opt-structured", "avg-zero", "llama-pro", "lesa", "avg@0.1", "opt-structured@0.1",
+              "opt-structured-act@0.1", "no-growth-top-k")
 # The embedded part runs without issue 21's s = 0.1 arms (answered there; docs/RESULTS.md keeps that run's table):
 # on the AMD EPYC of issue 31 the SmolLM2 part takes ~5.1 s a step where the Intel Xeon took ~4.2, and the whole
 # study has to stay within the 84 minutes measured before.

@@ -239,6 +239,7 @@ def train_config(config: SmolConfig, seed: int, n_eval_blocks: int, trainable="n
         batch_tokens=config.batch_size * config.block_size, micro_batch_size=config.micro_batch_size,
         block_size=config.block_size, trainable=trainable,
         eval_every=max(1, config.steps // config.evals) if config.evals > 0 else 0,
+        eval_at_start=False,  # run_arm evaluated the grown model once; its seeds would repeat it (~4 steps' time)
         eval_batches=math.ceil(n_eval_blocks / config.micro_batch_size),  # the whole held-out set
         log_every=max(1, config.steps // 4), seed=seed, device=config.device, checkpoint_every=0,
         timing_skip_steps=1 if config.steps > 1 else 0)
