@@ -44,7 +44,7 @@ class ModelArgs:
     use_sliding_window: bool = False  # qwen2/3: without it no layer slides
     max_window_layers: int = 28  # qwen2/3: the first sliding layer, when layer_types is not given
     layer_types: list[str] | None = None  # qwen2/3: "full_attention" or "sliding_attention" each
-    dtype: str | None = None  # the weights' dtype if config.json states it ("bfloat16")
+    dtype: str | None = None  # the weights' dtype as config.json states it ("bfloat16"), if it does
     extra: dict = field(default_factory=dict)  # every other config.json key (growth's "opt_deus")
     hf_style: str = "v5"  # config.json's RoPE/dtype: "v5" (rope_parameters) or "v4" (rope_theta)
 
@@ -227,5 +227,5 @@ class Transformer(nn.Module):
         return F.linear(self.norm(x), head.weight)
 
     def current_args(self) -> ModelArgs:
-        # The layer count is len(layers): growth edits `layers` alone.
+        # The layer count comes from the blocks, so growth only has to edit `layers`.
         return dataclasses.replace(self.args, num_hidden_layers=len(self.layers))

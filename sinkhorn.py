@@ -211,7 +211,7 @@ def _assign(c: np.ndarray) -> np.ndarray:
     # augmenting paths (Jonker & Volgenant 1987; Burkard et al., "Assignment Problems", 4.4): each
     # new row runs Dijkstra over reduced costs c_ij - u_i - v_j >= 0; the duals certify it. O(n^2 m)
     n, m = c.shape
-    cc = np.pad(c, ((1, 0), (1, 0)))  # 1-based rows / columns; column 0: a virtual start
+    cc = np.pad(c, ((1, 0), (1, 0)))  # 1-based rows / columns; column 0 is a virtual start column
     u, v = np.zeros(n + 1), np.zeros(m + 1)  # row and column duals
     row_of = np.zeros(m + 1, dtype=np.int64)  # row_of[j]: row matched to column j (0 = free)
     prev = np.zeros(m + 1, dtype=np.int64)  # previous column on the shortest-path tree

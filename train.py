@@ -173,7 +173,6 @@ class TrainConfig:
     trainable: str | list[int] = option("new", "'new' (the growth record's), 'all', or 3,7,11")
     eval_every: int = option(200, "steps between evaluations (0: only at the end)")
     eval_batches: int = option(20, "micro-batches per evaluation")
-    eval_at_start: bool = option(True, "evaluate before the first step")
     log_every: int = option(10, "steps between progress lines")
     seed: int = option(0, "the data order is a function of (seed, step)")
     compile: bool = option(False, "torch.compile the loss")
@@ -340,12 +339,12 @@ def train(model: Transformer, train_data, config: TrainConfig, eval_data=None, *
     c, dist = config, dist or OneProcess()
     run = TrainRun(model, train_data, c, eval_data, dist, hooks or TrainHooks())
     hooks, optimizer, params = run.hooks, run.optimizer, [p for _, p in run.named]
-    run.start = hooks.start(run)  # no step draws from a global RNG: none to restore
+    run.start = hooks.start(run)  # no RNG state to restore: no step draws from a global generator
     log(f"training {run.n_params:,} parameters (layers {run.layers}) on {run.device} x "
         f"{dist.world}; {len(run.data):,} samples, {run.samples * dist.world} x {c.block_size} "
         f"tokens per step; {run.prefix or 0} layers without autograd")
     stopped, run.started = None, time.time()
-    if run.eval_data is not None and c.eval_every > 0 and c.eval_at_start and run.start == 0:
+    if run.eval_data is not None and c.eval_every > 0 and run.start == 0:
         run.evaluate(0, log)
     for step in range(run.start, run.end):
         t0, lr = time.perf_counter(), lr_at(step, c)

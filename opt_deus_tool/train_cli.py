@@ -47,8 +47,8 @@ DIST_TIMEOUT_S = 1800.0  # --dist-timeout's default
 FLAGS = flag_names(*(f.name for f in dataclasses.fields(TrainConfig)), "keep_checkpoints", "byte_tokenizer",
                    "eval_fraction", "cache_dir", "resume", "dist_timeout", out_dir="--out")
 # Flags that may change on resume without changing what is computed; the rest come from the checkpoint.
-RESUME_OVERRIDES = ("steps", "device", "compile", "log_every", "eval_every", "eval_batches", "eval_at_start",
-                    "checkpoint_every", "keep_checkpoints", "stop_after", "timing_skip_steps")
+RESUME_OVERRIDES = ("steps", "device", "compile", "log_every", "eval_every", "eval_batches", "checkpoint_every",
+                    "keep_checkpoints", "stop_after", "timing_skip_steps")
 
 
 def build_train_parser() -> argparse.ArgumentParser:

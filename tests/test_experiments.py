@@ -344,11 +344,9 @@ def test_smollm2_accuracy_flags(tmp_path):
     assert all(preset["accuracy_questions"] for preset in smollm2.PRESETS.values())  # on in every preset
 
 
-def test_smollm2_reports_accuracy_with_paired_intervals(smollm2_dir, tmp_path):
+def tiny_smollm2_config(smollm2_dir, tmp_path, **kw):
     # The study's code path at its smallest: a tiny random model with SmolLM2's tokenizer as the base, two short
-    # text files, one step, two questions. acc and acc_norm for the base, every arm after growth and every seed
-    # after training; a zero-init arm after growth scores every choice exactly as the base does, a
-    # non-preserving one does not.
+    # text files (held out: emma.txt), one step, two cloze questions.
     from experiments import smollm2
     from opt_deus_core.model import ModelArgs, Transformer
     from opt_deus_tool.checkpoint import save_pretrained
@@ -363,9 +361,17 @@ def test_smollm2_reports_accuracy_with_paired_intervals(smollm2_dir, tmp_path):
     data.mkdir()
     (data / "emma.txt").write_text(" ".join(q["context"] for q in questions[100:110]))
     (data / "other.txt").write_text(" ".join(q["context"] for q in questions[200:260]))
-    config = smollm2.SmolConfig(base=str(base_dir), data=[str(data)], new_layers=1, methods=("avg-zero", "avg"),
-                                positions=(), seeds=(0, 1), steps=1, block_size=16, batch_size=1, micro_batch_size=1,
-                                eval_tokens=32, accuracy_task=str(DEFAULT_TASK_JSONL), accuracy_questions=2)
+    return smollm2.SmolConfig(**{**dict(base=str(base_dir), data=[str(data)], new_layers=1, methods=("avg-zero", "avg"),
+                                        positions=(), seeds=(0, 1), steps=1, block_size=16, batch_size=1,
+                                        micro_batch_size=1, eval_tokens=32, accuracy_task=str(DEFAULT_TASK_JSONL),
+                                        accuracy_questions=2), **kw})
+
+
+def test_smollm2_reports_accuracy_with_paired_intervals(smollm2_dir, tmp_path):
+    # acc and acc_norm for the base, every arm after growth and every seed after training; a zero-init arm after
+    # growth scores every choice exactly as the base does, a non-preserving one does not.
+    from experiments import smollm2
+    config = tiny_smollm2_config(smollm2_dir, tmp_path)
     summary = smollm2.run_smollm2(config, None, log=lambda *a: None)
     base = summary["base"]["accuracy"]
     assert base["questions"] == 2 and len(base["per_question"]["loglikelihoods"]) == 2
@@ -385,6 +391,27 @@ def test_smollm2_reports_accuracy_with_paired_intervals(smollm2_dir, tmp_path):
     assert "Accuracy on the Emma cloze (2 questions" in text and "noise unless its interval excludes 0" in text
     saved = json.loads(json.dumps(summary, allow_nan=False))  # what summary.json holds (tuples become lists)
     assert saved["accuracy_comparisons"] == summary["accuracy_comparisons"] and saved["base"] == summary["base"]
+
+
+def test_smollm2_workers_equal_one_process(smollm2_dir, tmp_path):
+    # --jobs 2: each worker loads the base and data once and runs its arms on them one after another (the study's
+    # 8 arms, 4 each); every number equals one process running every arm on one load.
+    from experiments import smollm2
+    config = tiny_smollm2_config(smollm2_dir, tmp_path, methods=("avg-zero", "avg", "llama-pro", "no-growth-top-k"),
+                                 steps=2, evals=0)
+    one = smollm2.run_smollm2(config, None, log=lambda *a: None)
+    two = smollm2.run_smollm2(config, None, log=lambda *a: None, jobs=2)
+    assert [r["method"] for r in two["results"]] == [r["method"] for r in one["results"]] == list(config.methods)
+    def measured(r: dict) -> dict:  # what a run computed, not how long it took
+        return {k: measured(v) if isinstance(v, dict) else v for k, v in r.items() if k != "seconds"}
+
+    for a, b in zip(one["results"], two["results"]):
+        assert measured(a["after_growth"]) == measured(b["after_growth"]), a["method"]
+        for sa, sb in zip(a["seeds"], b["seeds"], strict=True):
+            assert ([measured(sa["after_training"]), sa["losses"], sa["evals"]]
+                    == [measured(sb["after_training"]), sb["losses"], sb["evals"]]), a["method"]
+            assert [e["step"] for e in sa["evals"]] == [0, 2]  # after growth, then the end: the study preset's evals=0
+    assert two["comparisons"] == one["comparisons"]
 
 
 def test_smollm2_accuracy_comparisons_are_arm_minus_baseline():

@@ -344,20 +344,6 @@ def test_evaluate_is_deterministic_and_covers_all_tokens():
     assert train.evaluate(model, tokens, 32, 2, max_batches=1)["tokens"] == 64
 
 
-def test_eval_at_start_off_drops_the_step_0_evaluation_alone():
-    # A caller that already evaluated the model (the SmolLM2 study, once per grown arm) turns off the evaluation
-    # before step 1; every other evaluation and every loss stays the same.
-    tokens, held_out = random_tokens(), random_tokens(n=300, seed=1)
-    runs = {}
-    for at_start in (True, False):
-        config = tiny_config(eval_every=2, eval_batches=2, eval_at_start=at_start)
-        runs[at_start] = train.train(tiny_model(), tokens, config, held_out, log=quiet)
-    assert [e["step"] for e in runs[True].evals] == [0, 2, 4, 6]
-    assert [e["step"] for e in runs[False].evals] == [2, 4, 6]
-    assert [e["eval_loss"] for e in runs[False].evals] == [e["eval_loss"] for e in runs[True].evals[1:]]
-    assert runs[False].losses == runs[True].losses
-
-
 # ----------------------------------------------------------------------------------------------
 # Command line
 
