@@ -51,10 +51,11 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))  # so `python experiments/compare.py` works without `pip install -e .`
 
-from experiments.common import (CLASSIC_ARMS, ARM_OPTIONS, STUDY_EMBEDDED_ARMS, ExperimentError, environment, fmt,  # noqa: E402
-                                fmt_against_zero_init, fmt_interval, fmt_pm, grow_arm, growth_options, map_jobs,
-                                markdown_table, mean_std, paired_comparisons, paired_difference, parse_list, reporting,
-                                reproducibility, run_cli, run_study, stamp_jsonl, write_json)
+from experiments.common import (CLASSIC_ARMS, ARM_OPTIONS, STUDY_EMBEDDED_ARMS, ExperimentError,  # noqa: E402
+                                environment, fmt, fmt_against_zero_init, fmt_interval, fmt_pm, grow_arm,
+                                growth_options, map_jobs, markdown_table, mean_std, paired_comparisons,
+                                paired_difference, parse_list, reporting, reproducibility, run_cli, run_study,
+                                stamp_jsonl, write_json)
 from experiments.common import report as report_progress  # noqa: E402
 from experiments.study_output import Progress, figure_reference, plot_study, quiet  # noqa: E402
 from opt_deus_core.model import ModelArgs, Transformer  # noqa: E402

@@ -397,14 +397,15 @@ def test_smollm2_workers_equal_one_process(smollm2_dir, tmp_path):
     # --jobs 2: each worker loads the base and data once and runs its arms on them one after another (the study's
     # 8 arms, 4 each); every number equals one process running every arm on one load.
     from experiments import smollm2
+
+    def measured(r: dict) -> dict:  # what a run computed, not how long it took
+        return {k: measured(v) if isinstance(v, dict) else v for k, v in r.items() if k != "seconds"}
+
     config = tiny_smollm2_config(smollm2_dir, tmp_path, methods=("avg-zero", "avg", "llama-pro", "no-growth-top-k"),
                                  steps=2, evals=0)
     one = smollm2.run_smollm2(config, None, log=lambda *a: None)
     two = smollm2.run_smollm2(config, None, log=lambda *a: None, jobs=2)
     assert [r["method"] for r in two["results"]] == [r["method"] for r in one["results"]] == list(config.methods)
-    def measured(r: dict) -> dict:  # what a run computed, not how long it took
-        return {k: measured(v) if isinstance(v, dict) else v for k, v in r.items() if k != "seconds"}
-
     for a, b in zip(one["results"], two["results"]):
         assert measured(a["after_growth"]) == measured(b["after_growth"]), a["method"]
         for sa, sb in zip(a["seeds"], b["seeds"], strict=True):
